@@ -1,0 +1,164 @@
+"""The saved artifact: a directory with a JSON manifest, safetensors weights and the
+original model as a .keras file (used for fallback layers and for engines built later).
+
+Loading parses JSON and safetensors only: nothing in the artifact is executed, and the
+Keras model is loaded (in Keras safe mode) only if a fallback layer or a rebuild needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kerasrt import __version__
+from kerasrt.errors import ArtifactError
+from kerasrt.frontend import keras_adapter as ka
+from kerasrt.ir.serialize import graph_from_json, graph_to_json
+from kerasrt.runtime import KerasSource, OptimizedModel, TensorSpec
+from kerasrt.settings import ConversionSettings
+
+FORMAT = "kerasrt-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+KERAS_MODEL = "keras_model.keras"
+
+
+def _versions() -> dict[str, str]:
+    keras = ka.keras_module()
+    return {"kerasrt": __version__, "torch": torch.__version__, "keras": keras.__version__}
+
+
+def save(model: OptimizedModel, output_dir: Path) -> Path:
+    """Write ``model`` to ``output_dir`` via a temporary sibling directory and a rename."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not (output_dir / MANIFEST).exists():
+        raise ArtifactError(f"{output_dir} exists and is not a kerasrt artifact; refusing to overwrite it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        weights: dict[str, torch.Tensor] = {}
+        engines = []
+        for key, graph in model.graphs.items():
+            data, tensors = graph_to_json(graph)
+            for spec in data["constants"]:
+                spec["key"] = _store(weights, spec["name"], tensors[spec["name"]])
+            engines.append({"input_shapes": [list(s) for s in key], "graph": data})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "versions": _versions(),
+            "name": model.name,
+            "settings": model.settings.to_json(),
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
+            "outputs": model.output_names,
+            "engines": engines,
+            "keras_model": KERAS_MODEL,
+        }
+        save_file(weights, str(tmp / WEIGHTS))
+        _save_keras(model.keras, tmp / KERAS_MODEL)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if output_dir.exists():
+            old = output_dir.with_name(output_dir.name + ".old")
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _store(weights: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> str:
+    """Store ``tensor`` once: an identical tensor under the same name is shared."""
+    key, n = name, 0
+    while key in weights:
+        if (
+            weights[key].shape == tensor.shape
+            and weights[key].dtype == tensor.dtype
+            and torch.equal(weights[key], tensor)
+        ):
+            return key
+        n += 1
+        key = f"{name}#{n}"
+    weights[key] = tensor.contiguous()
+    return key
+
+
+def _save_keras(keras: KerasSource, path: Path) -> None:
+    source = keras.path
+    if source is not None and Path(source).suffix.lower() == ".keras" and keras._model is None:
+        shutil.copyfile(source, path)
+    else:
+        ka.save_model(keras.get(), path)
+
+
+def load(
+    path: str | os.PathLike, device: str = "auto", custom_objects: dict[str, Any] | None = None
+) -> OptimizedModel:
+    """Load an artifact saved by ``Converter.save``; runs no code from it."""
+    from kerasrt.converter import build_graph
+    from kerasrt.frontend.importer import InputSpec
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a kerasrt artifact directory (it does not exist or is a file)")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{root} has no {MANIFEST}: not a kerasrt artifact") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{root / MANIFEST} is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{root} is not a kerasrt artifact (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} has artifact format version {manifest.get('format_version')}; "
+            f"this kerasrt reads version {FORMAT_VERSION}"
+        )
+    try:
+        weights = load_file(str(root / WEIGHTS))
+    except FileNotFoundError:
+        raise ArtifactError(f"{root} has no {WEIGHTS}") from None
+    except Exception as exc:
+        raise ArtifactError(f"{root / WEIGHTS} is corrupt: {exc}") from None
+    settings = ConversionSettings.from_json(manifest["settings"])
+    graphs = {}
+    for engine in manifest["engines"]:
+        tensors = {}
+        for spec in engine["graph"]["constants"]:
+            if spec.get("key") not in weights:
+                raise ArtifactError(f"weight {spec.get('key')!r} is missing from {root / WEIGHTS}")
+            tensors[spec["name"]] = weights[spec["key"]]
+        key = tuple(tuple(s) for s in engine["input_shapes"])
+        graphs[key] = graph_from_json(engine["graph"], tensors)
+    inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in manifest["inputs"]]
+    keras_path = root / manifest.get("keras_model", KERAS_MODEL)
+    keras = KerasSource(path=keras_path if keras_path.exists() else None, custom_objects=custom_objects)
+
+    def builder(shapes: tuple[tuple[int, ...], ...]) -> Any:
+        if keras.path is None:
+            raise ArtifactError(f"{root} has no {KERAS_MODEL} to build an engine for new shapes from")
+        specs = [InputSpec(s.name, tuple(shape), s.dtype) for s, shape in zip(inputs, shapes)]
+        return build_graph(keras, specs, settings.keep_in_keras)
+
+    return OptimizedModel(
+        graphs,
+        settings,
+        inputs,
+        manifest.get("outputs", []),
+        keras,
+        builder=builder,
+        device=device,
+        name=manifest.get("name", root.name),
+    )

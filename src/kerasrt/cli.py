@@ -1,0 +1,312 @@
+"""The ``kerasrt`` command line: convert, inspect, validate, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kerasrt.errors import KerasRTError
+
+err = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[Any]:
+    """A spinner on stderr with a live message; yields a callback that updates it."""
+    with err.status(message) as spinner:
+        yield lambda detail: spinner.update(f"{message}: {detail}")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write it like 1,224,224,3") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; dimensions must be positive")
+    return shape
+
+
+def _custom_objects(spec: str | None) -> dict[str, Any] | None:
+    """Keras classes defined in a module (import name or .py file) given by the user."""
+    if spec is None:
+        return None
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.exists():
+            raise KerasRTError(f"custom objects file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(spec)
+    objects = getattr(module, "custom_objects", None)
+    if isinstance(objects, dict):
+        return objects
+    return {k: v for k, v in vars(module).items() if isinstance(v, type) and not k.startswith("_")}
+
+
+def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "precision_mode": args.precision,
+        "minimum_segment_size": args.minimum_segment_size,
+        "maximum_cached_engines": args.maximum_cached_engines,
+        "allow_build_at_runtime": not args.no_build_at_runtime,
+        "input_shapes": args.input_shape,
+        "batch_size": args.batch_size,
+        "keep_in_keras": args.keep_in_keras,
+        "custom_objects": _custom_objects(args.custom_objects),
+        "device": args.device,
+    }
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from kerasrt.converter import Converter
+
+    with status(f"converting {args.model}") as progress:
+        conv = Converter(args.model, progress=progress, **_converter_kwargs(args))
+        conv.convert()
+    conv.summary(print_fn=out.print)
+    with status(f"saving {args.output}"):
+        path = conv.save(args.output)
+    err.print(f"[green]saved[/] {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kerasrt.artifact import load
+    from kerasrt.ir.graph import dump
+    from kerasrt.report import format_report, make_report
+
+    model = load(args.artifact, device=args.device)
+    report = make_report(model)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        out.print(format_report(report))
+    if args.graph:
+        out.print(dump(model.primary_graph()))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kerasrt.artifact import load
+    from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.validate import compare, random_inputs
+
+    model = load(args.artifact, device=args.device)
+    keras_model = ka.load_model(args.model, _custom_objects(args.custom_objects))
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as data:
+            inputs = [
+                data[s.name] if s.name in data else data[data.files[i]] for i, s in enumerate(model.inputs)
+            ]
+    else:
+        batch = model.engine_shapes[-1][0][0]
+        inputs = random_inputs(model, batch, seed=args.seed)
+    with status("running both models"):
+        results = compare(keras_model, model, inputs, rtol=args.rtol, atol=args.atol)
+    ok = True
+    for r in results:
+        mark = "[green]OK[/]" if r.ok else "[red]MISMATCH[/]"
+        out.print(
+            f"{r.name}: max abs err {r.max_abs:.3g}, max rel err {r.max_rel:.3g} "
+            f"(output scale {r.scale:.3g}, rtol {args.rtol:g}) {mark}"
+        )
+        ok &= r.ok
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kerasrt.artifact import load
+    from kerasrt.bench import compare_keras
+    from kerasrt.validate import random_inputs
+
+    model = load(args.artifact, device=args.device)
+    batch = args.batch or model.engine_shapes[-1][0][0]
+    inputs = random_inputs(model, batch)
+    with status(f"timing batch {batch}"):
+        timings = compare_keras(model.keras.get(), model, inputs, iters=args.iters)
+    _print_timings(timings, batch, str(model.device))
+    return 0
+
+
+def _print_timings(timings: Sequence[Any], batch: int, device: str) -> None:
+    base = timings[0].median_ms
+    for t in timings:
+        out.print(
+            f"{t.name:<8} batch {batch} on {device}: {t.median_ms:8.3f} ms/batch median "
+            f"(min {t.min_ms:.3f}, max {t.max_ms:.3f}, {t.iters} runs)  {base / t.median_ms:5.2f}x"
+        )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kerasrt.artifact import load
+    from kerasrt.bench import compare_keras
+    from kerasrt.converter import Converter
+    from kerasrt.demo import DATA_PATH, MODEL_PATH
+    from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.validate import compare
+
+    with np.load(DATA_PATH, allow_pickle=False) as data:
+        x, y = data["x"].astype("float32"), data["y"].astype(np.int64)
+    batch = args.batch_size
+    out.print(
+        f"[bold]kerasrt demo[/]: a CNN trained on scikit-learn's 8x8 digits ({MODEL_PATH.name}), "
+        f"{len(x)} held-out test images"
+    )
+    with status("converting") as progress:
+        conv = Converter(MODEL_PATH, batch_size=batch, progress=progress, device=args.device)
+        conv.convert()
+    conv.summary(print_fn=out.print)
+    keras_model = ka.load_model(MODEL_PATH)
+    with tempfile.TemporaryDirectory() as tmp:
+        with status("saving and reloading the artifact"):
+            model = load(conv.save(Path(tmp) / "digits_krt"), device=args.device)
+        n = len(x)
+        with status("validating against Keras"):
+            results = compare(keras_model, model, [x[:batch]])
+            logits_krt = model.predict(x[:n], batch_size=batch)
+            logits_keras = np.asarray(ka.keras_module().ops.convert_to_numpy(keras_model(x, training=False)))
+        with status("timing"):
+            timings = compare_keras(keras_model, model, [x[:batch]], iters=args.iters)
+    out.print("")
+    for r in results:
+        out.print(
+            f"max abs error vs Keras {r.max_abs:.3g}, max rel error {r.max_rel:.3g} "
+            f"(logit scale {r.scale:.3g}) {'[green]OK[/]' if r.ok else '[red]MISMATCH[/]'}"
+        )
+    acc_keras = float(np.mean(logits_keras.argmax(1) == y[:n]))
+    acc_krt = float(np.mean(logits_krt.argmax(1) == y[:n]))
+    agree = float(np.mean(logits_keras.argmax(1) == logits_krt.argmax(1)))
+    out.print(
+        f"accuracy on {n} test images: Keras {acc_keras:.2%}, kerasrt {acc_krt:.2%} "
+        f"(predictions agree on {agree:.2%})"
+    )
+    _print_timings(timings, batch, str(model.device))
+    return 0 if all(r.ok for r in results) and agree == 1.0 else 1
+
+
+def _add_conversion_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="FP32", help="engine precision (this version: FP32)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the first engine (default 1)")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        help="full input shape incl. batch, e.g. 1,224,224,3; repeat once per model input",
+    )
+    p.add_argument(
+        "--minimum-segment-size",
+        type=int,
+        default=3,
+        help="smallest op run put into an engine (default 3, as in TF-TRT)",
+    )
+    p.add_argument(
+        "--maximum-cached-engines",
+        type=int,
+        default=1,
+        help="engines (input shapes) kept at once, least recently used evicted (default 1)",
+    )
+    p.add_argument(
+        "--no-build-at-runtime",
+        action="store_true",
+        help="refuse input shapes with no prebuilt engine instead of building one",
+    )
+    p.add_argument(
+        "--keep-in-keras",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="layer name, path or class to leave to Keras (repeatable)",
+    )
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--custom-objects",
+        metavar="MODULE_OR_FILE",
+        help="module or .py file defining the model's custom Keras classes",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kerasrt", description=__doc__.split(":")[0] + ": convert Keras 3 models into optimized engines."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what kerasrt does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a .keras/.h5 model and save the artifact")
+    p.add_argument("model", help="a .keras or .h5 model file")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    _add_conversion_options(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="print the conversion report of a saved artifact")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON report")
+    p.add_argument("--graph", action="store_true", help="also print the IR graph")
+    p.add_argument("--device", default="cpu", help="device to load onto (default cpu)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("validate", help="compare an artifact's outputs with the Keras model's")
+    p.add_argument("model", help="the original .keras or .h5 model")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", help=".npz file with one array per input (default: random inputs)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="max abs error allowed relative to output scale")
+    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="time an artifact against Keras (basic timing)")
+    p.add_argument("artifact")
+    p.add_argument("--batch", type=int, help="batch size (default: the engine's)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="convert, validate and time the embedded digits model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except KerasRTError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The Python API, modelled on TF-TRT's TrtGraphConverterV2: convert, build, summary, save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kerasrt import errors
+from kerasrt.errors import ConversionError
+from kerasrt.frontend import keras_adapter as ka
+from kerasrt.frontend.importer import InputSpec, import_model, resolve_input_specs
+from kerasrt.ir.graph import Graph
+from kerasrt.ir.graph import verify as verify_graph
+from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec
+from kerasrt.settings import ConversionSettings
+
+Progress = Callable[[str], None]
+
+
+def build_graph(
+    keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str], progress: Progress | None = None
+) -> Graph:
+    """Import the model at ``specs``: in this process on the torch backend, else in a child."""
+    if ka.backend_name() == "torch":
+        graph = import_model(keras.get(), specs, keep, progress)
+    else:
+        graph = _import_in_subprocess(keras, specs, keep)
+    verify_graph(graph)
+    return graph
+
+
+def _import_in_subprocess(keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str]) -> Graph:
+    from safetensors.torch import load_file
+
+    from kerasrt.ir.serialize import graph_from_json
+
+    with tempfile.TemporaryDirectory(prefix="kerasrt-import-") as tmp:
+        model_path = keras.path
+        if model_path is None or Path(model_path).suffix.lower() != ".keras":
+            model_path = os.path.join(tmp, "model.keras")
+            ka.save_model(keras.get(), Path(model_path))
+        request = {
+            "model": str(model_path),
+            "specs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
+            "keep": list(keep),
+            "out": tmp,
+        }
+        request_path = os.path.join(tmp, "request.json")
+        with open(request_path, "w") as fh:
+            json.dump(request, fh)
+        env = {**os.environ, "KERAS_BACKEND": "torch"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "kerasrt.frontend.worker", request_path],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        error_path = os.path.join(tmp, "error.json")
+        if os.path.exists(error_path):
+            with open(error_path) as fh:
+                err = json.load(fh)
+            raise getattr(errors, err["type"], ConversionError)(err["message"])
+        if proc.returncode != 0:
+            raise ConversionError(f"importing on the torch backend failed:\n{proc.stderr[-2000:]}")
+        with open(os.path.join(tmp, "graph.json")) as fh:
+            data = json.load(fh)
+        return graph_from_json(data, load_file(os.path.join(tmp, "weights.safetensors")))
+
+
+class Converter:
+    """Convert a Keras model (live, .keras or .h5) into an OptimizedModel.
+
+    Example::
+
+        conv = kerasrt.Converter("model.keras", precision_mode="FP32")
+        conv.convert(); conv.summary(); conv.save("model_krt")
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        precision_mode: str = "FP32",
+        minimum_segment_size: int = 3,
+        maximum_cached_engines: int = 1,
+        allow_build_at_runtime: bool = True,
+        *,
+        input_shapes: Sequence[Sequence[int]] | None = None,
+        batch_size: int = 1,
+        keep_in_keras: Iterable[str] = (),
+        custom_objects: dict[str, Any] | None = None,
+        device: str = "auto",
+        progress: Progress | None = None,
+        settings: ConversionSettings | None = None,
+    ):
+        self.settings = settings or ConversionSettings(
+            precision_mode=precision_mode,
+            minimum_segment_size=minimum_segment_size,
+            maximum_cached_engines=maximum_cached_engines,
+            allow_build_at_runtime=allow_build_at_runtime,
+            batch_size=batch_size,
+            input_shapes=tuple(tuple(s) for s in input_shapes) if input_shapes is not None else None,
+            keep_in_keras=tuple(keep_in_keras),
+        )
+        self.device = device
+        self.progress = progress
+        if isinstance(model, (str, os.PathLike)):
+            self.keras = KerasSource(path=Path(model), custom_objects=custom_objects)
+        else:
+            self.keras = KerasSource(model=ka.load_model(model))
+        self._optimized: OptimizedModel | None = None
+
+    def convert(self, calibration_input_fn: Callable[[], Iterable[Any]] | None = None) -> OptimizedModel:
+        """Import, partition and build the model for its input shapes; returns the result."""
+        if calibration_input_fn is not None:
+            raise ConversionError("calibration_input_fn is for INT8, which this version does not build")
+        model = self.keras.get()
+        specs = resolve_input_specs(model, self.settings.input_shapes, self.settings.batch_size)
+        graph = build_graph(self.keras, specs, self.settings.keep_in_keras, self.progress)
+        declared = ka.input_specs(model)
+        inputs = [
+            TensorSpec(s.name, tuple(declared[i][0]) if declared else (None,) + tuple(s.shape[1:]), s.dtype)
+            for i, s in enumerate(specs)
+        ]
+        key: ShapeKey = tuple(s.shape for s in specs)
+        names = {s.name: s for s in specs}
+
+        def builder(shapes: ShapeKey) -> Graph:
+            new = [InputSpec(n, tuple(shape), names[n].dtype) for n, shape in zip(names, shapes)]
+            return build_graph(self.keras, new, self.settings.keep_in_keras)
+
+        self._optimized = OptimizedModel(
+            {key: graph},
+            self.settings,
+            inputs,
+            ka.output_names(model),
+            self.keras,
+            builder=builder,
+            device=self.device,
+            name=model.name,
+        )
+        self._optimized.program(key)
+        return self._optimized
+
+    @property
+    def optimized(self) -> OptimizedModel:
+        if self._optimized is None:
+            raise ConversionError("call convert() first")
+        return self._optimized
+
+    def build(self, input_fn: Callable[[], Iterable[Any]]) -> None:
+        """Build engines ahead of time for every input signature ``input_fn`` yields."""
+        for inputs in input_fn():
+            args = inputs if isinstance(inputs, (list, tuple)) else (inputs,)
+            self.optimized(*args)
+
+    def summary(self, print_fn: Callable[[str], None] | None = print) -> str:
+        """The conversion report (what runs in engines, what fell back and why)."""
+        from kerasrt.report import format_report, make_report
+
+        text = format_report(make_report(self.optimized))
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """Write the artifact directory (atomically: nothing half-written on failure)."""
+        from kerasrt.artifact import save
+
+        return save(self.optimized, Path(output_dir))

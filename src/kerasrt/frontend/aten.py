@@ -1,0 +1,835 @@
+"""Lower an ATen-level torch.fx graph (from tracing Keras on its torch backend) into the IR.
+
+One lowering function per ATen op family, in a table. A node whose tensor inputs are all
+constants is evaluated right away (weights get permuted once, here, not per call). Every
+lowered value is checked against the shape and dtype the tracer recorded, so a wrong
+lowering is refused instead of producing wrong numbers.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx.operator_schemas import normalize_function
+
+from kerasrt.ir.graph import Graph, Value, dtype_name
+
+aten = torch.ops.aten
+
+
+class UnsupportedOp(Exception):
+    """An ATen op has no lowering (or lowers to something that does not check out)."""
+
+
+class _Unavailable:
+    """An output of a multi-output op that kerasrt does not compute (e.g. pooling indices)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _read(env: dict, node: torch.fx.Node) -> Any:
+    value = env[node]
+    if isinstance(value, _Unavailable):
+        raise UnsupportedOp(value.what)
+    return value
+
+
+# Ops that only pass their input through at inference time.
+_IDENTITY = {
+    "clone",
+    "contiguous",
+    "alias",
+    "alias_copy",
+    "detach",
+    "detach_copy",
+    "lift_fresh_copy",
+    "lift_fresh",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "_assert_tensor_metadata",
+}
+# Ops whose result depends only on the static shape of their input.
+_SHAPE_ONLY = {
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "rand_like",
+    "randn_like",
+}
+# Ops that only rearrange elements into the recorded shape.
+_RESHAPES = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "view_copy",
+    "unsqueeze",
+    "unsqueeze_copy",
+    "squeeze",
+    "squeeze_copy",
+    "flatten",
+    "unflatten",
+    "_reshape_alias",
+    "view_as",
+}
+_UNARY = {
+    "relu",
+    "sigmoid",
+    "tanh",
+    "exp",
+    "log",
+    "log1p",
+    "expm1",
+    "sqrt",
+    "rsqrt",
+    "neg",
+    "abs",
+    "erf",
+    "silu",
+    "reciprocal",
+    "sin",
+    "cos",
+    "floor",
+    "ceil",
+    "round",
+    "sign",
+    "logical_not",
+    "hardsigmoid",
+    "hardswish",
+    "isnan",
+}
+_BINARY = {
+    "mul": "mul",
+    "maximum": "maximum",
+    "minimum": "minimum",
+    "eq": "eq",
+    "ne": "ne",
+    "lt": "lt",
+    "le": "le",
+    "gt": "gt",
+    "ge": "ge",
+    "logical_and": "logical_and",
+    "logical_or": "logical_or",
+    "remainder": "remainder",
+    "floor_divide": "floor_divide",
+    "atan2": "atan2",
+    "pow": "pow",
+    "bitwise_and": "logical_and",
+    "bitwise_or": "logical_or",
+    "fmod": "remainder",
+}
+_REDUCTIONS = {
+    "mean": "reduce_mean",
+    "sum": "reduce_sum",
+    "amax": "reduce_max",
+    "amin": "reduce_min",
+    "any": "reduce_any",
+    "all": "reduce_all",
+}
+
+
+class AtenLowering:
+    """Lowers one traced fx graph into ``graph``, tagging nodes with ``layer``."""
+
+    def __init__(self, graph: Graph, layer: str, constant: Callable[[torch.Tensor, str], Value]):
+        self.graph = graph
+        self.layer = layer
+        self._constant = constant
+        self.fx_node: torch.fx.Node | None = None
+
+    # -- helpers used by the lowering table ------------------------------------------------
+    def constant(self, tensor: torch.Tensor) -> Value:
+        return self._constant(tensor, f"{self.layer}.const")
+
+    def emit(self, op: str, inputs: list[Value], **attrs: Any) -> Value:
+        """Add an IR node, or fold it into a constant when every input is a constant."""
+        if inputs and all(v.is_constant for v in inputs):
+            from kerasrt.ir.ops import run_reference
+
+            return self.constant(run_reference(op, [v.data for v in inputs], attrs))
+        return self.graph.add_node(op, inputs, attrs, layer=self.layer).outputs[0]
+
+    def scalar(self, value: float | int | bool, like: Value) -> Value:
+        """A 0-d constant that combines with ``like`` as PyTorch's wrapped scalars do."""
+        dtype = torch.result_type(torch.empty((), dtype=_torch(like)), value)
+        return self.constant(torch.tensor(value, dtype=dtype))
+
+    def tensor(self, arg: Any, like: Value | None = None) -> Value:
+        if isinstance(arg, Value):
+            return arg
+        if isinstance(arg, (int, float, bool)) and like is not None:
+            return self.scalar(arg, like)
+        raise UnsupportedOp(f"expected a tensor, got {type(arg).__name__}")
+
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.fx_node.meta["val"].shape)
+
+    def reshape(self, x: Value, shape: tuple[int, ...]) -> Value:
+        return x if x.shape == tuple(shape) else self.emit("reshape", [x], shape=list(shape))
+
+    # -- driver --------------------------------------------------------------------------
+    def lower(self, gm: torch.fx.GraphModule, inputs: list[Value]) -> list[Value]:
+        env: dict[torch.fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        result: list[Value] = []
+        for node in gm.graph.nodes:
+            self.fx_node = node
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "get_attr":
+                env[node] = self.constant(getattr(gm, node.target))
+            elif node.op == "output":
+                outs = torch.utils._pytree.tree_leaves(node.args[0])
+                result = [_read(env, o) if isinstance(o, torch.fx.Node) else None for o in outs]
+                if any(not isinstance(v, Value) for v in result):
+                    raise UnsupportedOp("the layer returns something other than tensors")
+            elif node.op == "call_function":
+                args = torch.fx.node.map_arg(node.args, lambda n: _read(env, n))
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _read(env, n))
+                env[node] = self._lower_call(node, args, kwargs)
+                if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name.endswith("_"):
+                    # a surviving in-place op: later readers of its input see the result
+                    first = node.args[0]
+                    if isinstance(first, torch.fx.Node):
+                        env[first] = env[node]
+            else:
+                raise UnsupportedOp(f"unexpected fx node kind {node.op}")
+        return result
+
+    def _lower_call(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+        target = node.target
+        if target is operator.getitem:
+            item = args[0][args[1]]
+            return (
+                _Unavailable(f"output {args[1]} of {node.args[0]} is not supported") if item is None else item
+            )
+        if not isinstance(target, torch._ops.OpOverload):
+            raise UnsupportedOp(f"call to {getattr(target, '__name__', target)} is not an ATen op")
+        name = target._schema.name.split("::")[-1]
+        if name.endswith("_") and not name.endswith("__"):
+            name = name[:-1]
+        values = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Value)]
+        if name in _SHAPE_ONLY or (values and all(v.is_constant for v in values)) or not values:
+            return self._evaluate(target, args, kwargs)
+        lowering = LOWERINGS.get(name)
+        if lowering is None:
+            raise UnsupportedOp(f"no lowering for aten.{name}")
+        normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+        a = dict(normalized.kwargs) if normalized is not None else {}
+        if "self" in a:
+            a["input"] = a.pop("self")
+        out = lowering(self, a)
+        self._check(out)
+        return out
+
+    def _evaluate(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        """Run an op whose result is fixed at conversion time; keep it as a constant."""
+        meta = self.fx_node.meta.get("val")
+
+        def concrete(a: Any) -> Any:
+            if isinstance(a, Value):
+                return a.data if a.is_constant else torch.zeros(a.shape, dtype=_torch(a))
+            return a
+
+        result = target(
+            *torch.utils._pytree.tree_map(concrete, args), **torch.utils._pytree.tree_map(concrete, kwargs)
+        )
+        if isinstance(meta, torch.Tensor) and isinstance(result, torch.Tensor):
+            return self.constant(result)
+        if isinstance(result, (tuple, list)):
+            return [self.constant(r) if isinstance(r, torch.Tensor) else r for r in result]
+        raise UnsupportedOp(f"cannot fold {target}")
+
+    def _check(self, out: Any) -> None:
+        meta = self.fx_node.meta.get("val")
+        pairs = list(zip(out, meta)) if isinstance(out, (list, tuple)) else [(out, meta)]
+        for value, expected in pairs:
+            if value is None or not isinstance(expected, torch.Tensor):
+                continue
+            if value.shape != tuple(expected.shape) or value.dtype != dtype_name(expected.dtype):
+                raise UnsupportedOp(
+                    f"lowering of {self.fx_node.target} gave {value.type_str()}, "
+                    f"expected {tuple(expected.shape)} {expected.dtype}"
+                )
+
+
+def _torch(value: Value) -> torch.dtype:
+    from kerasrt.ir.graph import torch_dtype
+
+    return torch_dtype(value.dtype)
+
+
+Lowering = Callable[[AtenLowering, dict[str, Any]], Any]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowers(*names: str) -> Callable[[Lowering], Lowering]:
+    def wrap(fn: Lowering) -> Lowering:
+        for name in names:
+            LOWERINGS[name] = fn
+        return fn
+
+    return wrap
+
+
+# -- pass-through, casts and shapes ------------------------------------------------------------
+for _n in _IDENTITY:
+    LOWERINGS[_n] = lambda c, a: a["input"]
+
+
+@lowers("_to_copy", "to", "_to_dim_order_copy", "type_as", "_autocast_to_reduced_precision")
+def _cast(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    target = dtype_name(c.fx_node.meta["val"].dtype)
+    return x if target == x.dtype else c.emit("cast", [x], dtype=target)
+
+
+for _n in _RESHAPES:
+    LOWERINGS[_n] = lambda c, a: c.reshape(a["input"], c.out_shape())
+
+
+@lowers("expand", "expand_copy", "expand_as", "broadcast_to")
+def _expand(c: AtenLowering, a: dict) -> Value:
+    x, shape = a["input"], c.out_shape()
+    return x if x.shape == shape else c.emit("expand", [x], shape=list(shape))
+
+
+@lowers("permute", "permute_copy")
+def _permute(c: AtenLowering, a: dict) -> Value:
+    return c.emit("permute", [a["input"]], dims=[d % len(a["input"].shape) for d in a["dims"]])
+
+
+@lowers("transpose", "transpose_copy", "swapaxes")
+def _transpose(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    dims = list(range(len(x.shape)))
+    d0, d1 = a.get("dim0", a.get("axis0")) % len(dims), a.get("dim1", a.get("axis1")) % len(dims)
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return c.emit("permute", [x], dims=dims)
+
+
+@lowers("t", "numpy_T")
+def _t(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    return c.emit("permute", [x], dims=list(range(len(x.shape)))[::-1]) if len(x.shape) > 1 else x
+
+
+def _slice(c: AtenLowering, x: Value, dim: int, start: int | None, end: int | None, step: int) -> Value:
+    dim %= len(x.shape)
+    start, end, step = slice(start, end, step).indices(x.shape[dim])
+    if start == 0 and end >= x.shape[dim] and step == 1:
+        return x
+    return c.emit("slice", [x], dim=dim, start=start, end=end, step=step)
+
+
+@lowers("slice", "slice_copy")
+def _slice_op(c: AtenLowering, a: dict) -> Value:
+    return _slice(c, a["input"], a["dim"], a["start"], a["end"], a["step"])
+
+
+@lowers("select", "select_copy")
+def _select(c: AtenLowering, a: dict) -> Value:
+    x, dim = a["input"], a["dim"] % len(a["input"].shape)
+    index = a["index"] % x.shape[dim]
+    return c.reshape(_slice(c, x, dim, index, index + 1, 1), c.out_shape())
+
+
+@lowers("narrow", "narrow_copy")
+def _narrow(c: AtenLowering, a: dict) -> Value:
+    return _slice(c, a["input"], a["dim"], a["start"], a["start"] + a["length"], 1)
+
+
+def _split_at(c: AtenLowering, x: Value, dim: int, sizes: list[int]) -> list[Value]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(_slice(c, x, dim, start, start + size, 1))
+        start += size
+    return out
+
+
+@lowers("split", "split_with_sizes", "split_copy", "split_with_sizes_copy")
+def _split(c: AtenLowering, a: dict) -> list[Value]:
+    x, dim = a["input"], a["dim"] % len(a["input"].shape)
+    size = a.get("split_size", a.get("split_sizes"))
+    if isinstance(size, int):
+        size = [min(size, x.shape[dim] - s) for s in range(0, x.shape[dim], size)]
+    return _split_at(c, x, dim, list(size))
+
+
+@lowers("unbind", "unbind_copy")
+def _unbind(c: AtenLowering, a: dict) -> list[Value]:
+    x, dim = a["input"], a["dim"] % len(a["input"].shape)
+    shape = x.shape[:dim] + x.shape[dim + 1 :]
+    return [c.reshape(v, shape) for v in _split_at(c, x, dim, [1] * x.shape[dim])]
+
+
+@lowers("chunk")
+def _chunk(c: AtenLowering, a: dict) -> list[Value]:
+    x, dim = a["input"], a["dim"] % len(a["input"].shape)
+    size = -(-x.shape[dim] // a["chunks"])
+    return _split_at(c, x, dim, [min(size, x.shape[dim] - s) for s in range(0, x.shape[dim], size)])
+
+
+@lowers("cat", "concat", "concatenate")
+def _cat(c: AtenLowering, a: dict) -> Value:
+    xs = [x for x in a["tensors"] if x.shape != (0,)]
+    if len(xs) == 1:
+        return xs[0]
+    return c.emit("concat", xs, dim=a["dim"] % len(xs[0].shape))
+
+
+@lowers("stack")
+def _stack(c: AtenLowering, a: dict) -> Value:
+    xs = a["tensors"]
+    dim = a["dim"] % (len(xs[0].shape) + 1)
+    shape = xs[0].shape[:dim] + (1,) + xs[0].shape[dim:]
+    parts = [c.reshape(x, shape) for x in xs]
+    return parts[0] if len(parts) == 1 else c.emit("concat", parts, dim=dim)
+
+
+# -- elementwise -----------------------------------------------------------------------------
+for _n in _UNARY:
+    LOWERINGS[_n] = (lambda op: lambda c, a: c.emit(op, [a["input"]]))(_n)
+
+
+def _binary(c: AtenLowering, op: str, x: Any, y: Any) -> Value:
+    if not isinstance(x, Value):
+        x = c.tensor(x, y)
+    return c.emit(op, [x, c.tensor(y, x)])
+
+
+for _n, _op in _BINARY.items():
+    LOWERINGS[_n] = (lambda op: lambda c, a: _binary(c, op, a["input"], a.get("other", a.get("exponent"))))(
+        _op
+    )
+
+
+@lowers("add", "sub")
+def _add_sub(c: AtenLowering, a: dict) -> Value:
+    op = c.fx_node.target._schema.name.split("::")[-1].rstrip("_")
+    other = a["other"]
+    if a.get("alpha", 1) != 1:
+        other = _binary(c, "mul", other, a["alpha"]) if isinstance(other, Value) else other * a["alpha"]
+    return _binary(c, op, a["input"], other)
+
+
+@lowers("rsub")
+def _rsub(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    if a.get("alpha", 1) != 1:
+        x = _binary(c, "mul", x, a["alpha"])
+    return _binary(c, "sub", a["other"], x)
+
+
+@lowers("div")
+def _div(c: AtenLowering, a: dict) -> Value:
+    mode = a.get("rounding_mode")
+    if mode is None:
+        return _binary(c, "div", a["input"], a["other"])
+    if mode == "floor":
+        return _binary(c, "floor_divide", a["input"], a["other"])
+    raise UnsupportedOp(f"div with rounding_mode={mode!r}")
+
+
+@lowers("square")
+def _square(c: AtenLowering, a: dict) -> Value:
+    return c.emit("mul", [a["input"], a["input"]])
+
+
+@lowers("where")
+def _where(c: AtenLowering, a: dict) -> Value:
+    x, y = a["input"], a["other"]
+    x = c.tensor(x, y) if not isinstance(x, Value) else x
+    return c.emit("where", [a["condition"], x, c.tensor(y, x)])
+
+
+@lowers("bitwise_not")
+def _bitwise_not(c: AtenLowering, a: dict) -> Value:
+    if a["input"].dtype != "bool":
+        raise UnsupportedOp("bitwise_not on integers")
+    return c.emit("logical_not", [a["input"]])
+
+
+@lowers("gelu")
+def _gelu(c: AtenLowering, a: dict) -> Value:
+    return c.emit("gelu", [a["input"]], approximate=a.get("approximate", "none"))
+
+
+@lowers("clamp", "clip", "clamp_min", "clamp_max", "hardtanh", "relu6")
+def _clamp(c: AtenLowering, a: dict) -> Value:
+    name = c.fx_node.target._schema.name.split("::")[-1].rstrip("_")
+    lo, hi = {
+        "clamp_min": (a.get("min"), None),
+        "clamp_max": (None, a.get("max")),
+        "hardtanh": (a.get("min_val", -1.0), a.get("max_val", 1.0)),
+        "relu6": (0.0, 6.0),
+    }.get(name, (a.get("min"), a.get("max")))
+    if isinstance(lo, Value) or isinstance(hi, Value):
+        x = a["input"]
+        if lo is not None:
+            x = _binary(c, "maximum", x, lo)
+        if hi is not None:
+            x = _binary(c, "minimum", x, hi)
+        return x
+    return c.emit("clamp", [a["input"]], min=lo, max=hi)
+
+
+@lowers("leaky_relu")
+def _leaky_relu(c: AtenLowering, a: dict) -> Value:
+    return c.emit("leaky_relu", [a["input"]], negative_slope=float(a["negative_slope"]))
+
+
+@lowers("elu")
+def _elu(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    if a.get("input_scale", 1) != 1:
+        x = _binary(c, "mul", x, a["input_scale"])
+    y = c.emit("elu", [x], alpha=float(a.get("alpha", 1.0)))
+    return _binary(c, "mul", y, a["scale"]) if a.get("scale", 1) != 1 else y
+
+
+@lowers("softplus")
+def _softplus(c: AtenLowering, a: dict) -> Value:
+    return c.emit("softplus", [a["input"]], beta=float(a["beta"]), threshold=float(a["threshold"]))
+
+
+@lowers("mish")
+def _mish(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    return c.emit("mul", [x, c.emit("tanh", [c.emit("softplus", [x], beta=1.0, threshold=20.0)])])
+
+
+@lowers("log_sigmoid_forward")
+def _log_sigmoid(c: AtenLowering, a: dict) -> list:
+    x = c.emit("neg", [c.emit("softplus", [c.emit("neg", [a["input"]])], beta=1.0, threshold=20.0)])
+    return [x, None]
+
+
+# -- linear algebra and convolution ----------------------------------------------------------
+@lowers("mm", "bmm", "matmul")
+def _matmul(c: AtenLowering, a: dict) -> Value:
+    return c.emit("matmul", [a["input"], a.get("mat2", a.get("other"))])
+
+
+@lowers("addmm", "baddbmm")
+def _addmm(c: AtenLowering, a: dict) -> Value:
+    if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
+        raise UnsupportedOp("addmm with alpha/beta")
+    product = c.emit("matmul", [a.get("mat1", a.get("batch1")), a.get("mat2", a.get("batch2"))])
+    return c.emit("add", [product, a["input"]])
+
+
+@lowers("linear")
+def _linear(c: AtenLowering, a: dict) -> Value:
+    w = a["weight"]
+    y = c.emit("matmul", [a["input"], c.emit("permute", [w], dims=[1, 0])])
+    return c.emit("add", [y, a["bias"]]) if a.get("bias") is not None else y
+
+
+@lowers("convolution", "conv1d", "conv2d", "conv3d", "_convolution")
+def _conv(c: AtenLowering, a: dict) -> Value:
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    n = len(w.shape) - 2
+    stride = _expand_list(a.get("stride", 1), n)
+    dilation = _expand_list(a.get("dilation", 1), n)
+    padding = a.get("padding", 0)
+    if isinstance(padding, str):
+        raise UnsupportedOp(f"string padding {padding!r}")
+    padding = _expand_list(padding, n)
+    inputs = [x, w] + ([b] if b is not None else [])
+    if a.get("transposed", False):
+        return c.emit(
+            "conv_transpose",
+            inputs,
+            stride=stride,
+            padding=padding,
+            output_padding=_expand_list(a["output_padding"], n),
+            dilation=dilation,
+            groups=int(a["groups"]),
+        )
+    return c.emit(
+        "conv", inputs, stride=stride, padding=padding, dilation=dilation, groups=int(a.get("groups", 1))
+    )
+
+
+def _expand_list(v: int | list[int], n: int) -> list[int]:
+    v = [v] if isinstance(v, int) else list(v)
+    return [int(x) for x in (v * n if len(v) == 1 else v)]
+
+
+# -- pooling, normalization, softmax, attention -----------------------------------------------
+@lowers(
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "max_pool2d_with_indices",
+    "max_pool1d_with_indices",
+    "max_pool3d_with_indices",
+)
+def _max_pool(c: AtenLowering, a: dict) -> Any:
+    n = len(a["kernel_size"]) if len(a["kernel_size"]) > 1 else len(a["input"].shape) - 2
+    kernel = _expand_list(a["kernel_size"], n)
+    stride = _expand_list(a["stride"], n) if a.get("stride") else kernel
+    y = c.emit(
+        "max_pool",
+        [a["input"]],
+        kernel=kernel,
+        stride=stride,
+        padding=_expand_list(a["padding"], n),
+        dilation=_expand_list(a["dilation"], n),
+        ceil_mode=bool(a["ceil_mode"]),
+    )
+    return [y, None] if "indices" in c.fx_node.target._schema.name else y
+
+
+@lowers("avg_pool1d", "avg_pool2d", "avg_pool3d")
+def _avg_pool(c: AtenLowering, a: dict) -> Value:
+    n = len(a["input"].shape) - 2
+    kernel = _expand_list(a["kernel_size"], n)
+    stride = _expand_list(a["stride"], n) if a.get("stride") else kernel
+    return c.emit(
+        "avg_pool",
+        [a["input"]],
+        kernel=kernel,
+        stride=stride,
+        padding=_expand_list(a["padding"], n),
+        ceil_mode=bool(a["ceil_mode"]),
+        count_include_pad=bool(a["count_include_pad"]),
+        divisor=a.get("divisor_override"),
+    )
+
+
+@lowers("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool1d", "_adaptive_avg_pool3d")
+def _adaptive_avg(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    if any(s != 1 for s in a["output_size"]):
+        raise UnsupportedOp("adaptive average pooling to a size other than 1")
+    dims = list(range(2, len(x.shape)))
+    return c.emit("reduce_mean", [x], dims=dims, keepdim=True)
+
+
+@lowers(
+    "_native_batch_norm_legit_no_training",
+    "native_batch_norm",
+    "batch_norm",
+    "_native_batch_norm_legit",
+    "cudnn_batch_norm",
+)
+def _batch_norm(c: AtenLowering, a: dict) -> Any:
+    if a.get("training", False):
+        raise UnsupportedOp("batch norm in training mode")
+    inputs = [a["input"], a["running_mean"], a["running_var"]]
+    w, b = a.get("weight"), a.get("bias")
+    if w is not None or b is not None:
+        inputs.append(w if w is not None else c.constant(torch.ones(inputs[1].shape)))
+    if b is not None:
+        inputs.append(b)
+    y = c.emit("batch_norm", inputs, eps=float(a["eps"]))
+    return y if c.fx_node.target._schema.name.endswith("::batch_norm") else [y, None, None]
+
+
+@lowers("native_layer_norm", "layer_norm")
+def _layer_norm(c: AtenLowering, a: dict) -> Any:
+    w, b = a.get("weight"), a.get("bias")
+    inputs = [a["input"]]
+    if w is not None or b is not None:
+        inputs.append(w if w is not None else c.constant(torch.ones(a["normalized_shape"])))
+    if b is not None:
+        inputs.append(b)
+    y = c.emit("layer_norm", inputs, normalized_shape=list(a["normalized_shape"]), eps=float(a["eps"]))
+    return [y, None, None] if "native" in c.fx_node.target._schema.name else y
+
+
+@lowers("_softmax", "softmax", "_log_softmax", "log_softmax")
+def _softmax(c: AtenLowering, a: dict) -> Value:
+    op = "log_softmax" if "log" in c.fx_node.target._schema.name else "softmax"
+    x = a["input"]
+    y = c.emit(op, [x], dim=a["dim"] % len(x.shape))
+    target = dtype_name(c.fx_node.meta["val"].dtype)
+    return y if y.dtype == target else c.emit("cast", [y], dtype=target)
+
+
+@lowers(
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+)
+def _sdpa(c: AtenLowering, a: dict) -> Any:
+    if a.get("dropout_p", 0.0) not in (0, 0.0):
+        raise UnsupportedOp("attention dropout")
+    if a.get("enable_gqa"):
+        raise UnsupportedOp("grouped-query attention flag")
+    inputs = [a["query"], a["key"], a["value"]]
+    mask = a.get("attn_mask", a.get("attn_bias"))
+    if mask is not None:
+        inputs.append(mask)
+    y = c.emit("attention", inputs, scale=a.get("scale"), is_causal=bool(a.get("is_causal", False)))
+    name = c.fx_node.target._schema.name
+    return y if name.endswith("::scaled_dot_product_attention") else [y] + [None] * 8
+
+
+# -- reductions -------------------------------------------------------------------------------
+def _dims(x: Value, dim: Any) -> list[int]:
+    if dim is None or dim == []:
+        return list(range(len(x.shape)))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(d % len(x.shape) for d in dims)
+
+
+for _n, _op in _REDUCTIONS.items():
+    LOWERINGS[_n] = (lambda op: lambda c, a: _reduce(c, op, a))(_op)
+
+
+def _reduce(c: AtenLowering, op: str, a: dict) -> Value:
+    x = a["input"]
+    if a.get("dtype") is not None:
+        x = c.emit("cast", [x], dtype=dtype_name(a["dtype"]))
+    if op in ("reduce_sum", "reduce_mean") and x.dtype == "bool":
+        x = c.emit("cast", [x], dtype=dtype_name(c.fx_node.meta["val"].dtype))
+    y = c.emit(op, [x], dims=_dims(x, a.get("dim")), keepdim=bool(a.get("keepdim", False)))
+    target = dtype_name(c.fx_node.meta["val"].dtype)
+    return y if y.dtype == target else c.emit("cast", [y], dtype=target)
+
+
+@lowers("max", "min")
+def _max_min(c: AtenLowering, a: dict) -> Any:
+    name = c.fx_node.target._schema.name.split("::")[-1]
+    x = a["input"]
+    if "other" in a:
+        return _binary(c, "maximum" if name == "max" else "minimum", x, a["other"])
+    keep = bool(a.get("keepdim", False))
+    if a.get("dim") is None:
+        return c.emit("reduce_" + name, [x], dims=_dims(x, None), keepdim=False)
+    dim = a["dim"] % len(x.shape)
+    values = c.emit("reduce_" + name, [x], dims=[dim], keepdim=keep)
+    return [values, c.emit("arg" + name, [x], dim=dim, keepdim=keep)]
+
+
+@lowers("prod")
+def _prod(c: AtenLowering, a: dict) -> Value:
+    return _reduce(c, "reduce_prod", a)
+
+
+@lowers("var", "var_mean", "std")
+def _var(c: AtenLowering, a: dict) -> Any:
+    name = c.fx_node.target._schema.name.split("::")[-1]
+    x = a["input"]
+    correction = a.get("correction")
+    if correction is None:
+        correction = 1 if a.get("unbiased", True) else 0
+    dims, keep = _dims(x, a.get("dim")), bool(a.get("keepdim", False))
+    var = c.emit("reduce_var", [x], dims=dims, correction=float(correction), keepdim=keep)
+    if name == "std":
+        return c.emit("sqrt", [var])
+    if name == "var_mean":
+        return [var, c.emit("reduce_mean", [x], dims=dims, keepdim=keep)]
+    return var
+
+
+@lowers("argmax", "argmin")
+def _argmax(c: AtenLowering, a: dict) -> Value:
+    name = c.fx_node.target._schema.name.split("::")[-1]
+    x = a["input"]
+    if a.get("dim") is None:
+        x, dim = c.reshape(x, (-1,) if False else (max(1, _numel(x.shape)),)), 0
+    else:
+        dim = a["dim"] % len(x.shape)
+    return c.emit(name, [x], dim=dim, keepdim=bool(a.get("keepdim", False)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@lowers("cumsum")
+def _cumsum(c: AtenLowering, a: dict) -> Value:
+    x = a["input"]
+    if a.get("dtype") is not None:
+        x = c.emit("cast", [x], dtype=dtype_name(a["dtype"]))
+    return c.emit("cumsum", [x], dim=a["dim"] % len(x.shape))
+
+
+# -- padding, gathering, resizing ---------------------------------------------------------------
+@lowers("constant_pad_nd", "pad")
+def _pad(c: AtenLowering, a: dict) -> Value:
+    mode = a.get("mode", "constant")
+    value = a.get("value") or 0.0
+    pads = [int(p) for p in a["pad"]]
+    if not any(pads):
+        return a["input"]
+    return c.emit("pad", [a["input"]], pads=pads, mode=mode, value=float(value))
+
+
+@lowers(
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+)
+def _pad_mode(c: AtenLowering, a: dict) -> Value:
+    name = c.fx_node.target._schema.name
+    mode = "reflect" if "reflection" in name else "replicate"
+    return c.emit("pad", [a["input"]], pads=[int(p) for p in a["padding"]], mode=mode, value=0.0)
+
+
+@lowers("embedding")
+def _embedding(c: AtenLowering, a: dict) -> Value:
+    return c.emit("gather", [a["weight"], a["indices"]], dim=0)
+
+
+@lowers("index_select")
+def _index_select(c: AtenLowering, a: dict) -> Value:
+    return c.emit("gather", [a["input"], a["index"]], dim=a["dim"] % len(a["input"].shape))
+
+
+@lowers("gather", "take_along_dim")
+def _take_along(c: AtenLowering, a: dict) -> Value:
+    return c.emit(
+        "take_along", [a["input"], a.get("index", a.get("indices"))], dim=a["dim"] % len(a["input"].shape)
+    )
+
+
+@lowers("index")
+def _index(c: AtenLowering, a: dict) -> Value:
+    indices = a["indices"]
+    used = [i for i, v in enumerate(indices) if v is not None]
+    if len(used) != 1 or indices[used[0]].dtype == "bool":
+        raise UnsupportedOp("advanced indexing with several or boolean index tensors")
+    return c.emit("gather", [a["input"], indices[used[0]]], dim=used[0])
+
+
+@lowers(
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+    "upsample_bicubic2d",
+    "_upsample_nearest_exact2d",
+    "_upsample_bilinear2d_aa",
+)
+def _resize(c: AtenLowering, a: dict) -> Value:
+    name = c.fx_node.target._schema.name.split("::")[-1]
+    if name.endswith("_aa") or "exact" in name:
+        raise UnsupportedOp(f"{name} resizing")
+    mode = next(m for m in ("nearest", "bilinear", "bicubic", "trilinear", "linear") if m in name)
+    x = a["input"]
+    size = list(c.out_shape()[2:])
+    align = a.get("align_corners") if mode != "nearest" else None
+    return c.emit("resize", [x], size=size, mode=mode, align_corners=align)

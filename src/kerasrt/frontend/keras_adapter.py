@@ -1,0 +1,183 @@
+"""The one module that touches Keras internals (Keras changes its private API often).
+
+It loads models, reads their input signatures, walks functional graphs node by node, finds
+operations by path, and calls a single operation in inference mode.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kerasrt.errors import ConversionError, ModelLoadError, UnknownLayerError
+
+ModelSource = Any  # a keras.Model or a path to a .keras / .h5 file
+
+
+def keras_module() -> Any:
+    """Import Keras, defaulting its backend to torch when the process has not chosen one."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    return keras
+
+
+def backend_name() -> str:
+    return keras_module().backend.backend()
+
+
+def load_model(source: ModelSource, custom_objects: dict[str, Any] | None = None) -> Any:
+    """A keras.Model from a live model or a .keras/.h5 file, with errors that name the problem."""
+    keras = keras_module()
+    if isinstance(source, keras.Model):
+        return source
+    if isinstance(source, keras.layers.Layer):
+        raise ModelLoadError(f"{type(source).__name__} is a layer, not a model; wrap it in a keras.Model")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelLoadError(f"expected a keras.Model or a model file path, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise ModelLoadError(
+            f"{path} is a directory; kerasrt reads .keras and .h5 files "
+            "(TensorFlow SavedModel directories are not supported)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(
+                f"{path} is not a valid .keras file (not a zip archive: truncated or corrupt?)"
+            )
+    elif suffix in (".h5", ".hdf5"):
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise ModelLoadError(f"{path} is not a valid HDF5 file (truncated or corrupt?)")
+    else:
+        raise ModelLoadError(f"{path}: unknown model format {suffix!r}; expected .keras or .h5")
+    try:
+        model = keras.saving.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=True)
+    except Exception as exc:
+        message = str(exc)
+        if "Could not locate class" in message or "Unknown layer" in message:
+            raise UnknownLayerError(
+                f"{path} uses a custom layer or object Keras does not know: "
+                f"{_first_line(message)}. Pass it in custom_objects (CLI: --custom-objects module.py)"
+            ) from None
+        raise ModelLoadError(f"could not load {path} as a Keras model: {_first_line(message)}") from None
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(f"{path} holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0][:400] if message.strip() else "unknown error"
+
+
+def save_model(model: Any, path: Path) -> None:
+    model.save(path)
+
+
+def is_graph_model(op: Any) -> bool:
+    """True for Functional models and built Sequential models (they have a layer graph)."""
+    keras = keras_module()
+    if isinstance(op, keras.Sequential):
+        return getattr(op, "_functional", None) is not None
+    return isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth")
+
+
+def is_model(op: Any) -> bool:
+    return isinstance(op, keras_module().Model)
+
+
+def is_layer(op: Any) -> bool:
+    return isinstance(op, keras_module().layers.Layer)
+
+
+def _graph_of(model: Any) -> Any:
+    keras = keras_module()
+    return model._functional if isinstance(model, keras.Sequential) else model
+
+
+def input_specs(model: Any) -> list[tuple[tuple[int | None, ...], str]]:
+    """(shape with None for unknown dims, dtype) of each model input, or [] if unknown."""
+    try:
+        inputs = _graph_of(model).inputs if is_graph_model(model) else model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        return []
+    return [(tuple(x.shape), str(x.dtype)) for x in inputs]
+
+
+def output_names(model: Any) -> list[str]:
+    try:
+        return list(model.output_names)
+    except (AttributeError, ValueError):
+        return []
+
+
+def run_graph(model: Any, inputs: Sequence[Any], call: Callable[..., Any]) -> list[Any]:
+    """Walk a functional graph, computing each node with ``call(op, *args, **kwargs)``.
+
+    Returns the flat list of model outputs. The values flowing through can be any objects.
+    """
+    from keras import tree
+
+    graph = _graph_of(model)
+    outputs = graph._run_through_graph(list(inputs), call_fn=call)
+    return tree.flatten(outputs)
+
+
+def call_operation(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Call one layer or keras.ops operation in inference mode."""
+    if is_layer(op) and "training" not in kwargs and getattr(op, "_call_has_training_arg", False):
+        kwargs = {**kwargs, "training": False}
+    return op(*args, **kwargs)
+
+
+def flatten(structure: Any) -> list[Any]:
+    from keras import tree
+
+    return tree.flatten(structure)
+
+
+def pack_like(structure: Any, flat: Sequence[Any]) -> Any:
+    from keras import tree
+
+    return tree.pack_sequence_as(structure, list(flat))
+
+
+def sublayers(op: Any) -> list[Any]:
+    """The operations directly inside a model (functional operations or tracked layers)."""
+    if is_graph_model(op):
+        return [o for o in _graph_of(op).operations if type(o).__name__ != "InputLayer"]
+    return list(getattr(op, "layers", []))
+
+
+def find_operation(model: Any, path: str) -> Any:
+    """The operation at ``path`` ("outer/inner/layer", below ``model``); ``model`` for ''."""
+    op = model
+    for part in [p for p in path.split("/") if p]:
+        matches = [o for o in sublayers(op) if o.name == part]
+        if not matches:
+            raise ConversionError(f"layer {path!r} not found in model {model.name!r}")
+        op = matches[0]
+    return op
+
+
+def variable_names(model: Any) -> dict[int, str]:
+    """Map each weight's storage pointer to its Keras path, to name IR constants."""
+    names: dict[int, str] = {}
+    for variable in model.weights:
+        value = getattr(variable, "value", None)
+        if hasattr(value, "data_ptr"):
+            names.setdefault(value.data_ptr(), variable.path)
+    return names
+
+
+def layer_class_name(op: Any) -> str:
+    return type(op).__name__

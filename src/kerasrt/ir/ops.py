@@ -1,0 +1,384 @@
+"""The primitive ops of the IR, each declared once: attributes, reference implementation,
+and shape/dtype inference.
+
+The reference implementation is a PyTorch function ``impl(*inputs, **attrs)``; shape and
+dtype inference runs that same function on meta tensors, so the two cannot disagree.
+The torch backend lowers a node by calling ``impl``. Attributes are JSON values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kerasrt.errors import IRError
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One IR op: its name, attribute names, reference implementation and category."""
+
+    name: str
+    impl: Callable[..., torch.Tensor]
+    attrs: tuple[str, ...] = ()
+    category: str = "elementwise"
+    infer: bool = True  # False for ops whose outputs are declared by the importer
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _register(name: str, attrs: Sequence[str] = (), category: str = "elementwise", infer: bool = True):
+    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in OPS:
+            raise IRError(f"op {name!r} declared twice")
+        OPS[name] = OpDef(name, fn, tuple(attrs), category, infer)
+        return fn
+
+    return wrap
+
+
+def _alias(name: str, fn: Callable[..., torch.Tensor], category: str = "elementwise") -> None:
+    _register(name, (), category)(lambda *xs: fn(*xs))
+
+
+# -- elementwise: unary --------------------------------------------------------------------
+for _name, _fn in {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "exp": torch.exp,
+    "log": torch.log,
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "neg": torch.neg,
+    "abs": torch.abs,
+    "erf": torch.erf,
+    "silu": F.silu,
+    "reciprocal": torch.reciprocal,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+    "round": torch.round,
+    "sign": torch.sign,
+    "logical_not": torch.logical_not,
+    "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish,
+    "isnan": torch.isnan,
+}.items():
+    _alias(_name, _fn)
+
+# -- elementwise: binary (numpy broadcasting) -----------------------------------------------
+for _name, _fn in {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "eq": torch.eq,
+    "ne": torch.ne,
+    "lt": torch.lt,
+    "le": torch.le,
+    "gt": torch.gt,
+    "ge": torch.ge,
+    "logical_and": torch.logical_and,
+    "logical_or": torch.logical_or,
+    "floor_divide": torch.floor_divide,
+    "remainder": torch.remainder,
+    "atan2": torch.atan2,
+}.items():
+    _alias(_name, _fn)
+
+_alias("where", torch.where)
+
+
+@_register("gelu", ("approximate",))
+def gelu(x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+@_register("clamp", ("min", "max"))
+def clamp(x: torch.Tensor, *, min: float | None = None, max: float | None = None) -> torch.Tensor:
+    return torch.clamp(x, min=min, max=max)
+
+
+@_register("leaky_relu", ("negative_slope",))
+def leaky_relu(x: torch.Tensor, *, negative_slope: float) -> torch.Tensor:
+    return F.leaky_relu(x, negative_slope)
+
+
+@_register("elu", ("alpha",))
+def elu(x: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
+    return F.elu(x, alpha)
+
+
+@_register("softplus", ("beta", "threshold"))
+def softplus(x: torch.Tensor, *, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    return F.softplus(x, beta, threshold)
+
+
+@_register("cast", ("dtype",))
+def cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
+    from kerasrt.ir.graph import torch_dtype
+
+    return x.to(torch_dtype(dtype))
+
+
+# -- linear algebra and convolution ------------------------------------------------------------
+@_register("matmul", (), "matmul")
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """numpy matmul semantics (batched, broadcasting)."""
+    return torch.matmul(a, b)
+
+
+@_register("conv", ("stride", "padding", "dilation", "groups"), "conv")
+def conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int = 1,
+) -> torch.Tensor:
+    """N-d convolution, channels-first (N, C, *spatial), weight (O, I/groups, *kernel)."""
+    zeros = [0] * len(stride)
+    return torch.convolution(x, w, b, stride, padding, dilation, False, zeros, groups)
+
+
+@_register("conv_transpose", ("stride", "padding", "output_padding", "dilation", "groups"), "conv")
+def conv_transpose(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    dilation: list[int],
+    groups: int = 1,
+) -> torch.Tensor:
+    """Transposed N-d convolution, channels-first, weight (I, O/groups, *kernel)."""
+    return torch.convolution(x, w, b, stride, padding, dilation, True, output_padding, groups)
+
+
+# -- pooling ----------------------------------------------------------------------------------
+@_register("max_pool", ("kernel", "stride", "padding", "dilation", "ceil_mode"), "pool")
+def max_pool(
+    x: torch.Tensor,
+    *,
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    """Max pooling over the trailing len(kernel) dims (channels-first)."""
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
+    return fn(x, kernel, stride, padding, dilation, ceil_mode)
+
+
+@_register("avg_pool", ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor"), "pool")
+def avg_pool(
+    x: torch.Tensor,
+    *,
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor: int | None = None,
+) -> torch.Tensor:
+    """Average pooling over the trailing len(kernel) dims (channels-first)."""
+    if len(kernel) == 1:
+        return F.avg_pool1d(x, kernel, stride, padding, ceil_mode, count_include_pad)
+    fn = {2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
+    return fn(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+
+
+# -- normalization and softmax -------------------------------------------------------------------
+@_register("batch_norm", ("eps",), "norm")
+def batch_norm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float,
+) -> torch.Tensor:
+    """Inference batch norm over dim 1 (channels-first) with running statistics."""
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+@_register("layer_norm", ("normalized_shape", "eps"), "norm")
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    normalized_shape: list[int],
+    eps: float,
+) -> torch.Tensor:
+    """Normalize over the trailing ``normalized_shape`` dims."""
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+@_register("softmax", ("dim",), "softmax")
+def softmax(x: torch.Tensor, *, dim: int) -> torch.Tensor:
+    return torch.softmax(x, dim)
+
+
+@_register("log_softmax", ("dim",), "softmax")
+def log_softmax(x: torch.Tensor, *, dim: int) -> torch.Tensor:
+    return torch.log_softmax(x, dim)
+
+
+@_register("attention", ("scale", "is_causal"), "attention")
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + mask) @ v over (..., seq, head_dim) tensors."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+# -- reductions -------------------------------------------------------------------------------
+def _reduction(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    @_register(name, ("dims", "keepdim"), "reduce")
+    def reduce(x: torch.Tensor, *, dims: list[int], keepdim: bool = False) -> torch.Tensor:
+        return fn(x, dims, keepdim)
+
+
+_reduction("reduce_mean", lambda x, d, k: torch.mean(x, d, keepdim=k))
+_reduction("reduce_sum", lambda x, d, k: torch.sum(x, d, keepdim=k))
+_reduction("reduce_max", lambda x, d, k: torch.amax(x, d, keepdim=k))
+_reduction("reduce_min", lambda x, d, k: torch.amin(x, d, keepdim=k))
+_reduction("reduce_any", lambda x, d, k: torch.any(x, d, keepdim=k))
+_reduction("reduce_all", lambda x, d, k: torch.all(x, d, keepdim=k))
+_reduction("reduce_prod", lambda x, d, k: _prod(x, d, k))
+
+
+def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    for d in sorted((d % x.ndim for d in dims), reverse=True):
+        x = torch.prod(x, d, keepdim=keepdim)
+    return x
+
+
+@_register("reduce_var", ("dims", "correction", "keepdim"), "reduce")
+def reduce_var(
+    x: torch.Tensor, *, dims: list[int], correction: float = 0.0, keepdim: bool = False
+) -> torch.Tensor:
+    return torch.var(x, dims, correction=correction, keepdim=keepdim)
+
+
+@_register("argmax", ("dim", "keepdim"), "reduce")
+def argmax(x: torch.Tensor, *, dim: int, keepdim: bool = False) -> torch.Tensor:
+    return torch.argmax(x, dim, keepdim)
+
+
+@_register("argmin", ("dim", "keepdim"), "reduce")
+def argmin(x: torch.Tensor, *, dim: int, keepdim: bool = False) -> torch.Tensor:
+    return torch.argmin(x, dim, keepdim)
+
+
+@_register("cumsum", ("dim",), "reduce")
+def cumsum(x: torch.Tensor, *, dim: int) -> torch.Tensor:
+    return torch.cumsum(x, dim)
+
+
+# -- data movement ----------------------------------------------------------------------------
+@_register("reshape", ("shape",), "shape")
+def reshape(x: torch.Tensor, *, shape: list[int]) -> torch.Tensor:
+    return torch.reshape(x, shape)
+
+
+@_register("permute", ("dims",), "layout")
+def permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
+    return torch.permute(x, dims)
+
+
+@_register("expand", ("shape",), "shape")
+def expand(x: torch.Tensor, *, shape: list[int]) -> torch.Tensor:
+    return x.expand(shape)
+
+
+@_register("slice", ("dim", "start", "end", "step"), "shape")
+def slice_(x: torch.Tensor, *, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
+    return torch.ops.aten.slice.Tensor(x, dim, start, end, step)
+
+
+@_register("concat", ("dim",), "concat")
+def concat(*xs: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat(xs, dim)
+
+
+@_register("pad", ("pads", "mode", "value"), "pad")
+def pad(x: torch.Tensor, *, pads: list[int], mode: str = "constant", value: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.pad semantics: ``pads`` pairs start from the last dim."""
+    if mode == "constant":
+        return F.pad(x, pads, mode, value)
+    return F.pad(x, pads, mode)
+
+
+@_register("gather", ("dim",), "gather")
+def gather(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """Select whole slices of ``x`` along ``dim`` at ``index`` (any shape): numpy ``take``."""
+    flat = torch.index_select(x, dim, index.reshape(-1))
+    return flat.reshape(x.shape[:dim] + index.shape + x.shape[dim + 1 :])
+
+
+@_register("take_along", ("dim",), "gather")
+def take_along(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
+    return torch.gather(x, dim, index)
+
+
+@_register("resize", ("size", "mode", "align_corners"), "resize")
+def resize(x: torch.Tensor, *, size: list[int], mode: str, align_corners: bool | None = None) -> torch.Tensor:
+    """Resize the trailing spatial dims (channels-first) to ``size``."""
+    return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+
+
+@_register("keras_layer", ("layer", "reason", "call"), "fallback", infer=False)
+def keras_layer(*xs: torch.Tensor, layer: str, reason: str, call: dict) -> torch.Tensor:
+    """A fallback node: the original Keras layer runs it (see kerasrt.runtime)."""
+    raise IRError(f"fallback layer {layer!r} has no reference implementation; the runtime runs it")
+
+
+def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
+    """Output (shape, dtype) pairs of ``op``, found by running its impl on meta tensors."""
+    from kerasrt.ir.graph import dtype_name, torch_dtype
+
+    opdef = OPS.get(op)
+    if opdef is None:
+        raise IRError(f"unknown op {op!r}")
+    if not opdef.infer:
+        raise IRError(f"op {op!r} needs its output types declared")
+    metas = [torch.empty(v.shape, dtype=torch_dtype(v.dtype), device="meta") for v in inputs]
+    try:
+        out = opdef.impl(*metas, **attrs)
+    except Exception as exc:  # the op rejects these inputs: say which
+        types = ", ".join(v.type_str() for v in inputs)
+        raise IRError(f"op {op}({types}) with {attrs} is invalid: {exc}") from exc
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [(tuple(o.shape), dtype_name(o.dtype)) for o in outs]
+
+
+def run_reference(op: str, inputs: Sequence[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    """Evaluate one op with its reference implementation."""
+    return OPS[op].impl(*inputs, **attrs)

@@ -1,0 +1,268 @@
+"""Run converted models: engines and fallback layers in order, one program per input shape.
+
+``OptimizedModel`` keeps up to ``maximum_cached_engines`` programs (least recently used
+evicted). An input shape with no program is built at run time when allowed (it needs the
+original Keras model), or refused with EngineNotBuiltError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from kerasrt.backend.torch_backend import TorchEngine, is_supported
+from kerasrt.errors import EngineNotBuiltError, InputSignatureError
+from kerasrt.frontend import keras_adapter as ka
+from kerasrt.ir.graph import Graph, torch_dtype
+from kerasrt.partition import Segment, partition
+from kerasrt.settings import ConversionSettings
+
+log = logging.getLogger(__name__)
+ShapeKey = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input as declared by Keras: ``None`` marks a dimension that may vary."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+class KerasSource:
+    """The original Keras model, loaded only when a fallback layer or a rebuild needs it."""
+
+    def __init__(self, model: Any = None, path: Any = None, custom_objects: dict | None = None):
+        self._model = model
+        self.path = path
+        self.custom_objects = custom_objects
+
+    def get(self) -> Any:
+        if self._model is None:
+            self._model = ka.load_model(self.path, self.custom_objects)
+        return self._model
+
+
+class Program:
+    """The executable form of one graph: its segments compiled for one device."""
+
+    def __init__(self, graph: Graph, settings: ConversionSettings, device: torch.device, keras: KerasSource):
+        self.graph = graph
+        self.device = device
+        self.keras = keras
+        self.segments: list[Segment] = partition(graph, is_supported, settings.minimum_segment_size)
+        slot: dict[int, int] = {id(v): i for i, v in enumerate(graph.inputs)}
+        for seg in self.segments:
+            for out in seg.outputs:
+                slot.setdefault(id(out), len(slot))
+        self.num_slots = len(slot)
+        self.output_slots = [slot[id(v)] if not v.is_constant else -1 for v in graph.outputs]
+        self.constant_outputs = {i: v.data.to(device) for i, v in enumerate(graph.outputs) if v.is_constant}
+        self.steps: list[tuple[Callable[..., Sequence[torch.Tensor]], list[int], list[int]]] = []
+        for seg in self.segments:
+            ins = [slot[id(v)] for v in seg.inputs]
+            outs = [slot[id(v)] for v in seg.outputs]
+            if seg.kind == "fallback":
+                self.steps.append((self._fallback_step(seg), ins, outs))
+            else:
+                self.steps.append((TorchEngine(seg.nodes, seg.inputs, seg.outputs, device), ins, outs))
+
+    def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
+        (node,) = seg.nodes
+        attrs = node.attrs
+        spec = pytree.treespec_loads(attrs["call"]["spec"])
+        leaves_spec = attrs["call"]["leaves"]
+        out_positions = [node.outputs.index(v) for v in seg.outputs]
+        device = self.device
+
+        def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            op = ka.find_operation(self.keras.get(), attrs["layer"])
+            native = ka.backend_name() == "torch"
+            leaves = [
+                (tensors[leaf["input"]] if native else tensors[leaf["input"]].cpu().numpy())
+                if "input" in leaf
+                else leaf["const"]
+                for leaf in leaves_spec
+            ]
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+            flat = ka.flatten(ka.call_operation(op, args, kwargs))
+            outs = [torch.as_tensor(np.asarray(o)) if not isinstance(o, torch.Tensor) else o for o in flat]
+            return [outs[i].to(device) for i in out_positions]
+
+        return run
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        slots: list[Any] = [None] * self.num_slots
+        slots[: len(inputs)] = inputs
+        for fn, ins, outs in self.steps:
+            results = fn(*[slots[i] for i in ins])
+            for i, r in zip(outs, results):
+                slots[i] = r
+        return [self.constant_outputs[k] if s < 0 else slots[s] for k, s in enumerate(self.output_slots)]
+
+
+GraphBuilder = Callable[[ShapeKey], Graph]
+
+
+class OptimizedModel:
+    """A converted model: call it with numpy arrays (numpy out) or torch tensors (torch out)."""
+
+    def __init__(
+        self,
+        graphs: dict[ShapeKey, Graph],
+        settings: ConversionSettings,
+        inputs: Sequence[TensorSpec],
+        output_names: Sequence[str],
+        keras: KerasSource,
+        builder: GraphBuilder | None = None,
+        device: str | torch.device = "auto",
+        name: str = "model",
+    ):
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.settings = settings
+        self.inputs = list(inputs)
+        self.output_names = list(output_names)
+        self.keras = keras
+        self.builder = builder
+        self.name = name
+        self.graphs: OrderedDict[ShapeKey, Graph] = OrderedDict(graphs)
+        self._programs: OrderedDict[ShapeKey, Program] = OrderedDict()
+
+    # -- engines -----------------------------------------------------------------------
+    def program(self, key: ShapeKey) -> Program:
+        """The program for input shapes ``key``, built (and cached, LRU) on first use."""
+        program = self._programs.get(key)
+        if program is not None:
+            self._programs.move_to_end(key)
+            return program
+        graph = self.graphs.get(key)
+        if graph is None:
+            if not self.settings.allow_build_at_runtime or self.builder is None:
+                known = ", ".join(str(list(map(list, k))) for k in self.graphs) or "none"
+                raise EngineNotBuiltError(
+                    f"no engine for input shapes {[list(s) for s in key]} (built: {known}) and "
+                    + (
+                        "allow_build_at_runtime is False"
+                        if not self.settings.allow_build_at_runtime
+                        else "the original Keras model is not available to build one"
+                    )
+                )
+            log.info("building an engine for input shapes %s", key)
+            graph = self.builder(key)
+            self.graphs[key] = graph
+        program = Program(graph, self.settings, self.device, self.keras)
+        self._programs[key] = program
+        self.graphs.move_to_end(key)
+        while len(self.graphs) > self.settings.maximum_cached_engines:
+            old, _ = self.graphs.popitem(last=False)
+            self._programs.pop(old, None)
+            log.info("evicted the engine for input shapes %s", old)
+        return program
+
+    @property
+    def engine_shapes(self) -> list[ShapeKey]:
+        return list(self.graphs)
+
+    def primary_graph(self) -> Graph:
+        return next(reversed(self.graphs.values()))
+
+    # -- inference -----------------------------------------------------------------------
+    def _prepare(self, args: tuple) -> tuple[list[torch.Tensor], bool, torch.device | None]:
+        if len(args) == 1 and isinstance(args[0], dict):
+            missing = [s.name for s in self.inputs if s.name not in args[0]]
+            if missing:
+                raise InputSignatureError(
+                    f"missing inputs {missing}; expected {[s.name for s in self.inputs]}"
+                )
+            args = tuple(args[0][s.name] for s in self.inputs)
+        elif len(args) == 1 and isinstance(args[0], (list, tuple)) and len(self.inputs) > 1:
+            args = tuple(args[0])
+        if len(args) != len(self.inputs):
+            raise InputSignatureError(
+                f"model {self.name!r} takes {len(self.inputs)} input(s), got {len(args)}"
+            )
+        as_torch = all(isinstance(a, torch.Tensor) for a in args)
+        out_device = args[0].device if as_torch and args else None
+        tensors = []
+        for spec, arg in zip(self.inputs, args):
+            tensors.append(self._check_input(spec, arg))
+        return tensors, as_torch, out_device
+
+    def _check_input(self, spec: TensorSpec, arg: Any) -> torch.Tensor:
+        if isinstance(arg, torch.Tensor):
+            tensor = arg
+        else:
+            try:
+                array = np.asarray(arg)
+            except Exception as exc:
+                raise InputSignatureError(f"input {spec.name!r} is not an array: {exc}") from None
+            if array.dtype == object:
+                raise InputSignatureError(f"input {spec.name!r} is not a numeric array")
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+        want = torch_dtype(spec.dtype)
+        if tensor.dim() != len(spec.shape):
+            raise InputSignatureError(
+                f"input {spec.name!r} must have rank {len(spec.shape)} (shape {_fmt(spec.shape)}), "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        for got, expected in zip(tensor.shape, spec.shape):
+            if expected is not None and got != expected:
+                raise InputSignatureError(
+                    f"input {spec.name!r} must have shape {_fmt(spec.shape)}, got {tuple(tensor.shape)}"
+                )
+        if tensor.dtype != want:
+            if tensor.dtype.is_floating_point != want.is_floating_point or (tensor.dtype == torch.bool) != (
+                want == torch.bool
+            ):
+                raise InputSignatureError(
+                    f"input {spec.name!r} must be {spec.dtype}, got {str(tensor.dtype).replace('torch.', '')}"
+                )
+            tensor = tensor.to(want)
+        return tensor.to(self.device)
+
+    def __call__(self, *args: Any) -> Any:
+        tensors, as_torch, out_device = self._prepare(args)
+        key = tuple(tuple(t.shape) for t in tensors)
+        with torch.inference_mode():
+            outputs = self.program(key)(tensors)
+        if as_torch:
+            outputs = [o.to(out_device) for o in outputs]
+        else:
+            outputs = [o.detach().cpu().numpy() for o in outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def predict(self, x: Any, batch_size: int | None = None) -> Any:
+        """Keras-style predict: numpy in and out, in batches of ``batch_size``.
+
+        The last partial batch is padded to ``batch_size`` (and the padding dropped), so one
+        static-shape engine serves the whole data set.
+        """
+        if batch_size is None:
+            return self(x)
+        xs = [np.asarray(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
+        n = len(xs[0])
+        parts = []
+        for i in range(0, n, batch_size):
+            chunk = [a[i : i + batch_size] for a in xs]
+            short = batch_size - len(chunk[0])
+            if short:
+                chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
+            result = self(*chunk)
+            result = result if isinstance(result, list) else [result]
+            parts.append([r[: batch_size - short] for r in result])
+        merged = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+        return merged[0] if len(merged) == 1 else merged
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
