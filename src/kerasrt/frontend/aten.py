@@ -178,6 +178,7 @@ class AtenLowering:
 
     # -- driver --------------------------------------------------------------------------
     def lower(self, gm: torch.fx.GraphModule, inputs: list[Value]) -> list[Value]:
+        gm.graph.eliminate_dead_code()  # e.g. unused pooling indices
         env: dict[torch.fx.Node, Any] = {}
         placeholders = iter(inputs)
         result: list[Value] = []
@@ -833,3 +834,36 @@ def _resize(c: AtenLowering, a: dict) -> Value:
     size = list(c.out_shape()[2:])
     align = a.get("align_corners") if mode != "nearest" else None
     return c.emit("resize", [x], size=size, mode=mode, align_corners=align)
+
+
+@lowers("celu")
+def _celu(c: AtenLowering, a: dict) -> Value:
+    """celu(x, alpha) = alpha * elu(x / alpha)."""
+    alpha = float(a.get("alpha", 1.0))
+    y = c.emit("elu", [_binary(c, "mul", a["input"], 1.0 / alpha)], alpha=1.0)
+    return _binary(c, "mul", y, alpha)
+
+
+@lowers("softshrink")
+def _softshrink(c: AtenLowering, a: dict) -> Value:
+    """softshrink(x, l) = x - clamp(x, -l, l)."""
+    lam = float(a.get("lambd", 0.5))
+    return c.emit("sub", [a["input"], c.emit("clamp", [a["input"]], min=-lam, max=lam)])
+
+
+@lowers("_safe_softmax")
+def _safe_softmax(c: AtenLowering, a: dict) -> Value:
+    """softmax that gives 0 (not NaN) on rows that are entirely -inf (fully masked)."""
+    x = a["input"]
+    y = c.emit("softmax", [x], dim=a["dim"] % len(x.shape))
+    return c.emit("where", [c.emit("isnan", [y]), c.scalar(0.0, y), y])
+
+
+@lowers("glu")
+def _glu(c: AtenLowering, a: dict) -> Value:
+    """glu(x) = first half * sigmoid(second half) along ``dim``."""
+    x = a["input"]
+    dim = a.get("dim", -1) % len(x.shape)
+    half = x.shape[dim] // 2
+    first, second = _split_at(c, x, dim, [half, half])
+    return c.emit("mul", [first, c.emit("sigmoid", [second])])
