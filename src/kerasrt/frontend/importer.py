@@ -110,19 +110,21 @@ class Importer:
         self.keep = set(keep_in_keras)
         self.progress = progress or (lambda _msg: None)
         self.graph = Graph()
-        self._constants: dict[tuple, Value] = {}
+        self._constants: dict[tuple, tuple[torch.Tensor, Value]] = {}
         self._var_names = ka.variable_names(model)
 
     # -- constants ------------------------------------------------------------------------
     def constant(self, tensor: torch.Tensor, hint: str) -> Value:
+        """The IR constant for ``tensor``; the same weight read twice (shared layers) is one value."""
         tensor = tensor.detach()
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.data_ptr() and key in self._constants:
-            return self._constants[key]
+            return self._constants[key][1]
         name = self._var_names.get(tensor.data_ptr(), hint) if tensor.numel() > 1 else hint
         value = self.graph.add_constant(name.replace("/", "."), tensor.clone())
         if tensor.data_ptr():
-            self._constants[key] = value
+            # keep ``tensor`` alive so its address cannot be reused by another tensor
+            self._constants[key] = (tensor, value)
         return value
 
     # -- the walk --------------------------------------------------------------------------
