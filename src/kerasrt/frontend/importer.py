@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from kerasrt.errors import ConversionError
@@ -24,6 +25,24 @@ from kerasrt.frontend.aten import AtenLowering, UnsupportedOp
 from kerasrt.ir.graph import Graph, Value, dtype_name, torch_dtype
 
 log = logging.getLogger(__name__)
+
+
+class _NoHostEscape(TorchFunctionMode):
+    """Refuse to trace code that reads tensor values on the host (``.numpy()``, ``bool(x)``,
+    ``.item()``...): a trace would silently bake the example input's values into constants.
+    """
+
+    _BANNED = frozenset({
+        torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__array__,
+        torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+    })
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in self._BANNED:
+            raise UnsupportedOp(
+                f"reads tensor values on the host ({getattr(func, '__name__', func)}), so it cannot be traced"
+            )
+        return func(*args, **(kwargs or {}))
 
 
 class _Traced:
@@ -184,7 +203,8 @@ class Importer:
             reason = "kept in Keras by request (keep_in_keras)"
         else:
             try:
-                gm = make_fx(torch.func.functionalize(fn, remove="mutations"))(*[t.example for t in inputs])
+                with _NoHostEscape():
+                    gm = make_fx(torch.func.functionalize(fn, remove="mutations"))(*[t.example for t in inputs])
                 examples = [t.detach() for t in gm(*[t.example for t in inputs])]
                 mark = len(self.graph.nodes)
                 lowering = AtenLowering(self.graph, path or op.name, self.constant)
