@@ -144,6 +144,7 @@ class OptimizedModel:
         program = self._programs.get(key)
         if program is not None:
             self._programs.move_to_end(key)
+            self.graphs.move_to_end(key)
             return program
         graph = self.graphs.get(key)
         if graph is None:
