@@ -19,6 +19,8 @@ def randomize_weights(model, seed: int = 0) -> None:
     * BatchNormalization: moving_mean ~ N(0, 0.1), moving_variance ~ U(0.5, 1.5),
       gamma ~ U(0.8, 1.2), beta ~ N(0, 0.1);
     * LayerNormalization / GroupNormalization: gamma ~ U(0.8, 1.2), beta ~ N(0, 0.1);
+    * ConvNeXt's LayerScale (initialized at 1e-6, which would hide its whole residual
+      branch under any tolerance): U(0.8, 1.2);
     * every other variable named ``bias``: N(0, 0.05).
     """
     import keras
@@ -37,10 +39,13 @@ def randomize_weights(model, seed: int = 0) -> None:
     )
     for layer in model._flatten_layers(include_self=False, recursive=True):
         is_norm = isinstance(layer, norms)
+        is_scale = type(layer).__name__ == "LayerScale"
         for var in layer._trainable_variables + layer._non_trainable_variables:
             name = var.path.split("/")[-1]
             if is_norm and name in draws:
                 value = draws[name](tuple(var.shape))
+            elif is_scale:
+                value = draws["gamma"](tuple(var.shape))
             elif name == "bias":
                 value = rng.normal(0.0, 0.05, tuple(var.shape))
             else:

@@ -79,6 +79,7 @@ def test_multiple_inputs_and_outputs() -> None:
         assert_close(g, np.asarray(ops.convert_to_numpy(expected[name])))
 
 
+@keras.saving.register_keras_serializable(package="kerasrt_tests")
 class Block(L.Layer):
     """A custom layer with its own weights and Python logic (no static graph)."""
 
@@ -154,6 +155,7 @@ def test_transformer_encoder() -> None:
     assert "attention" in {n.op for n in optimized.primary_graph().nodes}
 
 
+@keras.saving.register_keras_serializable(package="kerasrt_tests")
 class HostRoundTrip(L.Layer):
     """A layer that leaves the framework (numpy on the host): it cannot be traced."""
 

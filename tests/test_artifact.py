@@ -1,0 +1,116 @@
+"""Saved artifacts: JSON + safetensors, no pickle, same outputs in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+from kerasrt_testing import random_input, randomize
+from test_models import HostRoundTrip
+
+import kerasrt
+
+FRESH_PROCESS = """
+import pickle, sys, numpy as np, kerasrt
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("pickle used while loading")
+
+pickle.load = pickle.loads = pickle.Unpickler = forbidden  # loading must not unpickle anything
+model = kerasrt.load(sys.argv[1])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], model(x))
+"""
+
+
+def _model_with_fallback() -> keras.Model:
+    inp = keras.Input((6, 6, 3), name="image")
+    x = L.Conv2D(4, 3, activation="relu")(inp)
+    x = L.BatchNormalization()(x)
+    x = L.Reshape((16, 4))(x)
+    x = HostRoundTrip(name="host")(x)
+    x = L.Flatten()(x)
+    return randomize(keras.Model(inp, L.Dense(3)(L.Dense(8, activation="relu")(x))))
+
+
+def test_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
+    inp = keras.Input((6, 6, 3), name="image")
+    model = randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp)))))
+    conv = kerasrt.Converter(model, batch_size=2)
+    optimized = conv.convert()
+    path = conv.save(tmp_path / "art")
+    assert sorted(p.name for p in path.iterdir()) == ["keras_model.keras", "manifest.json", "weights.safetensors"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "kerasrt-artifact" and manifest["settings"]["minimum_segment_size"] == 3
+    assert {"kerasrt", "torch", "keras"} <= set(manifest["versions"])
+    x = random_input((2, 6, 6, 3))
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, env=env)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), optimized(x))
+
+
+def test_loading_runs_no_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = kerasrt.Converter(_model_with_fallback(), batch_size=2)
+    optimized = conv.convert()
+    path = conv.save(tmp_path / "art")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle used while loading")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    loaded = kerasrt.load(path)
+    x = random_input((2, 6, 6, 3))
+    np.testing.assert_array_equal(loaded(x), optimized(x))  # the fallback layer runs from keras_model.keras
+
+
+def test_fallback_model_matches_keras_after_load(tmp_path: Path) -> None:
+    model = _model_with_fallback()
+    conv = kerasrt.Converter(model, batch_size=2)
+    conv.convert()
+    loaded = kerasrt.load(conv.save(tmp_path / "art"))
+    x = random_input((2, 6, 6, 3))
+    expected = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+    np.testing.assert_allclose(loaded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_loaded_model_builds_new_shapes_and_save_overwrites(tmp_path: Path) -> None:
+    inp = keras.Input((5,))
+    model = randomize(keras.Model(inp, L.Dense(2)(inp)))
+    conv = kerasrt.Converter(model, batch_size=2)
+    conv.convert()
+    path = conv.save(tmp_path / "art")
+    loaded = kerasrt.load(path)
+    x = random_input((7, 5))
+    expected = np.asarray(keras.ops.convert_to_numpy(model(x)))
+    np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    assert loaded.engine_shapes == [((7, 5),)]
+    conv.save(path)  # replacing an existing artifact is allowed
+    assert kerasrt.load(path).engine_shapes == [((2, 5),)]
+    assert not [p for p in tmp_path.iterdir() if p.name != "art"]
+
+
+def test_weights_are_stored_once_across_engines(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    inp = keras.Input((5,))
+    model = randomize(keras.Model(inp, L.Dense(2)(inp)))
+    conv = kerasrt.Converter(model, batch_size=2, maximum_cached_engines=2)
+    optimized = conv.convert()
+    optimized(random_input((3, 5)))
+    path = conv.save(tmp_path / "art")
+    with safe_open(str(path / "weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert sorted(k for k in keys if "kernel" in k) == ["dense.kernel"] or len([k for k in keys if "kernel" in k]) == 1
+    assert len(kerasrt.load(path).engine_shapes) == 2
