@@ -47,15 +47,22 @@ def test_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     conv = kerasrt.Converter(model, batch_size=2)
     optimized = conv.convert()
     path = conv.save(tmp_path / "art")
-    assert sorted(p.name for p in path.iterdir()) == ["keras_model.keras", "manifest.json", "weights.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "keras_model.keras",
+        "manifest.json",
+        "weights.safetensors",
+    ]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "kerasrt-artifact" and manifest["settings"]["minimum_segment_size"] == 3
     assert {"kerasrt", "torch", "keras"} <= set(manifest["versions"])
     x = random_input((2, 6, 6, 3))
     np.save(tmp_path / "x.npy", x)
     env = {**os.environ, "KERAS_BACKEND": "torch"}
-    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        env=env,
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), optimized(x))
 
 
@@ -112,5 +119,8 @@ def test_weights_are_stored_once_across_engines(tmp_path: Path) -> None:
     path = conv.save(tmp_path / "art")
     with safe_open(str(path / "weights.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert sorted(k for k in keys if "kernel" in k) == ["dense.kernel"] or len([k for k in keys if "kernel" in k]) == 1
+    assert (
+        sorted(k for k in keys if "kernel" in k) == ["dense.kernel"]
+        or len([k for k in keys if "kernel" in k]) == 1
+    )
     assert len(kerasrt.load(path).engine_shapes) == 2

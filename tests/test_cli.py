@@ -69,8 +69,18 @@ def test_validate_detects_a_different_model(tmp_path: Path, model_file: Path, ca
 
 def test_input_shape_and_keep_in_keras_options(tmp_path: Path, model_file: Path, capsys) -> None:
     out = tmp_path / "tiny_krt"
-    args = ["convert", str(model_file), "-o", str(out), "--input-shape", "3,6,6,2", "--keep-in-keras", "conv",
-            "--minimum-segment-size", "1"]
+    args = [
+        "convert",
+        str(model_file),
+        "-o",
+        str(out),
+        "--input-shape",
+        "3,6,6,2",
+        "--keep-in-keras",
+        "conv",
+        "--minimum-segment-size",
+        "1",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "input shapes: [[3, 6, 6, 2]]" in text and "conv: kept in Keras" in text
@@ -115,5 +125,7 @@ def test_console_script_and_other_keras_backend(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
     kerasrt_bin = Path(sys.executable).with_name("kerasrt")
-    proc = subprocess.run([str(kerasrt_bin), "inspect", str(tmp_path / "missing")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(kerasrt_bin), "inspect", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "not a kerasrt artifact" in proc.stderr

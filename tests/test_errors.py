@@ -48,7 +48,9 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "corrupt", "not_a_model", "bad_h5", "zip_not_keras", "directory"])
+@pytest.mark.parametrize(
+    "case", ["missing", "truncated", "corrupt", "not_a_model", "bad_h5", "zip_not_keras", "directory"]
+)
 def test_bad_model_files(tmp_path: Path, case: str, capsys) -> None:
     path, message = _bad_files(tmp_path)[case]
     with pytest.raises(kerasrt.ModelLoadError, match=message):
@@ -148,14 +150,17 @@ def test_save_refuses_foreign_directory(tmp_path: Path, small_model: keras.Model
     assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
-    (lambda d: (d / "manifest.json").write_text("{not json"), "corrupt"),
-    (lambda d: (d / "manifest.json").write_text('{"format": "other"}'), "not a kerasrt artifact"),
-    (lambda d: (d / "weights.safetensors").write_bytes(b"\x00" * 10), "corrupt"),
-    (lambda d: (d / "weights.safetensors").unlink(), "has no weights.safetensors"),
-    (lambda d: shutil.rmtree(d), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("{not json"), "corrupt"),
+        (lambda d: (d / "manifest.json").write_text('{"format": "other"}'), "not a kerasrt artifact"),
+        (lambda d: (d / "weights.safetensors").write_bytes(b"\x00" * 10), "corrupt"),
+        (lambda d: (d / "weights.safetensors").unlink(), "has no weights.safetensors"),
+        (lambda d: shutil.rmtree(d), "does not exist"),
+    ],
+)
 def test_damaged_artifacts(tmp_path: Path, small_model: keras.Model, damage, message: str, capsys) -> None:
     conv = kerasrt.Converter(small_model)
     conv.convert()

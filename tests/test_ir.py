@@ -16,8 +16,12 @@ def small_graph() -> Graph:
     x = g.add_input("x", (2, 3, 8, 8), "float32")
     w = g.add_constant("w", torch.randn(4, 3, 3, 3))
     b = g.add_constant("b", torch.randn(4))
-    conv = g.add_node("conv", [x, w, b], {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
-                      layer="conv")
+    conv = g.add_node(
+        "conv",
+        [x, w, b],
+        {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+        layer="conv",
+    )
     relu = g.add_node("relu", conv.outputs, layer="conv")
     pooled = g.add_node("reduce_mean", relu.outputs, {"dims": [2, 3], "keepdim": False}, layer="gap")
     g.outputs = list(pooled.outputs)
@@ -36,10 +40,13 @@ def test_values_know_producer_and_users() -> None:
 
 def test_shape_inference_uses_the_reference_impl() -> None:
     x = Value("x", (1, 16, 9, 9), "float32")
-    (shape, dtype), = infer_types("max_pool", [x], {"kernel": [3, 3], "stride": [2, 2], "padding": [0, 0],
-                                                    "dilation": [1, 1], "ceil_mode": True})
+    ((shape, dtype),) = infer_types(
+        "max_pool",
+        [x],
+        {"kernel": [3, 3], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1], "ceil_mode": True},
+    )
     assert shape == (1, 16, 4, 4) and dtype == "float32"
-    (shape, dtype), = infer_types("lt", [x, Value("y", (), "float32")], {})
+    ((shape, dtype),) = infer_types("lt", [x, Value("y", (), "float32")], {})
     assert dtype == "bool"
 
 
@@ -74,7 +81,10 @@ def test_dump_is_readable() -> None:
     lines = text.splitlines()
     assert lines[0] == "graph(%x: f32[2,3,8,8]) -> (%reduce_mean)"
     assert "  @w: f32[4,3,3,3]" in lines
-    assert "  %conv: f32[2,4,8,8] = conv(%x, @w, @b) {stride=[1,1], padding=[1,1], dilation=[1,1], groups=1}  # conv" in lines
+    assert (
+        "  %conv: f32[2,4,8,8] = conv(%x, @w, @b) {stride=[1,1], padding=[1,1], dilation=[1,1], groups=1}  # conv"
+        in lines
+    )
 
 
 def test_json_round_trip_preserves_graph() -> None:

@@ -54,11 +54,34 @@ CASES: list[tuple[str, Callable[[], Any], tuple[int, ...]]] = [
     ("elu", lambda: L.ELU(alpha=0.7), (4, 6)),
     ("prelu", lambda: L.PReLU(), (4, 6)),
     ("softmax", lambda: L.Softmax(axis=1), (4, 6)),
-    *[(f"act_{a}", (lambda a=a: L.Activation(a)), (3, 7)) for a in [
-        "sigmoid", "tanh", "swish", "silu", "gelu", "softplus", "softsign", "selu", "elu", "exponential",
-        "hard_sigmoid", "hard_swish", "mish", "relu6", "log_softmax", "linear", "leaky_relu", "celu",
-        "hard_tanh", "log_sigmoid", "sparse_plus", "soft_shrink", "tanh_shrink",
-    ]],
+    *[
+        (f"act_{a}", (lambda a=a: L.Activation(a)), (3, 7))
+        for a in [
+            "sigmoid",
+            "tanh",
+            "swish",
+            "silu",
+            "gelu",
+            "softplus",
+            "softsign",
+            "selu",
+            "elu",
+            "exponential",
+            "hard_sigmoid",
+            "hard_swish",
+            "mish",
+            "relu6",
+            "log_softmax",
+            "linear",
+            "leaky_relu",
+            "celu",
+            "hard_tanh",
+            "log_sigmoid",
+            "sparse_plus",
+            "soft_shrink",
+            "tanh_shrink",
+        ]
+    ],
     ("act_glu", lambda: L.Activation("glu"), (3, 8)),
     ("maxpool2d", lambda: L.MaxPooling2D(2), (8, 8, 3)),
     ("maxpool2d_same_stride", lambda: L.MaxPooling2D(3, strides=2, padding="same"), (9, 9, 3)),
@@ -102,9 +125,15 @@ def test_layer_matches_keras(make_layer: Callable[[], Any], shape: tuple[int, ..
 
 
 MERGES = [
-    ("add", L.Add), ("subtract", L.Subtract), ("multiply", L.Multiply), ("average", L.Average),
-    ("maximum", L.Maximum), ("minimum", L.Minimum), ("concat", lambda: L.Concatenate(axis=-1)),
-    ("concat_axis1", lambda: L.Concatenate(axis=1)), ("dot", lambda: L.Dot(axes=-1)),
+    ("add", L.Add),
+    ("subtract", L.Subtract),
+    ("multiply", L.Multiply),
+    ("average", L.Average),
+    ("maximum", L.Maximum),
+    ("minimum", L.Minimum),
+    ("concat", lambda: L.Concatenate(axis=-1)),
+    ("concat_axis1", lambda: L.Concatenate(axis=1)),
+    ("dot", lambda: L.Dot(axes=-1)),
 ]
 
 

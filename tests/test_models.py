@@ -8,20 +8,29 @@ import numpy as np
 import pytest
 from keras import layers as L
 from keras import ops
-from kerasrt_testing import assert_close, convert_and_check, fallbacks, keras_reference, random_input, randomize
+from kerasrt_testing import (
+    assert_close,
+    convert_and_check,
+    fallbacks,
+    keras_reference,
+    random_input,
+    randomize,
+)
 
 import kerasrt
 
 
 def test_sequential_cnn() -> None:
-    model = keras.Sequential([
-        keras.Input((12, 12, 3)),
-        L.Conv2D(8, 3, activation="relu"),
-        L.BatchNormalization(),
-        L.MaxPooling2D(),
-        L.Flatten(),
-        L.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            L.Conv2D(8, 3, activation="relu"),
+            L.BatchNormalization(),
+            L.MaxPooling2D(),
+            L.Flatten(),
+            L.Dense(10),
+        ]
+    )
     convert_and_check(randomize(model), [random_input((3, 12, 12, 3))])
 
 
@@ -47,7 +56,9 @@ def test_nested_models_and_shared_layers() -> None:
     ya = shared(inner(a))
     yb = shared(inner(b))
     model = keras.Model([a, b], L.Add()([ya, yb]))
-    optimized = convert_and_check(randomize(model), [random_input((2, 8), seed=1), random_input((2, 8), seed=2)])
+    optimized = convert_and_check(
+        randomize(model), [random_input((2, 8), seed=1), random_input((2, 8), seed=2)]
+    )
     graph = optimized.primary_graph()
     assert {"inner/inner_dense", "shared"} <= {n.layer for n in graph.nodes}
     # the shared layer's weights are one constant, read by both calls
@@ -187,8 +198,9 @@ def test_keep_in_keras_forces_fallback() -> None:
     x = L.Dense(6, name="first")(inp)
     x = L.Dense(6, name="middle")(x)
     model = randomize(keras.Model(inp, L.Dense(2, name="last")(x)))
-    optimized = convert_and_check(model, [random_input((2, 6))], allow_fallback=True, keep_in_keras=["middle"],
-                                  minimum_segment_size=1)
+    optimized = convert_and_check(
+        model, [random_input((2, 6))], allow_fallback=True, keep_in_keras=["middle"], minimum_segment_size=1
+    )
     (node,) = fallbacks(optimized)
     assert node.layer == "middle" and "keep_in_keras" in node.attrs["reason"]
 
@@ -225,3 +237,13 @@ def test_torch_in_torch_out_and_numpy_in_numpy_out() -> None:
     out = optimized(torch.from_numpy(x))
     assert isinstance(out, torch.Tensor)
     assert_close(out.numpy(), optimized(x), rtol=0, atol=0)
+
+
+def test_traced_subclassed_model_names_its_sublayers() -> None:
+    model = Subclassed(name="sub")
+    x = random_input((2, 8, 8, 3))
+    model(x)
+    optimized = convert_and_check(randomize(model), [x])
+    layers = {n.layer for n in optimized.primary_graph().nodes}
+    conv = model.conv.name
+    assert {f"sub/{conv}", f"sub/{model.bn.name}", f"sub/{model.block.name}"} <= layers

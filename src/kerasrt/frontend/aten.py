@@ -164,7 +164,12 @@ class AtenLowering:
             from kerasrt.ir.ops import run_reference
 
             return self.constant(run_reference(op, [v.data for v in inputs], attrs))
-        return self.graph.add_node(op, inputs, attrs, layer=self.layer).outputs[0]
+        return self.graph.add_node(op, inputs, attrs, layer=self._layer_of(self.fx_node)).outputs[0]
+
+    def _layer_of(self, node: torch.fx.Node | None) -> str:
+        """The Keras layer path of a traced node: the traced layer, plus its sublayer if known."""
+        sub = (node.meta.get("custom") or {}).get("keras_layer") if node is not None else None
+        return f"{self.layer}/{sub}" if sub else self.layer
 
     def scalar(self, value: float | int | bool, like: Value) -> Value:
         """A 0-d constant that combines with ``like`` as PyTorch's wrapped scalars do."""

@@ -32,10 +32,18 @@ class _NoHostEscape(TorchFunctionMode):
     ``.item()``...): a trace would silently bake the example input's values into constants.
     """
 
-    _BANNED = frozenset({
-        torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__array__,
-        torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
-    })
+    _BANNED = frozenset(
+        {
+            torch.Tensor.numpy,
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.__array__,
+            torch.Tensor.__bool__,
+            torch.Tensor.__int__,
+            torch.Tensor.__float__,
+            torch.Tensor.__index__,
+        }
+    )
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func in self._BANNED:
@@ -203,8 +211,10 @@ class Importer:
             reason = "kept in Keras by request (keep_in_keras)"
         else:
             try:
-                with _NoHostEscape():
-                    gm = make_fx(torch.func.functionalize(fn, remove="mutations"))(*[t.example for t in inputs])
+                with _NoHostEscape(), ka.tag_sublayers(op):
+                    gm = make_fx(torch.func.functionalize(fn, remove="mutations"))(
+                        *[t.example for t in inputs]
+                    )
                 examples = [t.detach() for t in gm(*[t.example for t in inputs])]
                 mark = len(self.graph.nodes)
                 lowering = AtenLowering(self.graph, path or op.name, self.constant)

@@ -6,9 +6,10 @@ operations by path, and calls a single operation in inference mode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,47 @@ def variable_names(model: Any) -> dict[int, str]:
 
 def layer_class_name(op: Any) -> str:
     return type(op).__name__
+
+
+SUBLAYER_META = "keras_layer"
+
+
+@contextlib.contextmanager
+def tag_sublayers(op: Any) -> Iterator[None]:
+    """While tracing ``op``, label traced nodes with the sublayer ("block/dense") that made them.
+
+    Each sublayer's ``call`` is wrapped (on the instance, undone afterwards) to set
+    ``node.meta["custom"][SUBLAYER_META]`` through torch.fx's preserved node metadata.
+    """
+    import torch.fx.traceback as fx_traceback
+
+    wrapped: list[Any] = []
+
+    def wrap(layer: Any, path: str) -> None:
+        original = layer.call
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            meta = fx_traceback.current_meta
+            previous = meta.get("custom")
+            meta["custom"] = {SUBLAYER_META: path}
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if previous is None:
+                    meta.pop("custom", None)
+                else:
+                    meta["custom"] = previous
+
+        layer.call = call
+        wrapped.append(layer)
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            wrap(child, f"{path}/{child.name}")
+
+    for child in getattr(op, "_flatten_layers", lambda **_: [])(include_self=False, recursive=False):
+        wrap(child, child.name)
+    try:
+        with fx_traceback.preserve_node_meta():
+            yield
+    finally:
+        for layer in wrapped:
+            vars(layer).pop("call", None)
