@@ -31,14 +31,14 @@ def randomize(model: Any, seed: int = 0) -> Any:
             for var in layer.weights:
                 shape = tuple(var.shape)
                 name = var.path.split("/")[-1]
-                value = {
-                    "gamma": lambda: rng.uniform(0.8, 1.2, shape),
-                    "beta": lambda: rng.normal(0, 0.1, shape),
-                    "moving_mean": lambda: rng.normal(0, 0.1, shape),
-                    "moving_variance": lambda: rng.uniform(0.5, 1.5, shape),
+                draw = {
+                    "gamma": lambda s: rng.uniform(0.8, 1.2, s),
+                    "beta": lambda s: rng.normal(0, 0.1, s),
+                    "moving_mean": lambda s: rng.normal(0, 0.1, s),
+                    "moving_variance": lambda s: rng.uniform(0.5, 1.5, s),
                 }.get(name)
-                if value is not None:
-                    var.assign(value().astype("float32"))
+                if draw is not None:
+                    var.assign(draw(shape).astype("float32"))
         else:
             for var in layer.weights:
                 if var.path.split("/")[-1] == "bias":

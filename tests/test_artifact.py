@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 from keras import layers as L
-from kerasrt_testing import random_input, randomize
-from test_models import HostRoundTrip
 
 import kerasrt
+from kerasrt_testing import random_input, randomize
+from test_models import HostRoundTrip
 
 FRESH_PROCESS = """
 import pickle, sys, numpy as np, kerasrt

@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 from keras import layers as L
-from kerasrt_testing import randomize
 
 from kerasrt.cli import main
 from kerasrt.demo import MODEL_PATH
+from kerasrt_testing import randomize
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import pytest
 from keras import layers as L
-from kerasrt_testing import random_input, randomize
 
 import kerasrt
 from kerasrt.cli import main
 from kerasrt.demo import MODEL_PATH
+from kerasrt_testing import random_input, randomize
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_bad_settings(small_model: keras.Model, kwargs: dict, message: str) -> N
 def test_not_a_model() -> None:
     with pytest.raises(kerasrt.ModelLoadError, match="is a layer, not a model"):
         kerasrt.Converter(L.Dense(3))
-    with pytest.raises(kerasrt.ModelLoadError, match="expected a keras.Model"):
+    with pytest.raises(kerasrt.ModelLoadError, match=r"expected a keras\.Model"):
         kerasrt.Converter(42)
 
 

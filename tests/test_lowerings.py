@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 import pytest
+
 from kerasrt_testing import convert_and_check, random_input, randomize
 
 L = keras.layers

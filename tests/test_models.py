@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from keras import layers as L
 from keras import ops
+
+import kerasrt
 from kerasrt_testing import (
     assert_close,
     convert_and_check,
@@ -16,8 +18,6 @@ from kerasrt_testing import (
     random_input,
     randomize,
 )
-
-import kerasrt
 
 
 def test_sequential_cnn() -> None:
