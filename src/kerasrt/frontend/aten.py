@@ -884,3 +884,19 @@ def _glu(c: AtenLowering, a: dict) -> Value:
     half = x.shape[dim] // 2
     first, second = _split_at(c, x, dim, [half, half])
     return c.emit("mul", [first, c.emit("sigmoid", [second])])
+
+
+@lowers("_fused_rms_norm", "rms_norm")
+def _rms_norm(c: AtenLowering, a: dict) -> Any:
+    """rms_norm(x) = x * rsqrt(mean(x^2 over normalized dims) + eps) * weight."""
+    x = a["input"]
+    dims = list(range(len(x.shape) - len(a["normalized_shape"]), len(x.shape)))
+    eps = a.get("eps")
+    if eps is None:
+        eps = float(torch.finfo(_torch(x)).eps)
+    mean_sq = c.emit("reduce_mean", [c.emit("mul", [x, x])], dims=dims, keepdim=True)
+    rstd = c.emit("rsqrt", [_binary(c, "add", mean_sq, float(eps))])
+    y = c.emit("mul", [x, rstd])
+    if a.get("weight") is not None:
+        y = c.emit("mul", [y, a["weight"]])
+    return [y, rstd] if "fused" in c.fx_node.target._schema.name else y

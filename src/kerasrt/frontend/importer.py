@@ -148,7 +148,7 @@ class Importer:
         if tensor.data_ptr() and key in self._constants:
             return self._constants[key][1]
         name = self._var_names.get(tensor.data_ptr(), hint) if tensor.numel() > 1 else hint
-        value = self.graph.add_constant(name.replace("/", "."), tensor.clone())
+        value = self.graph.add_constant(name.replace("/", "."), tensor.to("cpu", copy=True))
         if tensor.data_ptr():
             # keep ``tensor`` alive so its address cannot be reused by another tensor
             self._constants[key] = (tensor, value)
@@ -160,7 +160,8 @@ class Importer:
         traced = []
         for spec in specs:
             value = self.graph.add_input(spec.name, spec.shape, spec.dtype)
-            traced.append(_Traced(value, example_tensor(spec.shape, spec.dtype, gen)))
+            example = example_tensor(spec.shape, spec.dtype, gen).to(ka.weights_device(self.model))
+            traced.append(_Traced(value, example))
         with torch.no_grad():
             outputs = self._run_model(self.model, traced, prefix="")
         self.graph.outputs = [t.value for t in outputs]

@@ -180,6 +180,17 @@ def variable_names(model: Any) -> dict[int, str]:
     return names
 
 
+def weights_device(model: Any) -> Any:
+    """The torch device holding the model's weights (Keras's default device if it has none)."""
+    for variable in model.weights:
+        device = getattr(getattr(variable, "value", None), "device", None)
+        if device is not None:
+            return device
+    from keras.src.backend.torch.core import get_device
+
+    return get_device()
+
+
 def layer_class_name(op: Any) -> str:
     return type(op).__name__
 
