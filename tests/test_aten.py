@@ -122,5 +122,5 @@ def test_aten_lowering_matches_eager(
 def test_unknown_op_is_refused_with_its_name() -> None:
     from kerasrt.frontend.aten import UnsupportedOp
 
-    with pytest.raises(UnsupportedOp, match="aten._fft_r2c"):
+    with pytest.raises(UnsupportedOp, match=r"aten\._fft_r2c"):
         lower(lambda x: torch.fft.rfft(x).abs(), x3)
