@@ -18,7 +18,7 @@ from rich.console import Console
 
 from kerasrt.errors import KerasRTError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
