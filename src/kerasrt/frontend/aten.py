@@ -148,15 +148,7 @@ class AtenLowering:
 
     # -- helpers used by the lowering table ------------------------------------------------
     def constant(self, tensor: torch.Tensor) -> Value:
-        hint = f"{self.layer}.const"
-        count = len(self.graph.constants)
-        value = self._constant(tensor, hint)
-        if len(self.graph.constants) == count and not _same_tensor(value.data, tensor):
-            # A reused constant must hold the same numbers. A cache keyed by data address
-            # can answer for a freed temporary (a folded weight, a scalar) whose address
-            # the allocator has since handed to this tensor: keep this one separately.
-            value = self.graph.add_constant(hint, tensor.detach().clone())
-        return value
+        return self._constant(tensor, f"{self.layer}.const")
 
     def emit(self, op: str, inputs: list[Value], **attrs: Any) -> Value:
         """Add an IR node, or fold it into a constant when every input is a constant."""
@@ -274,10 +266,6 @@ class AtenLowering:
                     f"lowering of {self.fx_node.target} gave {value.type_str()}, "
                     f"expected {tuple(expected.shape)} {expected.dtype}"
                 )
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach())
 
 
 def _torch(value: Value) -> torch.dtype:

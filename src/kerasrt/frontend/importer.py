@@ -144,7 +144,7 @@ class Importer:
     def constant(self, tensor: torch.Tensor, hint: str) -> Value:
         """The IR constant for ``tensor``; the same weight read twice (shared layers) is one value."""
         tensor = tensor.detach()
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.data_ptr() and key in self._constants:
             return self._constants[key][1]
         name = self._var_names.get(tensor.data_ptr(), hint) if tensor.numel() > 1 else hint
