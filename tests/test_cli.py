@@ -124,6 +124,22 @@ def test_console_script_and_other_keras_backend(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+    # a fallback layer runs on the caller's backend (JAX) at inference
+    script = (
+        "import sys; sys.path.insert(0, " + repr(str(Path(__file__).parent)) + ")\n"
+        "import numpy as np, keras, kerasrt\n"
+        "from test_models import HostRoundTrip\n"
+        "inp = keras.Input((6,))\n"
+        "x = keras.layers.Dense(6)(inp)\n"
+        "model = keras.Model(inp, keras.layers.Dense(2)(HostRoundTrip(name='host')(x)))\n"
+        "m = kerasrt.Converter(model, batch_size=3).convert()\n"
+        "assert [n.layer for n in m.primary_graph().nodes if n.op == 'keras_layer'] == ['host']\n"
+        "x = np.random.default_rng(0).standard_normal((3, 6)).astype('float32')\n"
+        "assert np.abs(m(x) - np.asarray(model(x))).max() < 1e-5, 'mismatch'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     kerasrt_bin = Path(sys.executable).with_name("kerasrt")
     proc = subprocess.run(
         [str(kerasrt_bin), "inspect", str(tmp_path / "missing")], capture_output=True, text=True

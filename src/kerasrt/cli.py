@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from kerasrt.errors import KerasRTError
+from kerasrt.settings import ConversionSettings
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -204,8 +205,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_conversion_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="FP32", help="engine precision (this version: FP32)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the first engine (default 1)")
+    d = ConversionSettings()  # the CLI and the Python API share one set of defaults
+    p.add_argument(
+        "--precision", default=d.precision_mode, help=f"engine precision (default {d.precision_mode})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"batch size of the first engine (default {d.batch_size})",
+    )
     p.add_argument(
         "--input-shape",
         type=_shape,
@@ -215,14 +224,14 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--minimum-segment-size",
         type=int,
-        default=3,
-        help="smallest op run put into an engine (default 3, as in TF-TRT)",
+        default=d.minimum_segment_size,
+        help=f"smallest op run put into an engine (default {d.minimum_segment_size}, as in TF-TRT)",
     )
     p.add_argument(
         "--maximum-cached-engines",
         type=int,
-        default=1,
-        help="engines (input shapes) kept at once, least recently used evicted (default 1)",
+        default=d.maximum_cached_engines,
+        help=f"engines (input shapes) kept at once, least recently used evicted (default {d.maximum_cached_engines})",
     )
     p.add_argument(
         "--no-build-at-runtime",

@@ -45,8 +45,11 @@ def _import_in_subprocess(keras: KerasSource, specs: Sequence[InputSpec], keep: 
         if model_path is None or Path(model_path).suffix.lower() != ".keras":
             model_path = os.path.join(tmp, "model.keras")
             ka.save_model(keras.get(), Path(model_path))
+        classes = ka.custom_classes(keras.get())
         request = {
             "model": str(model_path),
+            "classes": classes,
+            "sys_path": [p for p in sys.path if p],
             "specs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
             "keep": list(keep),
             "out": tmp,

@@ -180,6 +180,41 @@ def variable_names(model: Any) -> dict[int, str]:
     return names
 
 
+def custom_classes(model: Any) -> list[tuple[str, str, str]]:
+    """(module, qualified name, registered name) of every non-Keras class in ``model``.
+
+    Lets a child process import the same classes to load the model file.
+    """
+    found: dict[type, None] = {}
+    for layer in [model, *model._flatten_layers(include_self=False)]:
+        cls = type(layer)
+        if not cls.__module__.startswith("keras"):
+            found[cls] = None
+    keras = keras_module()
+    return [
+        (cls.__module__, cls.__qualname__, keras.saving.get_registered_name(cls))
+        for cls in found
+        if "<locals>" not in cls.__qualname__
+    ]
+
+
+def import_classes(specs: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """custom_objects for the classes named by ``custom_classes`` (importing their modules)."""
+    import importlib
+
+    objects: dict[str, Any] = {}
+    for module_name, qualname, registered in specs:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            continue  # loading will then name the missing class
+        objects[registered] = obj
+        objects[qualname.split(".")[-1]] = obj
+    return objects
+
+
 def weights_device(model: Any) -> Any:
     """The torch device holding the model's weights (Keras's default device if it has none)."""
     for variable in model.weights:

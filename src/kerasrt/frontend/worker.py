@@ -23,8 +23,9 @@ def main(request_path: str) -> int:
 
     with open(request_path) as fh:
         request = json.load(fh)
+    sys.path[:0] = [p for p in request.get("sys_path", []) if p not in sys.path]
     try:
-        model = ka.load_model(request["model"])
+        model = ka.load_model(request["model"], ka.import_classes(request.get("classes", [])))
         specs = [InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in request["specs"]]
         graph = import_model(model, specs, request.get("keep", []))
     except KerasRTError as exc:
