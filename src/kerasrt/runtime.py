@@ -83,8 +83,12 @@ class Program:
         out_positions = [node.outputs.index(v) for v in seg.outputs]
         device = self.device
 
+        resolved: list[Any] = []  # the Keras operation, looked up on first use
+
         def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
-            op = ka.find_operation(self.keras.get(), attrs["layer"])
+            if not resolved:
+                resolved.append(ka.find_operation(self.keras.get(), attrs["layer"]))
+            op = resolved[0]
             native = ka.backend_name() == "torch"
             leaves = [
                 (tensors[leaf["input"]] if native else tensors[leaf["input"]].cpu().numpy())
