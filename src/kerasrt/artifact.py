@@ -150,7 +150,7 @@ def load(
         if keras.path is None:
             raise ArtifactError(f"{root} has no {KERAS_MODEL} to build an engine for new shapes from")
         specs = [InputSpec(s.name, tuple(shape), s.dtype) for s, shape in zip(inputs, shapes)]
-        return build_graph(keras, specs, settings.keep_in_keras)
+        return build_graph(keras, specs, settings)
 
     return OptimizedModel(
         graphs,

@@ -17,6 +17,7 @@ from kerasrt.frontend import keras_adapter as ka
 from kerasrt.frontend.importer import InputSpec, import_model, resolve_input_specs
 from kerasrt.ir.graph import Graph
 from kerasrt.ir.graph import verify as verify_graph
+from kerasrt.passes import optimize
 from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec
 from kerasrt.settings import ConversionSettings
 
@@ -24,13 +25,28 @@ Progress = Callable[[str], None]
 
 
 def build_graph(
-    keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str], progress: Progress | None = None
+    keras: KerasSource,
+    specs: Sequence[InputSpec],
+    settings: ConversionSettings,
+    progress: Progress | None = None,
 ) -> Graph:
-    """Import the model at ``specs``: in this process on the torch backend, else in a child."""
+    """Import the model at ``specs`` (in this process on the torch backend, else in a child),
+    then optimize it at ``settings.optimization_level``."""
+    keep = settings.keep_in_keras
     if ka.backend_name() == "torch":
         graph = import_model(keras.get(), specs, keep, progress)
     else:
         graph = _import_in_subprocess(keras, specs, keep)
+    verify_graph(graph)
+    if progress is not None:
+        progress("optimizing")
+    result = optimize(graph, settings.optimization_level)
+    graph.meta["optimization"] = {
+        "level": settings.optimization_level,
+        "nodes_before": result.nodes_before,
+        "nodes_after": result.nodes_after,
+        "rules": dict(sorted(result.counts.items())),
+    }
     verify_graph(graph)
     return graph
 
@@ -96,6 +112,7 @@ class Converter:
         input_shapes: Sequence[Sequence[int]] | None = None,
         batch_size: int = 1,
         keep_in_keras: Iterable[str] = (),
+        optimization_level: int = 2,
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -109,6 +126,7 @@ class Converter:
             batch_size=batch_size,
             input_shapes=tuple(tuple(s) for s in input_shapes) if input_shapes is not None else None,
             keep_in_keras=tuple(keep_in_keras),
+            optimization_level=optimization_level,
         )
         self.device = device
         self.progress = progress
@@ -124,7 +142,7 @@ class Converter:
             raise ConversionError("calibration_input_fn is for INT8, which this version does not build")
         model = self.keras.get()
         specs = resolve_input_specs(model, self.settings.input_shapes, self.settings.batch_size)
-        graph = build_graph(self.keras, specs, self.settings.keep_in_keras, self.progress)
+        graph = build_graph(self.keras, specs, self.settings, self.progress)
         declared = ka.input_specs(model)
         inputs = [
             TensorSpec(s.name, tuple(declared[i][0]) if declared else (None,) + tuple(s.shape[1:]), s.dtype)
@@ -135,7 +153,7 @@ class Converter:
 
         def builder(shapes: ShapeKey) -> Graph:
             new = [InputSpec(n, tuple(shape), names[n].dtype) for n, shape in zip(names, shapes)]
-            return build_graph(self.keras, new, self.settings.keep_in_keras)
+            return build_graph(self.keras, new, self.settings)
 
         self._optimized = OptimizedModel(
             {key: graph},

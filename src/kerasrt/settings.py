@@ -26,6 +26,7 @@ class ConversionSettings:
     batch_size: int = 1
     input_shapes: tuple[tuple[int, ...], ...] | None = None
     keep_in_keras: tuple[str, ...] = field(default_factory=tuple)
+    optimization_level: int = 2
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -39,6 +40,8 @@ class ConversionSettings:
             raise ConversionError("minimum_segment_size must be >= 1")
         if self.maximum_cached_engines < 1:
             raise ConversionError("maximum_cached_engines must be >= 1")
+        if self.optimization_level not in (0, 1, 2):
+            raise ConversionError(f"optimization_level must be 0, 1 or 2, got {self.optimization_level}")
         if self.batch_size < 1:
             raise ConversionError("batch_size must be >= 1")
         if self.input_shapes is not None:

@@ -96,6 +96,7 @@ class Graph:
         self.outputs: list[Value] = []
         self.nodes: list[Node] = []
         self.constants: dict[str, Value] = {}
+        self.meta: dict[str, Any] = {}  # JSON-safe notes, e.g. what the optimizer did
         self._names: set[str] = set()
         self._counter = itertools.count()
 
@@ -129,8 +130,10 @@ class Graph:
         layer: str = "",
         output_types: Sequence[tuple[Sequence[int], str]] | None = None,
         name: str | None = None,
+        before: Node | None = None,
     ) -> Node:
-        """Append a node; output shapes/dtypes are inferred from the op unless given."""
+        """Add a node (at the end, or just before ``before``); output types are inferred
+        from the op unless given."""
         from kerasrt.ir.ops import infer_types
 
         attrs = dict(attrs or {})
@@ -144,7 +147,10 @@ class Graph:
             node.outputs.append(out)
         for value in node.inputs:
             value.users.append(node)
-        self.nodes.append(node)
+        if before is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self.nodes.index(before), node)
         return node
 
     # -- queries and edits --------------------------------------------------------------
@@ -169,6 +175,16 @@ class Graph:
         self.nodes = kept[::-1]
         self.constants = {k: v for k, v in self.constants.items() if v.users or id(v) in live}
         return removed
+
+    def set_input(self, node: Node, index: int, value: Value) -> None:
+        """Make input ``index`` of ``node`` read ``value``.
+
+        ``users`` lists hold a node once per read, so each edit moves exactly one entry.
+        """
+        old = node.inputs[index]
+        node.inputs[index] = value
+        old.users.remove(node)
+        value.users.append(node)
 
     def replace_uses(self, old: Value, new: Value) -> None:
         """Make every user of ``old`` (and the graph outputs) read ``new`` instead."""

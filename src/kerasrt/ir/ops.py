@@ -382,3 +382,76 @@ def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[t
 def run_reference(op: str, inputs: Sequence[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
     """Evaluate one op with its reference implementation."""
     return OPS[op].impl(*inputs, **attrs)
+
+
+# -- fused ops (made by the optimizer, see kerasrt.passes.fusion) --------------------------------
+EPILOGUE_ACTIVATIONS = (
+    "relu",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "gelu",
+    "hardswish",
+    "hardsigmoid",
+    "clamp",
+    "leaky_relu",
+    "elu",
+    "softplus",
+)
+"""Activations the fused ops apply in their epilogue (an IR op name plus its attributes)."""
+
+
+def _epilogue(
+    y: torch.Tensor, residual: torch.Tensor | None, activation: str | None, activation_attrs: dict | None
+) -> torch.Tensor:
+    if residual is not None:
+        y = y + residual
+    if activation is not None:
+        y = OPS[activation].impl(y, **(activation_attrs or {}))
+    return y
+
+
+@_register(
+    "conv_fused",
+    ("stride", "padding", "dilation", "groups", "has_bias", "has_residual", "activation", "activation_attrs"),
+    "conv",
+)
+def conv_fused(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *rest: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int = 1,
+    has_bias: bool = True,
+    has_residual: bool = False,
+    activation: str | None = None,
+    activation_attrs: dict | None = None,
+) -> torch.Tensor:
+    """act(conv(x, w) + b + residual): conv with its bias, residual add and activation."""
+    b = rest[0] if has_bias else None
+    residual = rest[int(has_bias)] if has_residual else None
+    y = conv(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _epilogue(y, residual, activation, activation_attrs)
+
+
+@_register("linear", ("has_bias", "has_residual", "activation", "activation_attrs"), "matmul")
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *rest: torch.Tensor,
+    has_bias: bool = True,
+    has_residual: bool = False,
+    activation: str | None = None,
+    activation_attrs: dict | None = None,
+) -> torch.Tensor:
+    """act(x @ w + b + residual) with w of shape (in, out)."""
+    b = rest[0] if has_bias else None
+    residual = rest[int(has_bias)] if has_residual else None
+    y = (
+        torch.matmul(x, w)
+        if b is None
+        else torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+    )
+    return _epilogue(y, residual, activation, activation_attrs)

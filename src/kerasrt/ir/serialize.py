@@ -19,6 +19,7 @@ def graph_to_json(graph: Graph) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     data = {
         "inputs": [_type(v) for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
+        "meta": graph.meta,
         "constants": [_type(v) for v in graph.constants.values()],
         "nodes": [
             {
@@ -66,6 +67,7 @@ def graph_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> G
                 value.users.append(node)
             graph.nodes.append(node)
         graph.outputs = [values[name] for name in data["outputs"]]
+        graph.meta = dict(data.get("meta", {}))
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"the stored graph is malformed ({type(exc).__name__}: {exc})") from None
     return graph

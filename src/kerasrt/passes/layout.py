@@ -1,0 +1,122 @@
+"""Layout clean-up: move permutes past layout-agnostic ops until inverse pairs meet.
+
+Keras is channels-last and the IR's conv is channels-first, so the frontend wraps each conv
+in NHWC->NCHW and NCHW->NHWC permutes. Pushing every permute towards the outputs through
+elementwise ops, reductions, softmax, concat and pad makes consecutive convs meet their
+permutes back to back, and ``merge_permutes`` cancels them.
+"""
+
+from __future__ import annotations
+
+from kerasrt.ir.graph import Graph, Node, Value
+from kerasrt.ir.ops import OPS
+from kerasrt.passes.base import Pass, emit, replace, rule
+
+
+def _inverse(p: list[int]) -> list[int]:
+    inv = [0] * len(p)
+    for i, d in enumerate(p):
+        inv[d] = i
+    return inv
+
+
+def _permuted(value: Value) -> list[int] | None:
+    node = value.producer
+    return node.attrs["dims"] if node is not None and node.op == "permute" else None
+
+
+def _permute_constant(graph: Graph, value: Value, p: list[int]) -> Value:
+    """c' with permute(c', p) == c (after broadcasting c to rank len(p))."""
+    data = value.data.reshape((1,) * (len(p) - value.data.dim()) + tuple(value.data.shape))
+    if data.numel() == 1:
+        return value
+    return graph.add_constant(value.name + ".t", data.permute(_inverse(p)).contiguous())
+
+
+@rule("sink_permute_elementwise")
+def sink_elementwise(graph: Graph, node: Node) -> bool | str:
+    """f(permute(a, p), c) = permute(f(a, c'), p) for elementwise f (c': c permuted back)."""
+    if OPS[node.op].category != "elementwise":
+        return "not elementwise"
+    rank = len(node.outputs[0].shape)
+    perm = None
+    for value in node.inputs:
+        if value.is_constant:
+            if value.data.dim() > rank:
+                return "constant of higher rank"
+            continue
+        p = _permuted(value)
+        if p is None or len(value.shape) != rank:
+            return f"input {value.name} is not permuted"
+        if perm is not None and p != perm:
+            return "inputs are permuted differently"
+        perm = p
+    if perm is None:
+        return "no permuted input"
+    inputs = [
+        _permute_constant(graph, v, perm) if v.is_constant else v.producer.inputs[0] for v in node.inputs
+    ]
+    inner = emit(graph, node, node.op, inputs, **node.attrs)
+    return replace(graph, node, emit(graph, node, "permute", [inner], dims=perm))
+
+
+@rule("sink_permute_reduce", "reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_var")
+def sink_reduce(graph: Graph, node: Node) -> bool | str:
+    """reduce(permute(a, p), dims) = permute'(reduce(a, p[dims]))."""
+    p = _permuted(node.inputs[0])
+    if p is None:
+        return "input is not permuted"
+    a = node.inputs[0].producer.inputs[0]
+    dims = sorted(p[d] for d in node.attrs["dims"])
+    keep = node.attrs.get("keepdim", False)
+    inner = emit(graph, node, node.op, [a], **{**node.attrs, "dims": dims})
+    if keep:
+        return replace(graph, node, emit(graph, node, "permute", [inner], dims=p))
+    remaining = [p[i] for i in range(len(p)) if i not in node.attrs["dims"]]
+    order = sorted(remaining)
+    q = [order.index(d) for d in remaining]
+    if q == list(range(len(q))):
+        return replace(graph, node, inner)
+    return replace(graph, node, emit(graph, node, "permute", [inner], dims=q))
+
+
+@rule("sink_permute_softmax", "softmax", "log_softmax")
+def sink_softmax(graph: Graph, node: Node) -> bool | str:
+    """softmax(permute(a, p), d) = permute(softmax(a, p[d]), p)."""
+    p = _permuted(node.inputs[0])
+    if p is None:
+        return "input is not permuted"
+    inner = emit(graph, node, node.op, [node.inputs[0].producer.inputs[0]], dim=p[node.attrs["dim"]])
+    return replace(graph, node, emit(graph, node, "permute", [inner], dims=p))
+
+
+@rule("sink_permute_concat", "concat")
+def sink_concat(graph: Graph, node: Node) -> bool | str:
+    """concat(permute(a_i, p), d) = permute(concat(a_i, p[d]), p)."""
+    perms = [_permuted(v) for v in node.inputs]
+    if perms[0] is None or any(q != perms[0] for q in perms):
+        return "inputs are not all permuted the same way"
+    p = perms[0]
+    inner = emit(graph, node, "concat", [v.producer.inputs[0] for v in node.inputs], dim=p[node.attrs["dim"]])
+    return replace(graph, node, emit(graph, node, "permute", [inner], dims=p))
+
+
+@rule("sink_permute_pad", "pad")
+def sink_pad(graph: Graph, node: Node) -> bool | str:
+    """pad(permute(a, p)) = permute(pad(a, pads moved to a's dims), p)."""
+    p = _permuted(node.inputs[0])
+    if p is None:
+        return "input is not permuted"
+    pads = node.attrs["pads"]
+    rank = len(p)
+    per_dim = {rank - 1 - i: (pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)}
+    moved = {p[d]: v for d, v in per_dim.items()}
+    last = min(moved)
+    new_pads: list[int] = []
+    for d in range(rank - 1, last - 1, -1):
+        new_pads.extend(moved.get(d, (0, 0)))
+    inner = emit(graph, node, "pad", [node.inputs[0].producer.inputs[0]], **{**node.attrs, "pads": new_pads})
+    return replace(graph, node, emit(graph, node, "permute", [inner], dims=p))
+
+
+LAYOUT = Pass("layout", (sink_elementwise, sink_reduce, sink_softmax, sink_concat, sink_pad))
