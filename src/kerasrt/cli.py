@@ -99,7 +99,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         out.print(format_report(report))
     if args.graph:
         out.print(dump(model.primary_graph()))
+    if args.dot or args.html:
+        _write_pictures(model, args.dot, args.html, format_report(report))
     return 0
+
+
+def _write_pictures(model: Any, dot_path: str | None, html_path: str | None, summary: str) -> None:
+    """The optimized graph as DOT, and a page showing the graph before and after optimization."""
+    import dataclasses
+
+    from kerasrt.converter import build_graph
+    from kerasrt.frontend.importer import InputSpec
+    from kerasrt.visualize import to_dot, to_html, to_svg
+
+    key = model.engine_shapes[-1]
+    program = model.program(key)
+    if dot_path:
+        _write_text(Path(dot_path), to_dot(program.graph, program.segments, model.name))
+        err.print(f"[green]wrote[/] {dot_path}")
+    if html_path:
+        with status("importing the unoptimized graph for the 'before' picture"):
+            specs = [InputSpec(s.name, shape, s.dtype) for s, shape in zip(model.inputs, key)]
+            before = build_graph(
+                model.keras, specs, dataclasses.replace(model.settings, optimization_level=0)
+            )
+        from kerasrt.runtime import Program
+
+        before_program = Program(before, model.settings, model.device, model.keras)
+        page = to_html(
+            f"kerasrt: {model.name}",
+            [
+                (f"before optimization ({len(before.nodes)} ops)", to_svg(before, before_program.segments)),
+                (
+                    f"after optimization ({len(program.graph.nodes)} ops)",
+                    to_svg(program.graph, program.segments),
+                ),
+            ],
+            summary,
+        )
+        _write_text(Path(html_path), page)
+        err.print(f"[green]wrote[/] {html_path}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a failure leaves nothing half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -274,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="machine-readable JSON report")
     p.add_argument("--graph", action="store_true", help="also print the IR graph")
+    p.add_argument("--dot", metavar="FILE", help="write the optimized graph as Graphviz DOT")
+    p.add_argument(
+        "--html", metavar="FILE", help="write a page with pictures of the graph before/after optimization"
+    )
     p.add_argument("--device", default="cpu", help="device to load onto (default cpu)")
     p.set_defaults(func=cmd_inspect)
 

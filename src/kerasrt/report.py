@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kerasrt.ir.cost import node_flops
 from kerasrt.runtime import OptimizedModel
 
 
@@ -19,6 +20,7 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
             "index": seg.index,
             "kind": seg.kind,
             "ops": dict(Counter(n.op for n in seg.nodes).most_common()),
+            "flops": sum(node_flops(n) for n in seg.nodes),
             "layers": sorted({n.layer for n in seg.nodes}),
             "inputs": [{"name": v.name, "type": v.type_str()} for v in seg.inputs],
             "outputs": [{"name": v.name, "type": v.type_str()} for v in seg.outputs],
@@ -27,6 +29,17 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
             entry["reason"] = seg.reason
         segments.append(entry)
     in_engines = sum(len(s.nodes) for s in program.segments if s.kind == "engine")
+    flops_total = sum(node_flops(n) for n in nodes)
+    flops_engines = sum(node_flops(n) for s in program.segments if s.kind == "engine" for n in s.nodes)
+    native = [s for s in program.segments if s.kind == "native"]
+    suggestion = ""
+    if native:
+        largest = max(len(s.nodes) for s in native)
+        suggestion = (
+            f"{sum(len(s.nodes) for s in native)} op(s) in {len(native)} run(s) stay out of engines because of "
+            f"minimum_segment_size={model.settings.minimum_segment_size}; "
+            f"minimum_segment_size={largest} or less would put them in engines"
+        )
     fallbacks = [
         {"layer": n.attrs["layer"] or model.name, "reason": n.attrs["reason"]}
         for s in program.segments
@@ -44,8 +57,12 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "nodes_in_engines": in_engines,
         "ops": dict(Counter(n.op for n in nodes).most_common()),
         "layers": len({n.layer for n in nodes}),
+        "flops": flops_total,
+        "flops_in_engines": flops_engines,
+        "optimization": program.graph.meta.get("optimization", {}),
         "segments": segments,
         "fallbacks": fallbacks,
+        "suggestion": suggestion,
     }
 
 
@@ -59,9 +76,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['nodes']} IR ops from {report['layers']} layers; "
         f"{report['nodes_in_engines']} ({100 * report['nodes_in_engines'] / total:.0f}%) in "
         f"{kinds['engine']} engine(s), {kinds['native']} native segment(s), {kinds['fallback']} Keras fallback(s)",
+        f"FLOPs per call: {report['flops'] / 1e6:.1f} M, "
+        f"{100 * report['flops_in_engines'] / max(report['flops'], 1):.1f}% in engines",
         "ops: " + ", ".join(f"{op} x{n}" for op, n in report["ops"].items()),
-        "",
     ]
+    opt = report.get("optimization") or {}
+    if opt:
+        lines.append(
+            f"optimizer (level {opt['level']}): {opt['nodes_before']} -> {opt['nodes_after']} ops; "
+            + (", ".join(f"{rule} x{n}" for rule, n in opt["rules"].items()) or "nothing to do")
+        )
+    lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())
         ins = ", ".join(f"{v['name']}:{v['type']}" for v in seg["inputs"])
@@ -74,6 +99,9 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"      layers: {layers}")
         if seg.get("reason"):
             lines.append(f"      why: {seg['reason']}")
+    if report.get("suggestion"):
+        lines.append("")
+        lines.append("suggestion: " + report["suggestion"])
     if report["fallbacks"]:
         lines.append("")
         lines.append("Layers that run in Keras:")
