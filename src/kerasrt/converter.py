@@ -24,6 +24,19 @@ from kerasrt.settings import ConversionSettings
 Progress = Callable[[str], None]
 
 
+def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    """Indices of the requested model outputs (by name, or by position as a number)."""
+    indices = []
+    for item in wanted:
+        if item in names:
+            indices.append(list(names).index(item))
+        elif str(item).isdigit() and int(item) < max(len(names), 1):
+            indices.append(int(item))
+        else:
+            raise ConversionError(f"model has no output {item!r}; its outputs are {list(names)}")
+    return indices
+
+
 def build_graph(
     keras: KerasSource,
     specs: Sequence[InputSpec],
@@ -38,6 +51,10 @@ def build_graph(
     else:
         graph = _import_in_subprocess(keras, specs, keep)
     verify_graph(graph)
+    if settings.outputs is not None:
+        names = ka.output_names(keras.get())
+        graph.outputs = [graph.outputs[i] for i in select_outputs(names, settings.outputs)]
+        graph.remove_unused()
     if progress is not None:
         progress("optimizing")
     result = optimize(graph, settings.optimization_level)
@@ -113,6 +130,7 @@ class Converter:
         batch_size: int = 1,
         keep_in_keras: Iterable[str] = (),
         optimization_level: int = 2,
+        outputs: Sequence[str | int] | None = None,
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -127,6 +145,7 @@ class Converter:
             input_shapes=tuple(tuple(s) for s in input_shapes) if input_shapes is not None else None,
             keep_in_keras=tuple(keep_in_keras),
             optimization_level=optimization_level,
+            outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
         )
         self.device = device
         self.progress = progress
@@ -159,7 +178,9 @@ class Converter:
             {key: graph},
             self.settings,
             inputs,
-            ka.output_names(model),
+            [ka.output_names(model)[i] for i in select_outputs(ka.output_names(model), self.settings.outputs)]
+            if self.settings.outputs is not None
+            else ka.output_names(model),
             self.keras,
             builder=builder,
             device=self.device,

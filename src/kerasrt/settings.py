@@ -27,6 +27,7 @@ class ConversionSettings:
     input_shapes: tuple[tuple[int, ...], ...] | None = None
     keep_in_keras: tuple[str, ...] = field(default_factory=tuple)
     optimization_level: int = 2
+    outputs: tuple[str, ...] | None = None  # a subset of model outputs (names or positions)
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -63,4 +64,6 @@ class ConversionSettings:
         if kwargs.get("input_shapes") is not None:
             kwargs["input_shapes"] = tuple(tuple(s) for s in kwargs["input_shapes"])
         kwargs["keep_in_keras"] = tuple(kwargs.get("keep_in_keras", ()))
+        if kwargs.get("outputs") is not None:
+            kwargs["outputs"] = tuple(kwargs["outputs"])
         return cls(**kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kerasrt.ir.graph import Graph, Node, Value
 from kerasrt.ir.ops import OPS
-from kerasrt.passes.base import Pass, emit, replace, rule
+from kerasrt.passes.base import Pass, emit, only_user, replace, rule
 
 
 def _inverse(p: list[int]) -> list[int]:
@@ -107,16 +107,39 @@ def sink_pad(graph: Graph, node: Node) -> bool | str:
     p = _permuted(node.inputs[0])
     if p is None:
         return "input is not permuted"
-    pads = node.attrs["pads"]
-    rank = len(p)
-    per_dim = {rank - 1 - i: (pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)}
-    moved = {p[d]: v for d, v in per_dim.items()}
-    last = min(moved)
-    new_pads: list[int] = []
-    for d in range(rank - 1, last - 1, -1):
-        new_pads.extend(moved.get(d, (0, 0)))
+    if node.outputs[0].users and all(u.op in _CONVS for u in node.outputs[0].users):
+        return "the pad feeds convs (it folds into them where it is)"
+    new_pads = _move_pads(node.attrs["pads"], len(p), p, inverse=False)
     inner = emit(graph, node, "pad", [node.inputs[0].producer.inputs[0]], **{**node.attrs, "pads": new_pads})
     return replace(graph, node, emit(graph, node, "permute", [inner], dims=p))
 
 
-LAYOUT = Pass("layout", (sink_elementwise, sink_reduce, sink_softmax, sink_concat, sink_pad))
+_CONVS = ("conv", "conv_fused")
+
+
+def _move_pads(pads: list[int], rank: int, p: list[int], inverse: bool) -> list[int]:
+    """F.pad ``pads`` (last dim first) for the same padding seen through permute(·, p)."""
+    per_dim = {rank - 1 - i: (pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)}
+    moved = {(p.index(d) if inverse else p[d]): v for d, v in per_dim.items()}
+    out: list[int] = []
+    for d in range(rank - 1, min(moved) - 1, -1):
+        out.extend(moved.get(d, (0, 0)))
+    return out
+
+
+@rule("hoist_permute_over_pad", "permute")
+def hoist_over_pad(graph: Graph, node: Node) -> bool | str:
+    """permute(pad(x), p) = pad(permute(x, p)) when the result feeds convs only, so the pad
+    lands next to the conv and can fold into its padding."""
+    pad = node.inputs[0].producer
+    if pad is None or pad.op != "pad" or only_user(node.inputs[0], graph) is None:
+        return "input is not a pad used only here"
+    if not node.outputs[0].users or not all(u.op in _CONVS for u in node.outputs[0].users):
+        return "result does not feed convs"
+    p = node.attrs["dims"]
+    moved = emit(graph, node, "permute", [pad.inputs[0]], dims=p)
+    pads = _move_pads(pad.attrs["pads"], len(p), p, inverse=True)
+    return replace(graph, node, emit(graph, node, "pad", [moved], **{**pad.attrs, "pads": pads}))
+
+
+LAYOUT = Pass("layout", (sink_elementwise, sink_reduce, sink_softmax, sink_concat, sink_pad, hoist_over_pad))
