@@ -250,6 +250,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) and agree == 1.0 else 1
 
 
+def cmd_debug_reduce(args: argparse.Namespace) -> int:
+    from kerasrt.debug import find_divergence
+    from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.frontend.importer import resolve_input_specs
+    from kerasrt.validate import random_inputs_for
+
+    model = ka.load_model(args.model, _custom_objects(args.custom_objects))
+    specs = resolve_input_specs(model, args.input_shape, args.batch_size)
+    inputs = random_inputs_for([(s.shape, s.dtype) for s in specs], seed=args.seed)
+    with status("looking for the first divergence"):
+        found = find_divergence(
+            model, inputs, ConversionSettings(optimization_level=args.level), rtol=args.rtol
+        )
+    if found is None:
+        out.print("[green]no divergence[/]: kerasrt matches Keras at every layer and after every rewrite")
+        return 0
+    out.print(str(found))
+    return 1
+
+
 def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     d = ConversionSettings()  # the CLI and the Python API share one set of defaults
     p.add_argument(
@@ -343,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("debug", help="tools for finding conversion bugs")
+    debug = p.add_subparsers(dest="debug_command", required=True)
+    p = debug.add_parser("reduce", help="find the first layer or rewrite where kerasrt and Keras disagree")
+    p.add_argument("model", help="a .keras or .h5 model file")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--input-shape", type=_shape, action="append")
+    p.add_argument("--level", type=int, default=2, help="optimization level to check (default 2)")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
+    p.set_defaults(func=cmd_debug_reduce)
 
     p = sub.add_parser("demo", help="convert, validate and time the embedded digits model")
     p.add_argument("--batch-size", type=int, default=32)

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from kerasrt.backend.torch_backend import TorchEngine, is_supported
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
-from kerasrt.ir.graph import Graph, torch_dtype
+from kerasrt.ir.graph import Graph, Node, torch_dtype
 from kerasrt.partition import Segment, partition
 from kerasrt.settings import ConversionSettings
 
@@ -51,6 +51,33 @@ class KerasSource:
         return self._model
 
 
+def fallback_runner(
+    node: Node, keras: KerasSource, device: torch.device
+) -> Callable[..., list[torch.Tensor]]:
+    """A function running a ``keras_layer`` node's original Keras layer on torch tensors."""
+    attrs = node.attrs
+    spec = pytree.treespec_loads(attrs["call"]["spec"])
+    leaves_spec = attrs["call"]["leaves"]
+    resolved: list[Any] = []  # the Keras operation, looked up on first use
+
+    def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        if not resolved:
+            resolved.append(ka.find_operation(keras.get(), attrs["layer"]))
+        native = ka.backend_name() == "torch"
+        leaves = [
+            (tensors[leaf["input"]] if native else tensors[leaf["input"]].cpu().numpy())
+            if "input" in leaf
+            else leaf["const"]
+            for leaf in leaves_spec
+        ]
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        flat = ka.flatten(ka.call_operation(resolved[0], args, kwargs))
+        outs = [torch.as_tensor(np.asarray(o)) if not isinstance(o, torch.Tensor) else o for o in flat]
+        return [o.to(device) for o in outs]
+
+    return run
+
+
 class Program:
     """The executable form of one graph: its segments compiled for one device."""
 
@@ -77,31 +104,9 @@ class Program:
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
         (node,) = seg.nodes
-        attrs = node.attrs
-        spec = pytree.treespec_loads(attrs["call"]["spec"])
-        leaves_spec = attrs["call"]["leaves"]
-        out_positions = [node.outputs.index(v) for v in seg.outputs]
-        device = self.device
-
-        resolved: list[Any] = []  # the Keras operation, looked up on first use
-
-        def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
-            if not resolved:
-                resolved.append(ka.find_operation(self.keras.get(), attrs["layer"]))
-            op = resolved[0]
-            native = ka.backend_name() == "torch"
-            leaves = [
-                (tensors[leaf["input"]] if native else tensors[leaf["input"]].cpu().numpy())
-                if "input" in leaf
-                else leaf["const"]
-                for leaf in leaves_spec
-            ]
-            args, kwargs = pytree.tree_unflatten(leaves, spec)
-            flat = ka.flatten(ka.call_operation(op, args, kwargs))
-            outs = [torch.as_tensor(np.asarray(o)) if not isinstance(o, torch.Tensor) else o for o in flat]
-            return [outs[i].to(device) for i in out_positions]
-
-        return run
+        run_layer = fallback_runner(node, self.keras, self.device)
+        positions = [node.outputs.index(v) for v in seg.outputs]
+        return lambda *tensors: [run_layer(*tensors)[i] for i in positions]
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         slots: list[Any] = [None] * self.num_slots

@@ -27,19 +27,25 @@ class OutputError:
 
 
 def random_inputs(model: OptimizedModel, batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Fresh random inputs for every model input (normal floats, small non-negative ints)."""
+    """Fresh random inputs for every input of a converted model (unknown dims set to 8)."""
+    shapes = [
+        ((batch, *(d if d is not None else 8 for d in spec.shape[1:])), spec.dtype) for spec in model.inputs
+    ]
+    return random_inputs_for(shapes, seed)
+
+
+def random_inputs_for(specs: Sequence[tuple[Sequence[int], str]], seed: int = 0) -> list[np.ndarray]:
+    """Random arrays of the given (shape, dtype): normal floats, small non-negative ints."""
     rng = np.random.default_rng(seed)
     arrays = []
-    for spec in model.inputs:
-        shape = (batch,) + tuple(d if d is not None else 8 for d in spec.shape[1:])
-        if spec.dtype.startswith(("float", "bfloat")):
-            arrays.append(
-                rng.standard_normal(shape).astype(spec.dtype if spec.dtype != "bfloat16" else "float32")
-            )
-        elif spec.dtype == "bool":
+    for shape, dtype in specs:
+        shape = tuple(shape)
+        if dtype.startswith(("float", "bfloat")):
+            arrays.append(rng.standard_normal(shape).astype("float32" if dtype == "bfloat16" else dtype))
+        elif dtype == "bool":
             arrays.append(rng.integers(0, 2, shape).astype(bool))
         else:
-            arrays.append(rng.integers(0, 2, shape).astype(spec.dtype))
+            arrays.append(rng.integers(0, 2, shape).astype(dtype))
     return arrays
 
 

@@ -64,23 +64,46 @@ def rule(name: str, *ops: str) -> Callable[[RuleFn], Rule]:
     return wrap
 
 
-def run_pass(graph: Graph, p: Pass, counts: Counter[str], max_sweeps: int = 50) -> bool:
+@dataclass
+class Budget:
+    """Stop rewriting after ``remaining`` firings (bisection of optimizer bugs); ``last``
+    names the final firing as (rule, Keras layer)."""
+
+    remaining: int
+    last: tuple[str, str] | None = None
+
+    def spend(self, rule_name: str, layer: str) -> None:
+        self.remaining -= 1
+        self.last = (rule_name, layer)
+
+
+def run_pass(
+    graph: Graph, p: Pass, counts: Counter[str], budget: Budget | None = None, max_sweeps: int = 50
+) -> bool:
     """Sweep ``p`` over ``graph`` until no rule fires; returns whether anything changed."""
+    if budget is not None and budget.remaining <= 0:
+        return False
     if p.transform is not None:
         fired = p.transform(graph)
         counts.update(fired)
         graph.remove_unused()
+        if budget is not None and fired:
+            budget.spend(p.name, "(whole graph)")
         return bool(fired)
     changed = False
     for _ in range(max_sweeps):
         fired = False
         outputs = {id(v) for v in graph.outputs}
         for node in list(graph.nodes):
+            if budget is not None and budget.remaining <= 0:
+                break
             if not any(o.users or id(o) in outputs for o in node.outputs):
                 continue  # dead since an earlier rewrite in this sweep
             for r in p.rules:
                 if (not r.ops or node.op in r.ops) and r.fn(graph, node) is True:
                     counts[r.name] += 1
+                    if budget is not None:
+                        budget.spend(r.name, node.layer)
                     fired = True
                     break
         if not fired:
@@ -94,10 +117,13 @@ def run_pass(graph: Graph, p: Pass, counts: Counter[str], max_sweeps: int = 50) 
 class PassManager:
     """Runs passes in order, repeating the list until the graph stops changing."""
 
-    def __init__(self, passes: Sequence[Pass], check: bool = False, max_rounds: int = 10):
+    def __init__(
+        self, passes: Sequence[Pass], check: bool = False, max_rounds: int = 10, budget: Budget | None = None
+    ):
         self.passes = list(passes)
         self.check = check
         self.max_rounds = max_rounds
+        self.budget = budget
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult(nodes_before=len(graph.nodes))
@@ -105,7 +131,7 @@ class PassManager:
         for _ in range(self.max_rounds):
             changed = False
             for p in self.passes:
-                changed |= run_pass(graph, p, result.counts)
+                changed |= run_pass(graph, p, result.counts, self.budget)
                 if self.check:
                     verify(graph)
             if not changed:
