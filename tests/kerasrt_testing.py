@@ -11,8 +11,13 @@ from typing import Any
 
 import keras
 import numpy as np
+import torch
 
 import kerasrt
+
+# Keras is the float32 reference: on CUDA, keep its convolutions and matmuls off TF32 too.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 FP32_RTOL = 1e-4
 """float32 tolerance: max abs error <= FP32_RTOL * max|Keras output| + FP32_ATOL."""

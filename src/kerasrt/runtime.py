@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from kerasrt.backend.torch_backend import TorchEngine, is_supported
+from kerasrt.backend.torch_backend import TorchEngine, is_supported, precision_scope
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.graph import Graph, Node, torch_dtype
@@ -243,8 +243,9 @@ class OptimizedModel:
     def __call__(self, *args: Any) -> Any:
         tensors, as_torch, out_device = self._prepare(args)
         key = tuple(tuple(t.shape) for t in tensors)
-        with torch.inference_mode():
-            outputs = self.program(key)(tensors)
+        program = self.program(key)
+        with torch.inference_mode(), precision_scope(self.device, self.settings.precision_mode):
+            outputs = program(tensors)
         if as_torch:
             outputs = [o.to(out_device) for o in outputs]
         else:

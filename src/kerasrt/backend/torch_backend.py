@@ -6,8 +6,9 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx
@@ -25,6 +26,21 @@ def is_supported(node: Node) -> Support:
     if opdef.category == "fallback":
         return Support(False, str(node.attrs.get("reason", "runs in Keras")))
     return Support(True)
+
+
+@contextlib.contextmanager
+def precision_scope(device: torch.device, precision: str) -> Iterator[None]:
+    """Make CUDA math honour the engine precision: FP32 means IEEE float32, so TF32 tensor-core
+    shortcuts (on by default for cuDNN convolutions) are off while an FP32 engine runs."""
+    if device.type != "cuda" or precision != "FP32":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _ident(name: str) -> str:
