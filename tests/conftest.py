@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("KERASRT_CHECK_PASSES", "1")  # verify(graph) after every optimizer pass
 
 import numpy as np
 

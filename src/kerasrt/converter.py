@@ -57,7 +57,8 @@ def build_graph(
         graph.remove_unused()
     if progress is not None:
         progress("optimizing")
-    result = optimize(graph, settings.optimization_level)
+    # KERASRT_CHECK_PASSES=1 (set by the test suite) verifies the graph after every pass
+    result = optimize(graph, settings.optimization_level, check=os.environ.get("KERASRT_CHECK_PASSES") == "1")
     graph.meta["optimization"] = {
         "level": settings.optimization_level,
         "nodes_before": result.nodes_before,
