@@ -38,10 +38,11 @@ def test_convert_inspect_validate_bench(tmp_path: Path, model_file: Path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["input_shapes"] == [[4, 6, 6, 2]]
     assert report["segments"][0]["kind"] == "engine" and report["fallbacks"] == []
-    assert report["ops"]["conv"] == 1
+    assert report["ops"]["conv_fused"] == 1  # conv + bias + relu fused by the optimizer
+    assert report["optimization"]["rules"]["fuse_activation"] == 1
 
     assert main(["inspect", str(out), "--graph"]) == 0
-    assert "= conv(" in capsys.readouterr().out
+    assert "= conv_fused(" in capsys.readouterr().out
 
     assert main(["validate", str(model_file), str(out)]) == 0
     assert "OK" in capsys.readouterr().out
