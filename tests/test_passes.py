@@ -233,3 +233,75 @@ def test_levels_are_data_and_level_zero_changes_nothing() -> None:
     assert optimize(g, 1).counts["remove_noop"] == 1 and not g.nodes
     with pytest.raises(ValueError, match="optimization level"):
         optimize(g, 7)
+
+
+def _bn_before(conv_padding: list[int]) -> Graph:
+    """relu -> scale/shift (a BN after the activation) -> conv: BN folds forward."""
+    g, x = graph_with_input(2, 3, 6, 6)
+    y = g.add_node("relu", [x]).outputs[0]
+    y = g.add_node("mul", [y, g.add_constant("s", rand(1, 3, 1, 1))]).outputs[0]
+    y = g.add_node("add", [y, g.add_constant("t", rand(1, 3, 1, 1))]).outputs[0]
+    w, b = g.add_constant("w", rand(4, 3, 3, 3)), g.add_constant("b", rand(4))
+    g.outputs = [g.add_node("conv", [y, w, b], {**CONV, "padding": conv_padding}).outputs[0]]
+    return g
+
+
+def test_batch_norm_folds_into_the_following_conv_where_valid() -> None:
+    fired, ops = apply(_bn_before([0, 0]), ALGEBRA)
+    assert fired["fold_scale_into_next"] == 1 and fired["fold_shift_into_next"] == 1
+    assert ops == Counter({"relu": 1, "conv": 1})
+    # with padding the shift cannot move (the padding would see shifted zeros), and the
+    # scale sits behind the shift, so nothing folds
+    fired, ops = apply(_bn_before([1, 1]), ALGEBRA)
+    assert fired["fold_scale_into_next"] == 0 and fired["fold_shift_into_next"] == 0
+    assert ops == Counter({"relu": 1, "mul": 1, "add": 1, "conv": 1})
+
+
+def test_scale_shift_folds_into_the_following_matmul() -> None:
+    g, x = graph_with_input(2, 5, 8)
+    y = g.add_node("tanh", [x]).outputs[0]
+    y = g.add_node("mul", [y, g.add_constant("s", rand(8))]).outputs[0]
+    y = g.add_node("add", [y, g.add_constant("t", rand(8))]).outputs[0]
+    g.outputs = [g.add_node("matmul", [y, g.add_constant("w", rand(8, 3))]).outputs[0]]
+    fired, ops = apply(g, ALGEBRA, VERTICAL)
+    assert fired["fold_scale_into_next"] == 1 and fired["fold_shift_into_next"] == 1
+    assert ops == Counter({"tanh": 1, "linear": 1})
+
+
+def test_other_layout_rules() -> None:
+    g, x = graph_with_input(2, 4, 5, 3)  # NHWC
+    p = g.add_node("permute", [x], {"dims": [0, 3, 1, 2]}).outputs[0]
+    a = g.add_node("softmax", [p], {"dim": 1}).outputs[0]
+    b = g.add_node("permute", [g.add_input("y", (2, 4, 5, 3), "float32")], {"dims": [0, 3, 1, 2]}).outputs[0]
+    c = g.add_node("concat", [a, b], {"dim": 1}).outputs[0]
+    d = g.add_node("pad", [c], {"pads": [1, 1, 0, 2], "mode": "constant", "value": 0.0}).outputs[0]
+    g.outputs = [g.add_node("permute", [d], {"dims": [0, 2, 3, 1]}).outputs[0]]
+    fired, ops = apply(g, STRUCTURAL, LAYOUT)
+    assert (
+        fired["sink_permute_softmax"] == 1
+        and fired["sink_permute_concat"] == 1
+        and fired["sink_permute_pad"] == 1
+    )
+    assert ops == Counter({"softmax": 1, "concat": 1, "pad": 1})  # every permute cancelled
+
+
+def test_pad_feeding_a_conv_pulls_the_permute_above_it() -> None:
+    g, x = graph_with_input(1, 6, 6, 2)  # NHWC, as Keras's ZeroPadding2D before a Conv2D
+    p = g.add_node("pad", [x], {"pads": [0, 0, 1, 1, 1, 1], "mode": "constant", "value": 0.0}).outputs[0]
+    t = g.add_node("permute", [p], {"dims": [0, 3, 1, 2]}).outputs[0]
+    w = g.add_constant("w", rand(3, 2, 3, 3))
+    g.outputs = [g.add_node("conv", [t, w], {**CONV, "padding": [0, 0]}).outputs[0]]
+    fired, ops = apply(g, LAYOUT, VERTICAL)
+    assert fired["hoist_permute_over_pad"] == 1 and fired["fold_pad_into_conv"] == 1
+    assert ops == Counter({"permute": 1, "conv": 1}) and g.nodes[-1].attrs["padding"] == [1, 1]
+
+
+def test_reshape_chain_and_division_rules() -> None:
+    g, x = graph_with_input(2, 12)
+    y = g.add_node("reshape", [x], {"shape": [2, 3, 4]}).outputs[0]
+    y = g.add_node("reshape", [y], {"shape": [6, 4]}).outputs[0]
+    y = g.add_node("div", [y, g.add_constant("d", rand(4).abs() + 1)]).outputs[0]
+    g.outputs = [g.add_node("relu", [y]).outputs[0]]
+    fired, ops = apply(g, STRUCTURAL, ALGEBRA)
+    assert fired["merge_reshapes"] == 1 and fired["div_to_mul"] == 1
+    assert ops == Counter({"reshape": 1, "mul": 1, "relu": 1})

@@ -360,8 +360,36 @@ def keras_layer(*xs: torch.Tensor, layer: str, reason: str, call: dict) -> torch
     raise IRError(f"fallback layer {layer!r} has no reference implementation; the runtime runs it")
 
 
+_INFERRED: dict[tuple, list[tuple[tuple[int, ...], str]]] = {}
+"""infer_types results by (op, input types, attrs): graphs repeat their blocks, and every
+verify() re-infers every node, so running each op on meta tensors once is most of the saving."""
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable, type-exact key for a JSON-like attribute value (1, 1.0 and True differ)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
+    raise TypeError(f"unhashable attribute value {type(value).__name__}")
+
+
 def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
     """Output (shape, dtype) pairs of ``op``, found by running its impl on meta tensors."""
+    try:
+        key = (op, tuple((tuple(v.shape), v.dtype) for v in inputs), _frozen(attrs))
+    except TypeError:
+        return _infer_types(op, inputs, attrs)
+    if key not in _INFERRED:
+        if len(_INFERRED) > 100_000:
+            _INFERRED.clear()
+        _INFERRED[key] = _infer_types(op, inputs, attrs)
+    return list(_INFERRED[key])
+
+
+def _infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
     from kerasrt.ir.graph import dtype_name, torch_dtype
 
     opdef = OPS.get(op)

@@ -147,4 +147,75 @@ def fold_shift(graph: Graph, node: Node) -> bool | str:
     return replace(graph, node, emit(graph, node, "conv", inputs, from_node=prod, **prod.attrs))
 
 
-ALGEBRA = Pass("algebra", (sub_to_add, div_to_mul, merge_chain, distribute_scale, fold_scale, fold_shift))
+def _next_weights(node: Node, graph: Graph) -> Node | None:
+    """The conv (groups 1) or matmul with constant weights that alone reads ``node``'s output."""
+    user = only_user(node.outputs[0], graph)
+    if user is None or user.op not in ("conv", "matmul") or user.inputs[0] is not node.outputs[0]:
+        return None
+    if not user.inputs[1].is_constant:
+        return None
+    if user.op == "conv" and user.attrs["groups"] == 1:
+        return user
+    if user.op == "matmul" and len(user.inputs[1].shape) == 2:
+        return user
+    return None
+
+
+@rule("fold_scale_into_next", "mul")
+def fold_scale_next(graph: Graph, node: Node) -> bool | str:
+    """conv(x * s, w) = conv(x, w * s) for per-input-channel s (any padding: 0 * s = 0);
+    (x * s) @ W = x @ (s[:, None] * W)."""
+    split = _split_const(node)
+    nxt = _next_weights(node, graph)
+    if split is None or nxt is None or not _same_shape(node, split[0]):
+        return "not x * constant feeding only a conv/matmul with constant weights"
+    x, c = split
+    axis = 1 if nxt.op == "conv" else len(x.shape) - 1
+    s = _channel_vector(c, x, axis)
+    if s is None:
+        return "scale is not per input channel"
+    w = nxt.inputs[1].data
+    new_w = w * (s.reshape(1, -1, *([1] * (w.dim() - 2))) if nxt.op == "conv" else s.reshape(-1, 1))
+    inputs = [x, graph.add_constant(nxt.layer + ".w", new_w.to(w.dtype)), *nxt.inputs[2:]]
+    return replace(graph, nxt, emit(graph, nxt, nxt.op, inputs, **nxt.attrs))
+
+
+@rule("fold_shift_into_next", "add")
+def fold_shift_next(graph: Graph, node: Node) -> bool | str:
+    """conv(x + t, w, b) = conv(x, w, b + sum(w * t)) when the conv pads nothing (padding
+    would see shifted zeros otherwise); (x + t) @ W = x @ W + t @ W."""
+    split = _split_const(node)
+    nxt = _next_weights(node, graph)
+    if split is None or nxt is None or not _same_shape(node, split[0]):
+        return "not x + constant feeding only a conv/matmul with constant weights"
+    x, c = split
+    axis = 1 if nxt.op == "conv" else len(x.shape) - 1
+    t = _channel_vector(c, x, axis)
+    if t is None:
+        return "shift is not per input channel"
+    w = nxt.inputs[1].data
+    if nxt.op == "matmul":
+        product = emit(graph, nxt, "matmul", [x, nxt.inputs[1]])
+        shift = graph.add_constant(nxt.layer + ".t", (t @ w).to(w.dtype))
+        return replace(graph, nxt, emit(graph, nxt, "add", [product, shift]))
+    if any(nxt.attrs["padding"]):
+        return "the conv pads its input: a shift cannot move past the padding"
+    extra = (w * t.reshape(1, -1, *([1] * (w.dim() - 2)))).sum(dim=tuple(range(1, w.dim())))
+    bias = nxt.inputs[2].data + extra if len(nxt.inputs) > 2 else extra
+    inputs = [x, nxt.inputs[1], graph.add_constant(nxt.layer + ".b", bias.to(w.dtype))]
+    return replace(graph, nxt, emit(graph, nxt, "conv", inputs, **nxt.attrs))
+
+
+ALGEBRA = Pass(
+    "algebra",
+    (
+        sub_to_add,
+        div_to_mul,
+        merge_chain,
+        distribute_scale,
+        fold_scale,
+        fold_shift,
+        fold_scale_next,
+        fold_shift_next,
+    ),
+)
