@@ -430,8 +430,15 @@ EPILOGUE_ACTIVATIONS = (
 
 
 def _epilogue(
-    y: torch.Tensor, residual: torch.Tensor | None, activation: str | None, activation_attrs: dict | None
+    y: torch.Tensor,
+    rest: tuple[torch.Tensor, ...],
+    has_bias: bool,
+    has_residual: bool,
+    activation: str | None,
+    activation_attrs: dict | None,
 ) -> torch.Tensor:
+    """The shared tail of fused ops: + residual (the input after the bias), then activation."""
+    residual = rest[int(has_bias)] if has_residual else None
     if residual is not None:
         y = y + residual
     if activation is not None:
@@ -458,10 +465,10 @@ def conv_fused(
     activation_attrs: dict | None = None,
 ) -> torch.Tensor:
     """act(conv(x, w) + b + residual): conv with its bias, residual add and activation."""
-    b = rest[0] if has_bias else None
-    residual = rest[int(has_bias)] if has_residual else None
-    y = conv(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return _epilogue(y, residual, activation, activation_attrs)
+    y = conv(
+        x, w, rest[0] if has_bias else None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    return _epilogue(y, rest, has_bias, has_residual, activation, activation_attrs)
 
 
 @_register("linear", ("has_bias", "has_residual", "activation", "activation_attrs"), "matmul")
@@ -476,10 +483,9 @@ def linear(
 ) -> torch.Tensor:
     """act(x @ w + b + residual) with w of shape (in, out)."""
     b = rest[0] if has_bias else None
-    residual = rest[int(has_bias)] if has_residual else None
     y = (
         torch.matmul(x, w)
         if b is None
         else torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
     )
-    return _epilogue(y, residual, activation, activation_attrs)
+    return _epilogue(y, rest, has_bias, has_residual, activation, activation_attrs)

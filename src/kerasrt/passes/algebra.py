@@ -161,19 +161,27 @@ def _next_weights(node: Node, graph: Graph) -> Node | None:
     return None
 
 
+def _feeds_weights(node: Node, graph: Graph) -> tuple[Value, torch.Tensor, Node] | str:
+    """(x, per-input-channel vector c, next node) for f(x, c) read only by a conv/matmul."""
+    split = _split_const(node)
+    nxt = _next_weights(node, graph)
+    if split is None or nxt is None or not _same_shape(node, split[0]):
+        return f"not x {node.op} constant feeding only a conv/matmul with constant weights"
+    x, c = split
+    vector = _channel_vector(c, x, 1 if nxt.op == "conv" else len(x.shape) - 1)
+    if vector is None:
+        return "constant is not per input channel"
+    return x, vector, nxt
+
+
 @rule("fold_scale_into_next", "mul")
 def fold_scale_next(graph: Graph, node: Node) -> bool | str:
     """conv(x * s, w) = conv(x, w * s) for per-input-channel s (any padding: 0 * s = 0);
     (x * s) @ W = x @ (s[:, None] * W)."""
-    split = _split_const(node)
-    nxt = _next_weights(node, graph)
-    if split is None or nxt is None or not _same_shape(node, split[0]):
-        return "not x * constant feeding only a conv/matmul with constant weights"
-    x, c = split
-    axis = 1 if nxt.op == "conv" else len(x.shape) - 1
-    s = _channel_vector(c, x, axis)
-    if s is None:
-        return "scale is not per input channel"
+    found = _feeds_weights(node, graph)
+    if isinstance(found, str):
+        return found
+    x, s, nxt = found
     w = nxt.inputs[1].data
     new_w = w * (s.reshape(1, -1, *([1] * (w.dim() - 2))) if nxt.op == "conv" else s.reshape(-1, 1))
     inputs = [x, graph.add_constant(nxt.layer + ".w", new_w.to(w.dtype)), *nxt.inputs[2:]]
@@ -184,15 +192,10 @@ def fold_scale_next(graph: Graph, node: Node) -> bool | str:
 def fold_shift_next(graph: Graph, node: Node) -> bool | str:
     """conv(x + t, w, b) = conv(x, w, b + sum(w * t)) when the conv pads nothing (padding
     would see shifted zeros otherwise); (x + t) @ W = x @ W + t @ W."""
-    split = _split_const(node)
-    nxt = _next_weights(node, graph)
-    if split is None or nxt is None or not _same_shape(node, split[0]):
-        return "not x + constant feeding only a conv/matmul with constant weights"
-    x, c = split
-    axis = 1 if nxt.op == "conv" else len(x.shape) - 1
-    t = _channel_vector(c, x, axis)
-    if t is None:
-        return "shift is not per input channel"
+    found = _feeds_weights(node, graph)
+    if isinstance(found, str):
+        return found
+    x, t, nxt = found
     w = nxt.inputs[1].data
     if nxt.op == "matmul":
         product = emit(graph, nxt, "matmul", [x, nxt.inputs[1]])
