@@ -24,40 +24,86 @@ FP32_RTOL = 1e-4
 FP32_ATOL = 1e-5
 
 
-def randomize(model: Any, seed: int = 0) -> Any:
-    """Give BatchNorm statistics, scales and every bias non-trivial values.
+def randomize_weights(model, seed: int = 0, calibration=None) -> None:
+    """Give ``model`` non-trivial normalization statistics, scales and biases, in place.
 
-    Fresh layers have identity BN statistics and zero biases, which hide wrong folding
-    and wrong broadcasting; this sets them to modest random values.
+    Freshly built Keras models have BatchNormalization at mean 0 / variance 1 / gamma 1 /
+    beta 0 and zero biases, which hides any lowering that drops or misapplies them. This
+    draws, per variable (the scale is modest so deep nets stay finite):
+
+    * BatchNormalization: moving_mean ~ N(0, 0.1), moving_variance ~ U(0.5, 1.5),
+      gamma ~ U(0.8, 1.2), beta ~ N(0, 0.1);
+    * LayerNormalization / GroupNormalization: gamma ~ U(0.8, 1.2), beta ~ N(0, 0.1);
+    * ConvNeXt's LayerScale (initialized at 1e-6, which would hide its whole residual
+      branch under any tolerance): U(0.8, 1.2);
+    * every other variable named ``bias``: N(0, 0.05).
+
+    ``calibration``, a batch of typical inputs, gives BatchNormalization the statistics of
+    a trained network instead: after the draws above, one training-mode pass over that
+    batch (momentum 0, dropout off) measures the batch statistics of every BN input;
+    moving_mean becomes the measured mean and moving_variance the measured variance times
+    U(1, 1.5). Why: a deep network from ``weights=None`` (Glorot kernels) shrinks the
+    input's signal at every layer until its output hardly depends on the input
+    (MobileNet's logits for two random images differ by 1e-7 of their size, so comparing
+    them proves nothing). Exact batch statistics overshoot the other way: every layer then
+    amplifies small differences, float32 rounding included (ResNet101's own float32 logits
+    are 1e-3 off float64 ones), and factors below 1 compound the same way (EfficientNetV2L's
+    logits reach 1e12). The U(1, 1.5) damping keeps the logits input-dependent (two images
+    differ by more than 1e-2 of the logit scale) while float32 stays within 2e-5 of float64.
     """
     rng = np.random.default_rng(seed)
-    for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            for var in layer.weights:
-                shape = tuple(var.shape)
-                name = var.path.split("/")[-1]
-                draw = {
-                    "gamma": lambda s: rng.uniform(0.8, 1.2, s),
-                    "beta": lambda s: rng.normal(0, 0.1, s),
-                    "moving_mean": lambda s: rng.normal(0, 0.1, s),
-                    "moving_variance": lambda s: rng.uniform(0.5, 1.5, s),
-                }.get(name)
-                if draw is not None:
-                    var.assign(draw(shape).astype("float32"))
-        else:
-            for var in layer.weights:
-                if var.path.split("/")[-1] == "bias":
-                    var.assign(rng.normal(0, 0.05, tuple(var.shape)).astype("float32"))
+    draws = {
+        "moving_mean": lambda shape: rng.normal(0.0, 0.1, shape),
+        "moving_variance": lambda shape: rng.uniform(0.5, 1.5, shape),
+        "gamma": lambda shape: rng.uniform(0.8, 1.2, shape),
+        "beta": lambda shape: rng.normal(0.0, 0.1, shape),
+    }
+    norms = (
+        keras.layers.BatchNormalization,
+        keras.layers.LayerNormalization,
+        keras.layers.GroupNormalization,
+    )
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    for layer in layers:
+        is_norm = isinstance(layer, norms)
+        is_scale = type(layer).__name__ == "LayerScale"
+        for var in layer._trainable_variables + layer._non_trainable_variables:
+            name = var.path.split("/")[-1]
+            if is_norm and name in draws:
+                value = draws[name](tuple(var.shape))
+            elif is_scale:
+                value = draws["gamma"](tuple(var.shape))
+            elif name == "bias":
+                value = rng.normal(0.0, 0.05, tuple(var.shape))
+            else:
+                continue
+            var.assign(value.astype(var.dtype))
+    if calibration is None:
+        return
+    batch_norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    dropouts = [
+        layer
+        for layer in layers
+        if isinstance(layer, (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout))
+    ]
+    saved = [(layer, "momentum", layer.momentum) for layer in batch_norms]
+    saved += [(layer, "rate", layer.rate) for layer in dropouts]
+    try:
+        for layer, attr, _ in saved:
+            setattr(layer, attr, 0.0)
+        model(calibration, training=True)
+    finally:
+        for layer, attr, value in saved:
+            setattr(layer, attr, value)
+    for layer in batch_norms:
+        var = keras.ops.convert_to_numpy(layer.moving_variance)
+        layer.moving_variance.assign((var * rng.uniform(1.0, 1.5, var.shape)).astype(var.dtype))
+
+
+def randomize(model: Any, seed: int = 0, calibration: np.ndarray | None = None) -> Any:
+    """``randomize_weights`` that returns the model (handy inline)."""
+    randomize_weights(model, seed, calibration)
     return model
-
-
-def _all_layers(model: Any) -> list[Any]:
-    layers = []
-    for layer in getattr(model, "layers", []):
-        layers.append(layer)
-        if hasattr(layer, "layers"):
-            layers.extend(_all_layers(layer))
-    return layers or [model]
 
 
 def random_input(shape: Sequence[int], seed: int = 1, dtype: str = "float32") -> np.ndarray:

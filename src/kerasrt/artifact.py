@@ -127,7 +127,9 @@ def load(
             f"this kerasrt reads version {FORMAT_VERSION}"
         )
     try:
-        weights = load_file(str(root / WEIGHTS))
+        # copies: safetensors hands out unaligned views, and CPU kernels then sum in another
+        # order, so a loaded model would not give bit-identical outputs
+        weights = {k: v.clone() for k, v in load_file(str(root / WEIGHTS)).items()}
     except FileNotFoundError:
         raise ArtifactError(f"{root} has no {WEIGHTS}") from None
     except Exception as exc:
