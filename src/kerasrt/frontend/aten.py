@@ -148,11 +148,6 @@ class AtenLowering:
 
     # -- helpers used by the lowering table ------------------------------------------------
     def constant(self, tensor: torch.Tensor) -> Value:
-        if tensor.stride() != _row_major_strides(tensor.shape):
-            # A folded permute can leave a "contiguous" tensor whose size-1 dims carry odd
-            # strides; kernels pick their algorithm (and rounding) by strides, and a saved and
-            # reloaded constant has row-major ones: store that layout from the start.
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
         return self._constant(tensor, f"{self.layer}.const")
 
     def emit(self, op: str, inputs: list[Value], **attrs: Any) -> Value:
@@ -271,14 +266,6 @@ class AtenLowering:
                     f"lowering of {self.fx_node.target} gave {value.type_str()}, "
                     f"expected {tuple(expected.shape)} {expected.dtype}"
                 )
-
-
-def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _torch(value: Value) -> torch.dtype:

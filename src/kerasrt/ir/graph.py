@@ -34,6 +34,14 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "bool": "b1"}
 
 
+def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for an IR dtype name."""
     try:
@@ -116,7 +124,12 @@ class Graph:
         return value
 
     def add_constant(self, name: str, data: torch.Tensor) -> Value:
-        data = data.detach().contiguous()
+        data = data.detach()
+        if data.stride() != _row_major_strides(data.shape):
+            # A folded permute can leave a "contiguous" tensor whose size-1 dims carry odd
+            # strides; kernels pick their algorithm (and rounding) by strides, and a saved and
+            # reloaded constant has row-major ones: store that layout from the start.
+            data = data.clone(memory_format=torch.contiguous_format)
         value = Value(self.fresh_name(name), data.shape, dtype_name(data.dtype), data=data)
         self.constants[value.name] = value
         return value
