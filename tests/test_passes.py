@@ -305,3 +305,24 @@ def test_reshape_chain_and_division_rules() -> None:
     fired, ops = apply(g, STRUCTURAL, ALGEBRA)
     assert fired["merge_reshapes"] == 1 and fired["div_to_mul"] == 1
     assert ops == Counter({"reshape": 1, "mul": 1, "relu": 1})
+
+
+def test_dense_on_3d_input_fuses_through_its_reshapes() -> None:
+    """Keras's Dense on (B, S, C) traces as reshape -> mm -> reshape -> bias add -> act."""
+    g, x = graph_with_input(2, 5, 8)
+    flat = g.add_node("reshape", [x], {"shape": [1, 10, 8]}).outputs[0]
+    y = g.add_node("matmul", [flat, g.add_constant("w", rand(1, 8, 6))]).outputs[0]  # unit-batch weight
+    y = g.add_node("reshape", [y], {"shape": [2, 5, 2, 3]}).outputs[0]
+    y = g.add_node("add", [y, g.add_constant("b", rand(2, 3))]).outputs[0]  # bias over (heads, dim)
+    g.outputs = [g.add_node("relu", [y]).outputs[0]]
+    fired, ops = apply(g, STRUCTURAL, LAYOUT, VERTICAL)
+    assert fired["drop_unit_batch_of_weight"] == 1 and fired["sink_reshape_elementwise"] == 2
+    assert ops == Counter({"reshape": 2, "linear": 1})
+
+
+def test_reshape_does_not_sink_when_the_constant_spans_other_dims() -> None:
+    g, x = graph_with_input(2, 6)
+    y = g.add_node("reshape", [x], {"shape": [2, 2, 3]}).outputs[0]
+    g.outputs = [g.add_node("add", [y, g.add_constant("c", rand(2, 1))]).outputs[0]]
+    fired, ops = apply(g, LAYOUT)
+    assert fired["sink_reshape_elementwise"] == 0 and ops == Counter({"reshape": 1, "add": 1})

@@ -117,6 +117,42 @@ def sink_pad(graph: Graph, node: Node) -> bool | str:
 _CONVS = ("conv", "conv_fused")
 
 
+@rule("sink_reshape_elementwise")
+def sink_reshape(graph: Graph, node: Node) -> bool | str:
+    """f(reshape(y), c) = reshape(f(y, c')) when the reshape keeps the trailing elements that
+    c varies over together as y's last dim (a Dense on 3-D input, a bias over heads x dim):
+    brings a bias or activation back next to the matmul that produced y."""
+    if OPS[node.op].category != "elementwise":
+        return "not elementwise"
+    moving = [v for v in node.inputs if not v.is_constant]
+    if len(moving) != 1 or moving[0].producer is None or moving[0].producer.op != "reshape":
+        return "not one reshaped input"
+    y = moving[0].producer.inputs[0]
+    out = node.outputs[0].shape
+    if moving[0].shape != out or not y.shape:
+        return "broadcasts"
+    inputs = []
+    for value in node.inputs:
+        if not value.is_constant:
+            inputs.append(y)
+            continue
+        c = value.data
+        while c.dim() > 0 and c.shape[0] == 1 and c.numel() > 1:
+            c = c.squeeze(0)
+        k = c.dim()
+        tail = 1
+        for d in out[len(out) - k :] if k else ():
+            tail *= d
+        if c.numel() == 1:
+            inputs.append(value)
+        elif k <= len(out) and tuple(c.shape) == tuple(out[len(out) - k :]) and tail == y.shape[-1]:
+            inputs.append(graph.add_constant(value.name + ".flat", c.reshape(-1)))
+        else:
+            return "constant does not vary over the last dim of the reshape's input only"
+    inner = emit(graph, node, node.op, inputs, **node.attrs)
+    return replace(graph, node, emit(graph, node, "reshape", [inner], shape=list(out)))
+
+
 def _move_pads(pads: list[int], rank: int, p: list[int], inverse: bool) -> list[int]:
     """F.pad ``pads`` (last dim first) for the same padding seen through permute(·, p)."""
     per_dim = {rank - 1 - i: (pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)}
@@ -142,4 +178,7 @@ def hoist_over_pad(graph: Graph, node: Node) -> bool | str:
     return replace(graph, node, emit(graph, node, "pad", [moved], **{**pad.attrs, "pads": pads}))
 
 
-LAYOUT = Pass("layout", (sink_elementwise, sink_reduce, sink_softmax, sink_concat, sink_pad, hoist_over_pad))
+LAYOUT = Pass(
+    "layout",
+    (sink_elementwise, sink_reduce, sink_softmax, sink_concat, sink_pad, hoist_over_pad, sink_reshape),
+)

@@ -104,5 +104,23 @@ def common_subexpressions(graph: Graph) -> Counter[str]:
     return fired
 
 
-STRUCTURAL = Pass("structural", (remove_noop, merge_reshapes, merge_permutes, fold_constants))
+@rule("drop_unit_batch_of_weight", "matmul")
+def drop_unit_batch(graph: Graph, node: Node) -> bool | str:
+    """x @ W with a constant W of shape (1, ..., 1, K, N) = x @ W[K, N] when x has at least
+    W's rank (the unit batch dims only broadcast)."""
+    x, w = node.inputs
+    if (
+        not w.is_constant
+        or w.data.dim() <= 2
+        or any(d != 1 for d in w.shape[:-2])
+        or len(x.shape) < len(w.shape)
+    ):
+        return "weight is not a constant with unit batch dims"
+    flat = graph.add_constant(w.name + ".2d", w.data.reshape(w.shape[-2:]))
+    return replace(graph, node, emit(graph, node, "matmul", [x, flat]))
+
+
+STRUCTURAL = Pass(
+    "structural", (remove_noop, merge_reshapes, merge_permutes, fold_constants, drop_unit_batch)
+)
 CSE = Pass("cse", transform=common_subexpressions)
