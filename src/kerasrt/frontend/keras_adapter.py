@@ -90,10 +90,6 @@ def is_graph_model(op: Any) -> bool:
     return isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth")
 
 
-def is_model(op: Any) -> bool:
-    return isinstance(op, keras_module().Model)
-
-
 def is_layer(op: Any) -> bool:
     return isinstance(op, keras_module().layers.Layer)
 

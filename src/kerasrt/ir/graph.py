@@ -189,16 +189,6 @@ class Graph:
         self.constants = {k: v for k, v in self.constants.items() if v.users or id(v) in live}
         return removed
 
-    def set_input(self, node: Node, index: int, value: Value) -> None:
-        """Make input ``index`` of ``node`` read ``value``.
-
-        ``users`` lists hold a node once per read, so each edit moves exactly one entry.
-        """
-        old = node.inputs[index]
-        node.inputs[index] = value
-        old.users.remove(node)
-        value.users.append(node)
-
     def replace_uses(self, old: Value, new: Value) -> None:
         """Make every user of ``old`` (and the graph outputs) read ``new`` instead."""
         for user in old.users:

@@ -14,8 +14,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from kerasrt.ir.graph import Graph, Node, Value, verify
 
 log = logging.getLogger(__name__)
@@ -141,10 +139,6 @@ class PassManager:
 
 
 # -- helpers for rules ----------------------------------------------------------------------
-def const(value: Value) -> torch.Tensor | None:
-    return value.data if value.is_constant else None
-
-
 def only_user(value: Value, graph: Graph) -> Node | None:
     """The single node reading ``value`` (None if several readers or a graph output)."""
     if len(value.users) != 1 or value in graph.outputs:
