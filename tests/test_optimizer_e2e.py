@@ -48,6 +48,18 @@ def test_inception_parallel_1x1_convs_are_aggregated() -> None:
     assert convs == 94 - rules["horizontal_fusion"]
 
 
+def test_attention_qkv_projections_become_one_linear() -> None:
+    inp = keras.Input((16, 64))
+    x = L.MultiHeadAttention(4, 16)(inp, inp)
+    x = L.LayerNormalization()(L.Add()([inp, x]))
+    model = randomize(keras.Model(inp, L.Dense(64, activation="gelu")(x)))
+    optimized = convert_and_check(model, [random_input((2, 16, 64))])
+    linears = [n for n in optimized.primary_graph().nodes if n.op == "linear"]
+    assert sorted(n.outputs[0].shape[-1] for n in linears) == [64, 64, 192]  # Q, K and V in one
+    counts = ops(optimized)
+    assert counts["attention"] == 1 and counts["matmul"] == 0 and counts["permute"] <= 4, counts
+
+
 def test_summary_reports_fusions_and_sizes() -> None:
     inp = keras.Input((8, 8, 3))
     x = L.Conv2D(4, 3, padding="same")(inp)
@@ -144,3 +156,20 @@ def test_fallback_in_the_middle_gives_two_engines() -> None:
     assert [n.layer for n in fallbacks(optimized)] == ["host"]
     kinds = [s.kind for s in optimized.program(optimized.engine_shapes[0]).segments]
     assert kinds == ["engine", "fallback", "engine"]
+
+
+def test_keep_in_keras_takes_op_types_and_refuses_unknown_names() -> None:
+    inp = keras.Input((16, 32))
+    x = L.MultiHeadAttention(2, 16)(inp, inp)
+    model = randomize(keras.Model(inp, L.Dense(8, activation="relu")(x)))
+    optimized = convert_and_check(
+        model, [random_input((2, 16, 32))], allow_fallback=True, keep_in_keras=["attention"]
+    )
+    segments = optimized.program(optimized.engine_shapes[0]).segments
+    assert [(s.kind, [n.op for n in s.nodes][:1]) for s in segments if s.kind != "engine"] == [
+        ("fallback", ["attention"])
+    ]
+    assert "kept out of engines" in segments[[s.kind for s in segments].index("fallback")].reason
+    assert [s.kind for s in segments].count("engine") == 2
+    with pytest.raises(kerasrt.ConversionError, match=r"names no layer.*\['no_such_layer'\]"):
+        kerasrt.Converter(model, keep_in_keras=["no_such_layer"]).convert()

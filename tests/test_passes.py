@@ -91,6 +91,18 @@ def test_permutes_cancel_and_compose() -> None:
     assert ops["permute"] == 1 and g.nodes[0].attrs["dims"] == [1, 0, 3, 2]
 
 
+def test_permute_of_unit_dims_becomes_a_reshape() -> None:
+    g, x = graph_with_input(1, 6, 4)
+    a = g.add_node("reshape", [x], {"shape": [1, 6, 4, 1]}).outputs[0]
+    b = g.add_node("permute", [a], {"dims": [3, 1, 0, 2]}).outputs[0]  # unit dims move only
+    c = g.add_node("reshape", [b], {"shape": [6, 4]}).outputs[0]
+    d = g.add_node("permute", [x], {"dims": [0, 2, 1]}).outputs[0]  # 6 and 4 swap: stays
+    g.outputs = [g.add_node("relu", [c]).outputs[0], g.add_node("relu", [d]).outputs[0]]
+    fired, ops = apply(g, STRUCTURAL)
+    assert fired["unit_permute_to_reshape"] == 1
+    assert ops == Counter({"reshape": 1, "permute": 1, "relu": 2})  # the chain is one reshape
+
+
 def test_constant_folding_and_its_limit() -> None:
     g, x = graph_with_input(4)
     c = g.add_node("add", [g.add_constant("a", rand(4)), g.add_constant("b", rand(4))]).outputs[0]
@@ -283,6 +295,18 @@ def test_other_layout_rules() -> None:
         and fired["sink_permute_pad"] == 1
     )
     assert ops == Counter({"softmax": 1, "concat": 1, "pad": 1})  # every permute cancelled
+
+
+def test_softmax_and_concat_keep_permutes_they_cannot_pass() -> None:
+    g, x = graph_with_input(2, 4, 5, 3)  # NHWC
+    p = g.add_node("permute", [x], {"dims": [0, 3, 1, 2]}).outputs[0]
+    y = g.add_input("y", (2, 3, 4, 5), "float32")  # already NCHW: not permuted at all
+    mixed = g.add_node("concat", [p, y], {"dim": 1}).outputs[0]
+    plain = g.add_node("softmax", [y], {"dim": 1}).outputs[0]
+    g.outputs = [mixed, plain]
+    fired, ops = apply(g, LAYOUT)
+    assert fired["sink_permute_concat"] == 0 and fired["sink_permute_softmax"] == 0
+    assert ops == Counter({"permute": 1, "concat": 1, "softmax": 1})
 
 
 def test_pad_feeding_a_conv_pulls_the_permute_above_it() -> None:

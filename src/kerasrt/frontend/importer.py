@@ -135,6 +135,7 @@ class Importer:
     ):
         self.model = model
         self.keep = set(keep_in_keras)
+        self.kept: set[str] = set()  # the entries of keep_in_keras that named something here
         self.progress = progress or (lambda _msg: None)
         self.graph = Graph()
         self._constants: dict[tuple, tuple[torch.Tensor, Value]] = {}
@@ -166,10 +167,11 @@ class Importer:
             outputs = self._run_model(self.model, traced, prefix="")
         self.graph.outputs = [t.value for t in outputs]
         self.graph.remove_unused()
+        self.graph.meta["kept_in_keras"] = sorted(self.kept)
         return self.graph
 
     def _run_model(self, model: Any, inputs: list[_Traced], prefix: str) -> list[_Traced]:
-        if ka.is_graph_model(model) and self._name(model, prefix) not in self.keep:
+        if ka.is_graph_model(model):
 
             def call(op: Any, *args: Any, **kwargs: Any) -> Any:
                 path = f"{prefix}{op.name}"
@@ -184,11 +186,10 @@ class Importer:
         )
         return ka.flatten(result)
 
-    def _name(self, op: Any, prefix: str) -> str:
-        return f"{prefix}{op.name}" if prefix else ""
-
     def _kept(self, op: Any, path: str) -> bool:
-        return path in self.keep or op.name in self.keep or ka.layer_class_name(op) in self.keep
+        hits = {path, op.name, ka.layer_class_name(op)} & self.keep
+        self.kept |= hits
+        return bool(hits)
 
     def _operation(self, op: Any, args: tuple, kwargs: dict, path: str) -> Any:
         """Trace and lower one operation; fall back to Keras when that is impossible."""

@@ -52,6 +52,24 @@ def merge_permutes(graph: Graph, node: Node) -> bool | str:
     return replace(graph, node, emit(graph, node, "permute", [x], dims=dims))
 
 
+@rule("unit_permute_to_reshape", "permute")
+def unit_permute_to_reshape(graph: Graph, node: Node) -> bool | str:
+    """A permute that keeps the order of the dims larger than 1 only moves unit dims, which
+    does not move any element: it is reshape(x, out.shape). Done only next to a reshape, where
+    it merges into a reshape chain (elsewhere, e.g. around a conv on 1x1 maps, the permute is
+    better kept: it cancels against its inverse in the layout clean-up)."""
+    x, dims = node.inputs[0], node.attrs["dims"]
+    beside_reshape = (x.producer is not None and x.producer.op == "reshape") or (
+        node.outputs[0].users and all(u.op == "reshape" for u in node.outputs[0].users)
+    )
+    if not beside_reshape:
+        return "neither reads nor feeds a reshape"
+    moved = [d for d in dims if x.shape[d] != 1]
+    if moved != sorted(moved):
+        return "reorders dims larger than 1"
+    return replace(graph, node, emit(graph, node, "reshape", [x], shape=list(node.outputs[0].shape)))
+
+
 def _foldable(node: Node) -> bool | str:
     if OPS[node.op].category == "fallback":
         return "runs in Keras"
@@ -121,6 +139,7 @@ def drop_unit_batch(graph: Graph, node: Node) -> bool | str:
 
 
 STRUCTURAL = Pass(
-    "structural", (remove_noop, merge_reshapes, merge_permutes, fold_constants, drop_unit_batch)
+    "structural",
+    (remove_noop, merge_reshapes, merge_permutes, unit_permute_to_reshape, fold_constants, drop_unit_batch),
 )
 CSE = Pass("cse", transform=common_subexpressions)
