@@ -1,19 +1,46 @@
-"""Basic timing: median wall time per batch for Keras and for the converted model."""
+"""Benchmarking, trtexec style: latency percentiles, throughput, transfer times, peak memory,
+for kerasrt and the systems a Keras user has today, measured the same way in one process.
+
+Device work is timed with CUDA events on a GPU (wall clock on a CPU), after warm-up, inputs
+already on the device; host-to-device and device-to-host copies are timed separately.
+Keras on JAX runs in a child process (``python -m kerasrt.bench_jax``): JAX and Keras's
+backend are chosen per process.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+SCHEMA_VERSION = 1
+SYSTEMS = ("kerasrt", "keras-eager", "keras-torch-compile", "keras-jax-jit")
+"""What ``--compare`` measures: kerasrt; Keras eager, torch backend; Keras under torch.compile
+(``jit_compile=True`` on the torch backend); Keras on JAX under ``jax.jit`` (XLA)."""
+
+KERAS_POLICY = {"FP32": "float32", "TF32": "float32", "FP16": "mixed_float16", "BF16": "mixed_bfloat16"}
+"""The Keras dtype policy a compared Keras system runs at for each kerasrt precision."""
+
+JAX_POLICY = {**KERAS_POLICY, "FP16": "mixed_bfloat16"}
+"""On JAX, 16-bit runs use bfloat16: XLA's fast path on NVIDIA GPUs and what Keras users on
+JAX deploy (the issue's baseline is Keras on JAX in bfloat16)."""
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and spread of per-call times in milliseconds."""
+    """Median and spread of per-call times in milliseconds (the demo's simple timing)."""
 
     name: str
     median_ms: float
@@ -22,32 +49,437 @@ class Timing:
     iters: int
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+@dataclass
+class Result:
+    """One system at one batch size."""
+
+    system: str
+    batch: int
+    precision: str
+    latency_ms: dict[str, float]  # mean, p50, p90, p95, p99, min, max
+    throughput: float  # samples per second at the median latency
+    iters: int
+    build_s: float | None = None
+    h2d_ms: float | None = None  # copying the inputs from the host, when they start there
+    d2h_ms: float | None = None  # copying the outputs back to the host
+    peak_memory_mb: float | None = None
+    max_rel_err: float | None = None  # against Keras FP32, relative to the largest |output|
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample_latencies(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 10, iters: int = 50
+) -> list[float]:
+    """Milliseconds per call of ``fn``: CUDA events around each call on a GPU (device time of
+    the whole call, launches included), wall clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    if device.type == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+        ]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(iters):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return samples
+
+
+def latency_stats(samples: Sequence[float]) -> dict[str, float]:
+    """mean, p50, p90, p95, p99, min and max of ``samples`` (ms), rounded to the microsecond."""
+    array = np.asarray(samples, dtype=np.float64)
+    stats = {"mean": float(array.mean())}
+    for p in (50, 90, 95, 99):
+        stats[f"p{p}"] = float(np.percentile(array, p))
+    stats["min"], stats["max"] = float(array.min()), float(array.max())
+    return {k: round(v, 4) for k, v in stats.items()}
 
 
 def time_call(name: str, fn: Callable[[], Any], warmup: int = 3, iters: int = 20) -> Timing:
-    """Time ``fn`` after ``warmup`` calls; device work is waited for on CUDA."""
+    """Median wall time of ``fn`` (device work waited for on CUDA)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for _ in range(warmup):
         fn()
-    _sync()
+    _sync(device)
     samples = []
     for _ in range(iters):
-        start = time.perf_counter()
+        begin = time.perf_counter()
         fn()
-        _sync()
-        samples.append((time.perf_counter() - start) * 1e3)
+        _sync(device)
+        samples.append((time.perf_counter() - begin) * 1e3)
     return Timing(name, statistics.median(samples), min(samples), max(samples), iters)
 
 
 def compare_keras(
     keras_model: Any, model: Any, inputs: Sequence[Any], warmup: int = 3, iters: int = 20
 ) -> list[Timing]:
-    """Keras eager (current backend, inference mode) vs kerasrt on the same numpy inputs."""
+    """Keras eager (current backend, inference mode) vs kerasrt on the same inputs (the demo)."""
     args = inputs[0] if len(inputs) == 1 else list(inputs)
     keras_t = time_call("keras", lambda: keras_model(args, training=False), warmup, iters)
     device = getattr(model, "device", torch.device("cpu"))
     tensors = [torch.as_tensor(x).to(device) for x in inputs]
     krt_t = time_call("kerasrt", lambda: model(*tensors), warmup, iters)
     return [keras_t, krt_t]
+
+
+def transfer_times(
+    inputs: Sequence[np.ndarray], outputs: Sequence[torch.Tensor], device: torch.device, iters: int = 20
+) -> tuple[float | None, float | None]:
+    """Median host-to-device time of the inputs (pinned memory) and device-to-host time of the
+    outputs, in ms; None on a CPU."""
+    if device.type != "cuda":
+        return None, None
+    pinned = [torch.from_numpy(np.ascontiguousarray(x)).pin_memory() for x in inputs]
+    h2d = sample_latencies(lambda: [p.to(device, non_blocking=True) for p in pinned], device, 3, iters)
+    d2h = sample_latencies(lambda: [o.cpu() for o in outputs], device, 3, iters)
+    return round(statistics.median(h2d), 4), round(statistics.median(d2h), 4)
+
+
+class MemoryWatch:
+    """GPU memory a system adds: peak allocated minus what was allocated at ``start()`` (its
+    weights, workspaces, CUDA-graph pools and activations; not the caller's tensors).
+    ``build_done()`` notes the build's peak and starts a fresh one for inference."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def start(self) -> MemoryWatch:
+        if self.device.type == "cuda":
+            gc.collect()  # what earlier systems left must not be freed inside this window
+            torch.cuda.empty_cache()
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def build_done(self) -> float | None:
+        """The peak so far (the build's), then measure the inference peak from here on."""
+        peak = self.peak_mb()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def peak_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        _sync(self.device)
+        return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
+
+
+def relative_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+    """Largest |got - ref| over the largest |ref|, across outputs."""
+    worst = 0.0
+    for g, r in zip(got, ref):
+        scale = max(float(np.max(np.abs(r))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(np.asarray(g, np.float64) - r))) / scale)
+    return worst
+
+
+def _as_list(out: Any) -> list[Any]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _to_numpy(out: Any) -> list[np.ndarray]:
+    result = []
+    for o in _as_list(out):
+        if isinstance(o, torch.Tensor):
+            o = o.detach().float().cpu().numpy()
+        result.append(np.asarray(o, dtype=np.float32))
+    return result
+
+
+def measure(
+    system: str,
+    batch: int,
+    precision: str,
+    call: Callable[[], Any],
+    device: torch.device,
+    reference: Sequence[np.ndarray] | None = None,
+    host_inputs: Sequence[np.ndarray] | None = None,
+    build_s: float | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    note: str = "",
+    memory: MemoryWatch | None = None,
+) -> Result:
+    """Time ``call`` (inputs already on ``device``) and fill a Result."""
+    out = call()
+    err = relative_error(_to_numpy(out), reference) if reference is not None else None
+    samples = sample_latencies(call, device, warmup, iters)
+    stats = latency_stats(samples)
+    h2d = d2h = None
+    if host_inputs is not None:
+        h2d, d2h = transfer_times(
+            host_inputs, [o for o in _as_list(out) if isinstance(o, torch.Tensor)], device
+        )
+    return Result(
+        system,
+        batch,
+        precision,
+        stats,
+        round(batch / stats["p50"] * 1e3, 1),
+        iters,
+        build_s=None if build_s is None else round(build_s, 2),
+        h2d_ms=h2d,
+        d2h_ms=d2h,
+        peak_memory_mb=memory.peak_mb() if memory is not None else None,
+        max_rel_err=err,
+        note=note,
+    )
+
+
+# -- the systems ---------------------------------------------------------------------------------
+
+
+def keras_with_policy(model: Any, policy: str) -> Any:
+    """A copy of ``model`` built under the Keras dtype ``policy``, with the same weights."""
+    import keras
+
+    if policy == "float32":
+        return model
+
+    def rebuild(layer: Any) -> Any:  # saved configs pin each layer's dtype: replace it
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=rebuild)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def bench_keras_model(
+    keras_model: Any,
+    batches: Sequence[int],
+    precision: str = "FP32",
+    systems: Sequence[str] = ("kerasrt",),
+    device: str = "auto",
+    warmup: int = 10,
+    iters: int = 50,
+    converter_kwargs: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    model_path: str | None = None,
+) -> list[Result]:
+    """Measure ``systems`` on ``keras_model`` (torch backend) at each batch size, same inputs,
+    errors against Keras FP32. ``model_path`` (a .keras file) saves one for the JAX worker."""
+    from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.validate import keras_outputs, random_inputs_for
+
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    say = progress or (lambda _msg: None)
+    specs = ka.input_specs(keras_model)
+    results: list[Result] = []
+    for batch in batches:
+        shapes = [((batch, *[d if d is not None else 8 for d in shape[1:]]), dtype) for shape, dtype in specs]
+        host = random_inputs_for(shapes, seed=batch)
+        tensors = [torch.from_numpy(x).to(dev) for x in host]
+        with torch.no_grad():
+            reference = [np.asarray(o, np.float64) for o in keras_outputs(keras_model, [t for t in tensors])]
+        for system in systems:
+            say(f"{system}, batch {batch}")
+            if system == "keras-jax-jit":
+                results.append(
+                    _bench_jax(keras_model, model_path, batch, precision, host, reference, warmup, iters)
+                )
+                continue
+            memory = MemoryWatch(dev).start()
+            call, build, note = _prepare_system(
+                system, keras_model, precision, tensors, dev, converter_kwargs
+            )
+            build_peak = memory.build_done()
+            transfers = host if system == "kerasrt" else None
+            with torch.no_grad():
+                result = measure(
+                    system,
+                    batch,
+                    precision,
+                    call,
+                    dev,
+                    reference,
+                    transfers,
+                    build,
+                    warmup,
+                    iters,
+                    note,
+                    memory,
+                )
+            result.extra["build_peak_memory_mb"] = build_peak
+            results.append(result)
+            del call
+    return results
+
+
+def _prepare_system(
+    system: str,
+    keras_model: Any,
+    precision: str,
+    tensors: Sequence[torch.Tensor],
+    device: torch.device,
+    converter_kwargs: dict[str, Any] | None,
+) -> tuple[Callable[[], Any], float | None, str]:
+    """Build ``system`` for these inputs; returns (call, build seconds, note)."""
+    from kerasrt.converter import Converter
+
+    begin = time.perf_counter()
+    if system == "kerasrt":
+        optimized = Converter(
+            keras_model,
+            precision_mode=precision,
+            input_shapes=[tuple(t.shape) for t in tensors],
+            device=str(device),
+            **(converter_kwargs or {}),
+        ).convert()
+        optimized(*tensors)  # compile, autotune, capture
+        _sync(device)
+        return (lambda: optimized(*tensors)), time.perf_counter() - begin, ""
+    policy = KERAS_POLICY[precision]
+    model = keras_with_policy(keras_model, policy)
+    args = tensors[0] if len(tensors) == 1 else list(tensors)
+    if system == "keras-eager":
+        return (lambda: model(args, training=False)), None, f"policy {policy}"
+    compiled = torch.compile(lambda: model(args, training=False))
+    with torch.no_grad():
+        compiled()
+    _sync(device)
+    return compiled, time.perf_counter() - begin, f"policy {policy}"
+
+
+def _bench_jax(
+    keras_model: Any,
+    model_path: str | None,
+    batch: int,
+    precision: str,
+    host: Sequence[np.ndarray],
+    reference: Sequence[np.ndarray],
+    warmup: int,
+    iters: int,
+) -> Result:
+    """Keras on the JAX backend under jax.jit, in a child process; same inputs and reference."""
+    with tempfile.TemporaryDirectory(prefix="kerasrt-bench-") as tmp:
+        path = model_path
+        if path is None:
+            path = os.path.join(tmp, "model.keras")
+            keras_model.save(path)
+        np.savez(os.path.join(tmp, "inputs.npz"), *host)
+        request = {
+            "model": path,
+            "inputs": os.path.join(tmp, "inputs.npz"),
+            "policy": JAX_POLICY[precision],
+            "warmup": warmup,
+            "iters": iters,
+            "out": os.path.join(tmp, "result.json"),
+        }
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": "jax",
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "kerasrt.bench_jax", json.dumps(request)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0 or not os.path.exists(request["out"]):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return Result("keras-jax-jit", batch, precision, {}, 0.0, 0, note=f"failed: {tail[0][:200]}")
+        with open(request["out"]) as fh:
+            data = json.load(fh)
+        outputs = [np.load(os.path.join(tmp, f"out{i}.npy")) for i in range(data["outputs"])]
+    stats = data["latency_ms"]
+    return Result(
+        "keras-jax-jit",
+        batch,
+        precision,
+        stats,
+        round(batch / stats["p50"] * 1e3, 1),
+        iters,
+        build_s=data["build_s"],
+        peak_memory_mb=data.get("peak_memory_mb"),
+        max_rel_err=relative_error(outputs, reference),
+        note=f"policy {JAX_POLICY[precision]}, {data['device']}",
+    )
+
+
+def report_json(results: Sequence[Result], meta: dict[str, Any]) -> dict[str, Any]:
+    """The --json document: schema version, environment, one row per system and batch."""
+    return {"schema": SCHEMA_VERSION, **meta, "results": [r.to_json() for r in results]}
+
+
+def environment() -> dict[str, Any]:
+    """Card, library versions and date, for every benchmark record."""
+    import keras
+
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "keras": keras.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def plot(results: Sequence[Result], path: Any, title: str = "") -> None:
+    """Throughput and p50 latency by batch size, one line per system (matplotlib)."""
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from kerasrt.errors import KerasRTError
+
+        raise KerasRTError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in dict.fromkeys(r.system for r in results):
+        rows = sorted((r for r in results if r.system == system and r.latency_ms), key=lambda r: r.batch)
+        if not rows:
+            continue
+        batches = [r.batch for r in rows]
+        left.plot(batches, [r.throughput for r in rows], marker="o", label=system)
+        right.plot(batches, [r.latency_ms["p50"] for r in rows], marker="o", label=system)
+    for ax, label in ((left, "throughput (samples/s)"), (right, "latency p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

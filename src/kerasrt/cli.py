@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from kerasrt.errors import KerasRTError
-from kerasrt.settings import ConversionSettings
+from kerasrt.settings import COMPILERS, PRECISION_MODES, PRECISION_RTOL, ConversionSettings
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -28,6 +28,16 @@ def status(message: str) -> Iterator[Any]:
     """A spinner on stderr with a live message; yields a callback that updates it."""
     with err.status(message) as spinner:
         yield lambda detail: spinner.update(f"{message}: {detail}")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad batch list {text!r}; write it like 1,8,128") from None
+    if not batches or any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"bad batch list {text!r}; batch sizes must be positive")
+    return batches
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -68,6 +78,9 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "input_shapes": args.input_shape,
         "batch_size": args.batch_size,
         "keep_in_keras": args.keep_in_keras,
+        "compiler": args.compiler,
+        "cuda_graphs": not args.no_cuda_graphs,
+        "autotune": args.autotune,
         "custom_objects": _custom_objects(args.custom_objects),
         "device": args.device,
     }
@@ -165,31 +178,98 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         batch = model.engine_shapes[-1][0][0]
         inputs = random_inputs(model, batch, seed=args.seed)
+    rtol = args.rtol if args.rtol is not None else PRECISION_RTOL[model.settings.precision_mode]
     with status("running both models"):
-        results = compare(keras_model, model, inputs, rtol=args.rtol, atol=args.atol)
+        results = compare(keras_model, model, inputs, rtol=rtol, atol=args.atol)
     ok = True
     for r in results:
         mark = "[green]OK[/]" if r.ok else "[red]MISMATCH[/]"
         out.print(
             f"{r.name}: max abs err {r.max_abs:.3g}, max rel err {r.max_rel:.3g} "
-            f"(output scale {r.scale:.3g}, rtol {args.rtol:g}) {mark}"
+            f"(output scale {r.scale:.3g}, rtol {rtol:g} for {model.settings.precision_mode}) {mark}"
         )
         ok &= r.ok
     return 0 if ok else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kerasrt.artifact import load
-    from kerasrt.bench import compare_keras
-    from kerasrt.validate import random_inputs
+    from kerasrt.bench import bench_keras_model, environment, report_json
 
-    model = load(args.artifact, device=args.device)
-    batch = args.batch or model.engine_shapes[-1][0][0]
-    inputs = random_inputs(model, batch)
-    with status(f"timing batch {batch}"):
-        timings = compare_keras(model.keras.get(), model, inputs, iters=args.iters)
-    _print_timings(timings, batch, str(model.device))
+    systems = list(dict.fromkeys(["kerasrt", *(args.systems.split(",") if args.compare else [])]))
+    if Path(args.model).is_dir():  # an artifact: its settings, and its Keras model
+        from kerasrt.artifact import load
+
+        loaded = load(args.model, device="cpu")
+        keras_model, settings = loaded.keras.get(), loaded.settings
+        precision = args.precision or settings.precision_mode
+        kwargs = {
+            k: getattr(settings, k)
+            for k in (
+                "minimum_segment_size",
+                "keep_in_keras",
+                "optimization_level",
+                "compiler",
+                "cuda_graphs",
+            )
+        }
+    else:
+        from kerasrt.frontend import keras_adapter as ka
+
+        keras_model = ka.load_model(args.model, _custom_objects(args.custom_objects))
+        precision = args.precision or "FP32"
+        kwargs = {"compiler": args.compiler, "cuda_graphs": not args.no_cuda_graphs}
+    kwargs["autotune"] = args.autotune
+    with status("benchmarking") as progress:
+        results = bench_keras_model(
+            keras_model,
+            args.batch,
+            precision,
+            systems,
+            device=args.device,
+            warmup=args.warmup,
+            iters=args.iters,
+            converter_kwargs=kwargs,
+            progress=progress,
+            model_path=args.model if str(args.model).endswith(".keras") else None,
+        )
+    env = environment()
+    _print_bench(results, env)
+    if args.json:
+        document = report_json(results, {**env, "model": str(args.model), "precision": precision})
+        _write_atomic(Path(args.json), json.dumps(document, indent=1))
+    if args.plot:
+        from kerasrt.bench import plot
+
+        plot(results, Path(args.plot), title=f"{Path(args.model).name} ({precision}, {env['device']})")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        fh.write(text)
+    Path(fh.name).replace(path)
+
+
+def _print_bench(results: Sequence[Any], env: dict) -> None:
+    out.print(f"[bold]{env['device']}[/], torch {env['torch']}, keras {env['keras']}")
+    header = f"{'system':<22}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'per s':>12}{'vs kerasrt':>11}"
+    out.print(header + f"{'rel err':>10}{'build s':>9}{'h2d ms':>8}{'d2h ms':>8}{'peak MiB':>10}")
+    for r in results:
+        if not r.latency_ms:
+            out.print(f"{r.system:<22}{r.batch:>6}  {r.note}")
+            continue
+        base = next((x for x in results if x.system == "kerasrt" and x.batch == r.batch and x.latency_ms), r)
+        cells = [
+            f"{r.latency_ms['p50']:>10.3f}{r.latency_ms['p99']:>10.3f}{r.latency_ms['mean']:>10.3f}",
+            f"{r.throughput:>12,.0f}{r.latency_ms['p50'] / base.latency_ms['p50']:>10.2f}x",
+            f"{_num(r.max_rel_err, '.1e'):>10}{_num(r.build_s, '.1f'):>9}",
+            f"{_num(r.h2d_ms, '.3f'):>8}{_num(r.d2h_ms, '.3f'):>8}{_num(r.peak_memory_mb, ',.0f'):>10}",
+        ]
+        out.print(f"{r.system:<22}{r.batch:>6}" + "".join(cells))
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _print_timings(timings: Sequence[Any], batch: int, device: str) -> None:
@@ -273,7 +353,23 @@ def cmd_debug_reduce(args: argparse.Namespace) -> int:
 def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     d = ConversionSettings()  # the CLI and the Python API share one set of defaults
     p.add_argument(
-        "--precision", default=d.precision_mode, help=f"engine precision (default {d.precision_mode})"
+        "--precision",
+        default=d.precision_mode,
+        type=str.upper,
+        choices=PRECISION_MODES,
+        help=f"engine precision (default {d.precision_mode}); FP16/BF16 keep softmax, norms and "
+        "reductions in FP32",
+    )
+    p.add_argument(
+        "--compiler",
+        default=d.compiler,
+        choices=COMPILERS,
+        help="engine compiler: inductor (TorchInductor), eager (op by op), auto (default: inductor "
+        "on CUDA, eager on CPU)",
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch kernels one by one on CUDA")
+    p.add_argument(
+        "--autotune", action="store_true", help="time kernel choices per layer shape (slower build)"
     )
     p.add_argument(
         "--batch-size",
@@ -308,8 +404,9 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         "--keep-in-keras",
         action="append",
         default=[],
-        metavar="LAYER",
-        help="layer name, path or class to leave to Keras (repeatable)",
+        metavar="NAME",
+        help="layer name, path or class to leave to Keras, or an IR op type (as `inspect --graph` "
+        "shows) to keep out of engines (repeatable)",
     )
 
 
@@ -351,16 +448,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the original .keras or .h5 model")
     p.add_argument("artifact")
     p.add_argument("--inputs", help=".npz file with one array per input (default: random inputs)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="max abs error allowed relative to output scale")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        help="max abs error allowed relative to the output scale (default by precision: "
+        + ", ".join(f"{k} {v:g}" for k, v in PRECISION_RTOL.items())
+        + ")",
+    )
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("bench", help="time an artifact against Keras (basic timing)")
-    p.add_argument("artifact")
-    p.add_argument("--batch", type=int, help="batch size (default: the engine's)")
-    p.add_argument("--iters", type=int, default=20)
+    p = sub.add_parser(
+        "bench",
+        help="latency percentiles, throughput, transfers, build time and memory, per batch size "
+        "(--compare: against Keras eager, Keras torch.compile and Keras on JAX)",
+    )
+    p.add_argument("model", help="a .keras/.h5 model file or a kerasrt artifact directory")
+    p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, e.g. 1,8,128 (default 1)")
+    p.add_argument(
+        "--precision", type=str.upper, choices=PRECISION_MODES, help="default: the artifact's, else FP32"
+    )
+    p.add_argument("--compare", action="store_true", help="also measure the systems in --systems")
+    p.add_argument(
+        "--systems",
+        default="keras-eager,keras-torch-compile,keras-jax-jit",
+        help="systems --compare measures (default: all of keras-eager, keras-torch-compile, keras-jax-jit)",
+    )
+    p.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    p.add_argument(
+        "--plot", metavar="FILE", help="plot throughput and latency by batch (matplotlib; .png/.svg)"
+    )
+    p.add_argument("--iters", type=int, default=50, help="timed calls per measurement (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
+    p.add_argument("--compiler", default="auto", choices=COMPILERS, help="engine compiler for a model file")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--autotune", action="store_true")
+    p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
 

@@ -17,7 +17,9 @@ from kerasrt.frontend import keras_adapter as ka
 from kerasrt.frontend.importer import InputSpec, import_model, resolve_input_specs
 from kerasrt.ir.graph import Graph
 from kerasrt.ir.graph import verify as verify_graph
+from kerasrt.ir.ops import OPS
 from kerasrt.passes import optimize
+from kerasrt.passes.precision import LOW_PRECISION, lower_precision
 from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec
 from kerasrt.settings import ConversionSettings
 
@@ -51,6 +53,14 @@ def build_graph(
     else:
         graph = _import_in_subprocess(keras, specs, keep)
     verify_graph(graph)
+    # an entry that names no layer may name an IR op type, kept out of engines by the runtime
+    unmatched = set(keep) - set(graph.meta.pop("kept_in_keras", ()))
+    graph.meta["kept_op_types"] = sorted(unmatched & set(OPS))
+    unknown = unmatched - set(OPS)
+    if unknown:
+        raise ConversionError(
+            f"keep_in_keras names no layer, layer path, layer class or op type of the model: {sorted(unknown)}"
+        )
     if settings.outputs is not None:
         names = ka.output_names(keras.get())
         graph.outputs = [graph.outputs[i] for i in select_outputs(names, settings.outputs)]
@@ -65,6 +75,9 @@ def build_graph(
         "nodes_after": result.nodes_after,
         "rules": dict(sorted(result.counts.items())),
     }
+    if settings.precision_mode in LOW_PRECISION:
+        lowered = lower_precision(graph, settings.precision_mode)
+        graph.meta["precision"]["changes"] = dict(sorted(lowered.items()))
     verify_graph(graph)
     return graph
 
@@ -132,6 +145,9 @@ class Converter:
         keep_in_keras: Iterable[str] = (),
         optimization_level: int = 2,
         outputs: Sequence[str | int] | None = None,
+        compiler: str = "auto",
+        cuda_graphs: bool = True,
+        autotune: bool = False,
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -147,6 +163,9 @@ class Converter:
             keep_in_keras=tuple(keep_in_keras),
             optimization_level=optimization_level,
             outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
+            compiler=compiler,
+            cuda_graphs=cuda_graphs,
+            autotune=autotune,
         )
         self.device = device
         self.progress = progress

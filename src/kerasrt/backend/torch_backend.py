@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -30,13 +30,13 @@ def is_supported(node: Node) -> Support:
 
 @contextlib.contextmanager
 def precision_scope(device: torch.device, precision: str) -> Iterator[None]:
-    """Make CUDA math honour the engine precision: FP32 means IEEE float32, so TF32 tensor-core
-    shortcuts (on by default for cuDNN convolutions) are off while an FP32 engine runs."""
-    if device.type != "cuda" or precision != "FP32":
+    """Make CUDA math honour the engine precision: TF32 tensor-core shortcuts (on by default for
+    cuDNN convolutions) are on only for TF32 engines; float32 everywhere else is IEEE."""
+    if device.type != "cuda":
         yield
         return
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "TF32"
     try:
         yield
     finally:
@@ -48,12 +48,23 @@ def _ident(name: str) -> str:
 
 
 class TorchEngine:
-    """A compiled segment: call with the segment's input tensors, get its outputs."""
+    """A compiled segment: call with the segment's input tensors, get its outputs.
+
+    ``compiler="inductor"`` compiles the program with TorchInductor on its first call (static
+    shapes, weights frozen into the compiled code's constants); "eager" runs it op by op.
+    """
 
     def __init__(
-        self, nodes: Sequence[Node], inputs: Sequence[Value], outputs: Sequence[Value], device: torch.device
+        self,
+        nodes: Sequence[Node],
+        inputs: Sequence[Value],
+        outputs: Sequence[Value],
+        device: torch.device,
+        compiler: str = "eager",
+        autotune: bool = False,
     ):
         self.device = device
+        self.compiler = compiler
         root = torch.nn.Module()
         graph = torch.fx.Graph()
         env: dict[int, torch.fx.Node] = {}
@@ -75,6 +86,17 @@ class TorchEngine:
         graph.output(tuple(env[id(v)] for v in outputs))
         self.module = torch.fx.GraphModule(root, graph)
         self.module.eval()
+        self._run: Callable[..., tuple[torch.Tensor, ...]] = self.module
+        if compiler == "inductor":
+            self._run = torch.compile(
+                self.module,
+                fullgraph=True,
+                dynamic=False,
+                mode="max-autotune-no-cudagraphs" if autotune else None,
+                options={"freezing": True},
+            )
+        elif compiler != "eager":
+            raise ValueError(f"unknown engine compiler {compiler!r}")
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.module(*tensors)
+        return self._run(*tensors)

@@ -1,0 +1,187 @@
+"""The standard benchmark suite, one run on one GPU: kerasrt against what Keras users have
+(Keras eager on torch, Keras on JAX under jax.jit) and against torch.compile of the
+equivalent PyTorch model (torchvision, transformers), same card, same inputs.
+
+Run on the GPU machine:
+    source .whl/activate.sh && python bench/suite.py --out $OUT/suite.json [--quick]
+Writes the JSON record and prints a markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import keras
+import torch
+
+from kerasrt.bench import MemoryWatch, Result, bench_keras_model, environment, measure
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from kerasrt_testing import random_input, randomize  # calibrated random weights
+
+SEQ, WIDTH, HEADS, MLP, LAYERS, VOCAB = 128, 768, 12, 3072, 12, 30522
+
+
+def bert_encoder(layers: int = LAYERS) -> keras.Model:
+    """A BERT-base sized encoder from Keras layers: token + position embeddings, post-LN blocks."""
+    L = keras.layers
+    ids = keras.Input((SEQ,), dtype="int32", name="input_ids")
+    x = L.Embedding(VOCAB, WIDTH)(ids)
+    positions = L.Embedding(SEQ, WIDTH)(keras.ops.arange(SEQ)[None, :])
+    x = L.LayerNormalization(epsilon=1e-12)(x + positions)
+    for _ in range(layers):
+        a = L.MultiHeadAttention(HEADS, WIDTH // HEADS)(x, x)
+        x = L.LayerNormalization(epsilon=1e-12)(x + a)
+        h = L.Dense(WIDTH)(L.Dense(MLP, activation="gelu")(x))
+        x = L.LayerNormalization(epsilon=1e-12)(x + h)
+    return keras.Model(ids, x, name="bert_encoder")
+
+
+def keras_models(quick: bool) -> dict[str, tuple]:
+    apps = keras.applications
+    models = {
+        "ResNet50": (lambda: apps.ResNet50(weights=None, classifier_activation=None), [1, 128]),
+        "MobileNetV2": (lambda: apps.MobileNetV2(weights=None, classifier_activation=None), [1, 128]),
+        "EfficientNetB0": (lambda: apps.EfficientNetB0(weights=None, classifier_activation=None), [1, 128]),
+        "BERT-base encoder": (bert_encoder, [32]),
+    }
+    if quick:
+        models = {"ResNet50": models["ResNet50"], "BERT-base encoder": (lambda: bert_encoder(2), [32])}
+    return models
+
+
+def torch_peer(name: str, batch: int, warmup: int, iters: int) -> Result | None:
+    """torch.compile (reduce-overhead, freezing) of torchvision's / transformers' model, fp16."""
+    torch._inductor.config.freezing = True
+    dev = torch.device("cuda")
+    memory = MemoryWatch(dev).start()
+    if name == "BERT-base encoder":
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=MLP, num_hidden_layers=LAYERS
+        )
+        config._attn_implementation = "sdpa"  # fused scaled-dot-product attention
+        module = BertModel(config, add_pooling_layer=False).eval().half().to(dev)
+        x = torch.randint(0, VOCAB, (batch, SEQ), device=dev)
+        system = "transformers BertModel, torch.compile"
+    else:
+        import torchvision
+
+        ctor = {"ResNet50": "resnet50", "MobileNetV2": "mobilenet_v2", "EfficientNetB0": "efficientnet_b0"}[
+            name
+        ]
+        module = getattr(torchvision.models, ctor)().eval().half().to(dev, memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, 224, 224, device=dev).half().to(memory_format=torch.channels_last)
+        system = f"torchvision {ctor}, torch.compile"
+    compiled = torch.compile(module, mode="reduce-overhead")
+    with torch.no_grad():
+        begin = time.perf_counter()
+        compiled(x)
+        compiled(x)
+        torch.cuda.synchronize()
+        build = time.perf_counter() - begin
+        build_peak = memory.build_done()
+
+        def call():
+            out = compiled(x)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+        result = measure(
+            system, batch, "FP16", call, dev, build_s=build, warmup=warmup, iters=iters, memory=memory
+        )
+    result.extra["build_peak_memory_mb"] = build_peak
+    return result
+
+
+def markdown(results: list[Result], env: dict) -> str:
+    lines = [
+        f"Card: {env['device']}; torch {env['torch']}, keras {env['keras']}, triton {env.get('triton')}; "
+        f"{env['date']}; command: `python bench/suite.py`",
+        "",
+        "| model | batch | system | p50 ms | throughput /s | vs kerasrt | max rel err | build s | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if not r.latency_ms:
+            lines.append(f"| {r.extra.get('model')} | {r.batch} | {r.system} | failed: {r.note} | | | | | |")
+            continue
+        krt = next(
+            (
+                x
+                for x in results
+                if x.system == "kerasrt"
+                and x.batch == r.batch
+                and x.extra.get("model") == r.extra.get("model")
+            ),
+            None,
+        )
+        ratio = f"{r.latency_ms['p50'] / krt.latency_ms['p50']:.2f}x" if krt and krt.latency_ms else ""
+        err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+        lines.append(
+            f"| {r.extra.get('model')} | {r.batch} | {r.system} {r.note} | {r.latency_ms['p50']:.3f} | "
+            f"{r.throughput:,.0f} | {ratio} | {err} | {r.build_s if r.build_s is not None else ''} | "
+            f"{r.peak_memory_mb if r.peak_memory_mb is not None else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="suite.json")
+    parser.add_argument("--quick", action="store_true", help="ResNet50 and a 2-layer encoder only")
+    parser.add_argument("--precision", default="FP16")
+    parser.add_argument("--systems", default="kerasrt,keras-eager,keras-jax-jit")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--autotune", action="store_true")
+    parser.add_argument("--models", help="comma-separated subset of the suite's model names")
+    args = parser.parse_args()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    results: list[Result] = []
+    suite = keras_models(args.quick)
+    if args.models:
+        suite = {k: v for k, v in suite.items() if k in args.models.split(",")}
+    for name, (make, batches) in suite.items():
+        model = make()
+        # trained-like weights: fresh ones give near-constant tiny logits that fp16 flushes to 0
+        image = name != "BERT-base encoder"
+        randomize(model, calibration=random_input((16, 224, 224, 3)) if image else None)
+        for batch in batches:
+            try:
+                rows = bench_keras_model(
+                    model,
+                    [batch],
+                    args.precision,
+                    args.systems.split(","),
+                    iters=args.iters,
+                    converter_kwargs={"autotune": args.autotune},
+                    progress=lambda m, name=name: print(f"[{time.strftime('%X')}] {name}: {m}", flush=True),
+                )
+                if not args.no_peers:
+                    rows.append(torch_peer(name, batch, 10, args.iters))
+            except Exception:  # record the failure and go on with the suite
+                traceback.print_exc()
+                rows = [
+                    Result("error", batch, args.precision, {}, 0.0, 0, note=traceback.format_exc()[-300:])
+                ]
+            for r in rows:
+                r.extra["model"] = name
+                print(json.dumps(r.to_json()), flush=True)
+            results += rows
+            torch.cuda.empty_cache()
+    with open(args.out, "w") as fh:
+        json.dump({"schema": 1, **env, "results": [r.to_json() for r in results]}, fh, indent=1)
+    print(markdown(results, env))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Precision lowering: FP16/BF16 made explicit in the graph with casts.
+
+Weights are converted once, here, so engines and the artifact hold them in the engine
+precision. Every float32 value an op reads is cast to the low precision, except for the ops
+in ``FP32_OPS`` (softmax, normalization, reductions, exp/log/pow: what overflows or loses
+sums in 16 bits, the list ``torch.autocast`` keeps in float32), which read float32 and whose
+results go on in float32 until the next op casts them down. Keras fallback layers get the
+dtypes they were traced with. Graph inputs and outputs keep their dtypes: the engine casts
+at its edges, and the casts fuse into the neighbouring kernels when the engine is compiled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from kerasrt.ir.graph import Graph, Node, Value, torch_dtype
+from kerasrt.ir.ops import OPS
+from kerasrt.passes.base import Pass, PassManager, replace, rule
+from kerasrt.passes.structural import CSE, remove_noop
+
+LOW_PRECISION = {"FP16": "float16", "BF16": "bfloat16"}
+"""Precision modes that change the graph, and the dtype their engines compute in."""
+
+FP32_OPS = frozenset(
+    {
+        "softmax",
+        "log_softmax",
+        "layer_norm",
+        "batch_norm",
+        "reduce_mean",
+        "reduce_sum",
+        "reduce_prod",
+        "reduce_var",
+        "cumsum",
+        "exp",
+        "expm1",
+        "log",
+        "log1p",
+        "pow",
+        "softplus",
+    }
+)
+"""Ops that compute in float32 inside a low-precision engine."""
+
+
+def lower_precision(graph: Graph, precision: str) -> Counter[str]:
+    """Rewrite ``graph`` in place to compute in ``precision`` (a key of ``LOW_PRECISION``);
+    returns counts of what changed."""
+    low = LOW_PRECISION[precision]
+    fired: Counter[str] = Counter()
+    converted: dict[int, Value] = {}
+    output_dtypes = [v.dtype for v in graph.outputs]
+    traced = {id(n): [v.dtype for v in n.inputs] for n in graph.nodes}  # before any rewrite
+
+    def as_dtype(value: Value, dtype: str, before: Node) -> Value:
+        if value.dtype == dtype:
+            return value
+        if value.is_constant:
+            key = id(value) if dtype == low else -id(value)
+            if key not in converted:
+                data = value.data.to(torch_dtype(dtype))
+                converted[key] = graph.add_constant(f"{value.name}.{dtype}", data)
+                fired["constants_converted"] += 1
+            return converted[key]
+        fired["casts_inserted"] += 1
+        return graph.add_node("cast", [value], {"dtype": dtype}, layer=before.layer, before=before).outputs[0]
+
+    for node in list(graph.nodes):
+        wanted = traced[id(node)]
+        attrs = dict(node.attrs)
+        if OPS[node.op].category != "fallback" and node.op not in FP32_OPS:
+            wanted = [low if d == "float32" else d for d in wanted]
+            if node.op == "cast" and attrs["dtype"] == "float32":
+                attrs["dtype"] = low
+        inputs = [as_dtype(v, d, node) for v, d in zip(node.inputs, wanted)]
+        if inputs == node.inputs and attrs == node.attrs and [v.dtype for v in inputs] == traced[id(node)]:
+            continue  # nothing this node reads or does changed
+        types = [(o.shape, o.dtype) for o in node.outputs] if not OPS[node.op].infer else None
+        new = graph.add_node(node.op, inputs, attrs, layer=node.layer, output_types=types, before=node)
+        for old, value in zip(node.outputs, new.outputs):
+            graph.replace_uses(old, value)
+        graph.nodes.remove(node)
+        for value in node.inputs:
+            value.users.remove(node)
+    for i, (value, dtype) in enumerate(zip(graph.outputs, output_dtypes)):
+        if value.dtype != dtype:
+            cast = graph.add_node("cast", [value], {"dtype": dtype}, layer="output")
+            graph.outputs[i] = cast.outputs[0]
+    graph.remove_unused()
+    fired.update(
+        PassManager((Pass("precision_cleanup", (remove_noop, cast_round_trip)), CSE)).run(graph).counts
+    )
+    graph.meta["precision"] = {"mode": precision, "dtype": low, "fp32_ops": sorted(FP32_OPS)}
+    return fired
+
+
+@rule("cast_round_trip", "cast")
+def cast_round_trip(graph: Graph, node: Node) -> bool | str:
+    """cast(cast(x, wider), x.dtype) = x: widening is exact, so narrowing back restores x."""
+    inner = node.inputs[0].producer
+    if inner is None or inner.op != "cast":
+        return "input is not a cast"
+    x = inner.inputs[0]
+    if node.attrs["dtype"] != x.dtype or not _widens(x.dtype, inner.attrs["dtype"]):
+        return "not a widening round trip"
+    return replace(graph, node, x)
+
+
+def _widens(narrow: str, wide: str) -> bool:
+    a, b = torch_dtype(narrow), torch_dtype(wide)
+    if not (a.is_floating_point and b.is_floating_point):
+        return False
+    return torch.finfo(b).bits > torch.finfo(a).bits and torch.finfo(b).max >= torch.finfo(a).max

@@ -1,0 +1,68 @@
+"""`kerasrt bench`: the JSON schema, the compared systems, the plot, bad arguments.
+(Timings themselves belong in BENCHMARKS.md; here only their shape and consistency.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import pytest
+from keras import layers as L
+
+from kerasrt.bench import SCHEMA_VERSION, SYSTEMS
+from kerasrt.cli import main
+from kerasrt_testing import randomize
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    inp = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    model = randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
+    path = tmp_path_factory.mktemp("bench") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def test_bench_compare_writes_the_documented_json_and_plot(model_file: Path, tmp_path: Path, capsys) -> None:
+    report, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", str(model_file), "--batch", "1,3", "--precision", "fp16", "--compare"]
+    args += ["--json", str(report), "--plot", str(picture), "--iters", "4", "--warmup", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "p50 ms" in text and "keras-jax-jit" in text
+    data = json.loads(report.read_text())
+    assert data["schema"] == SCHEMA_VERSION and data["precision"] == "FP16"
+    assert {"date", "torch", "keras", "device", "model"} <= set(data)
+    rows = data["results"]
+    assert [(r["system"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in SYSTEMS]
+    for r in rows:
+        lat = r["latency_ms"]
+        assert set(lat) == {"mean", "p50", "p90", "p95", "p99", "min", "max"}, r
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert r["throughput"] == pytest.approx(r["batch"] / lat["p50"] * 1e3, rel=1e-3)
+        assert r["precision"] == "FP16" and r["iters"] == 4
+        assert r["max_rel_err"] < 0.05  # every system computed the same function (16-bit)
+    kerasrt_rows = [r for r in rows if r["system"] == "kerasrt"]
+    assert all(r["build_s"] is not None and r["build_s"] >= 0 for r in kerasrt_rows)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_an_artifact_uses_its_precision(model_file: Path, tmp_path: Path) -> None:
+    artifact = tmp_path / "tiny_krt"
+    assert main(["convert", str(model_file), "-o", str(artifact), "--precision", "bf16"]) == 0
+    report = tmp_path / "a.json"
+    assert main(["bench", str(artifact), "--batch", "2", "--iters", "3", "--json", str(report)]) == 0
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["system"] == "kerasrt" and row["precision"] == "BF16" and row["batch"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--batch", "0"], "batch sizes must be positive"), (["--precision", "int8"], "invalid choice")],
+)
+def test_bench_bad_arguments_exit_2(model_file: Path, extra: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(model_file), *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
