@@ -85,7 +85,9 @@ def test_reduced_precision_matches_keras_fp32_within_its_tolerance(precision: st
     graph = optimized.primary_graph()
     if precision != "TF32":
         low = {"FP16": "float16", "BF16": "bfloat16"}[precision]
-        compute = Counter(n.outputs[0].dtype for n in graph.nodes if n.op in ("linear", "conv_fused", "attention"))
+        compute = Counter(
+            n.outputs[0].dtype for n in graph.nodes if n.op in ("linear", "conv_fused", "attention")
+        )
         assert set(compute) == {low}, compute
         assert all(n.outputs[0].dtype == "float32" for n in graph.nodes if n.op in ("softmax", "layer_norm"))
         assert graph.meta["precision"]["mode"] == precision
@@ -96,7 +98,9 @@ def test_inductor_engines_match_and_survive_an_artifact_round_trip(tmp_path) -> 
     x = random_input((2, 8, 8, 3))
     conv = kerasrt.Converter(model, precision_mode="FP16", input_shapes=[x.shape], compiler="inductor")
     optimized = conv.convert()
-    eager = kerasrt.Converter(model, precision_mode="FP16", input_shapes=[x.shape], compiler="eager").convert()
+    eager = kerasrt.Converter(
+        model, precision_mode="FP16", input_shapes=[x.shape], compiler="eager"
+    ).convert()
     compiled_out = optimized(x)
     assert_close(compiled_out, eager(x), rtol=PRECISION_RTOL["FP16"])
     engine = optimized.program(optimized.engine_shapes[0]).steps[0][0]
