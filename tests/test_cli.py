@@ -52,9 +52,9 @@ def test_convert_inspect_validate_bench(tmp_path: Path, model_file: Path, capsys
     assert main(["validate", str(model_file), str(out), "--inputs", str(inputs)]) == 0
     capsys.readouterr()
 
-    assert main(["bench", str(out), "--iters", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["keras", "kerasrt"]
+    assert main(["bench", str(out), "--iters", "3", "--compare", "--systems", "keras-eager"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("kerasrt", "4"), ("keras-eager", "4")]  # the engine's batch
 
 
 def test_validate_detects_a_different_model(tmp_path: Path, model_file: Path, capsys) -> None:

@@ -202,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         loaded = load(args.model, device="cpu")
         keras_model, settings = loaded.keras.get(), loaded.settings
         precision = args.precision or settings.precision_mode
+        batches = args.batch or [loaded.engine_shapes[-1][0][0]]
         kwargs = {
             k: getattr(settings, k)
             for k in (
@@ -217,12 +218,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         keras_model = ka.load_model(args.model, _custom_objects(args.custom_objects))
         precision = args.precision or "FP32"
+        batches = args.batch or [1]
         kwargs = {"compiler": args.compiler, "cuda_graphs": not args.no_cuda_graphs}
     kwargs["autotune"] = args.autotune
     with status("benchmarking") as progress:
         results = bench_keras_model(
             keras_model,
-            args.batch,
+            batches,
             precision,
             systems,
             device=args.device,
@@ -466,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(--compare: against Keras eager, Keras torch.compile and Keras on JAX)",
     )
     p.add_argument("model", help="a .keras/.h5 model file or a kerasrt artifact directory")
-    p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, e.g. 1,8,128 (default 1)")
+    p.add_argument(
+        "--batch",
+        type=_batches,
+        help="batch sizes, e.g. 1,8,128 (default: the artifact's engine batch, else 1)",
+    )
     p.add_argument(
         "--precision", type=str.upper, choices=PRECISION_MODES, help="default: the artifact's, else FP32"
     )
