@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -124,3 +125,65 @@ def test_weights_are_stored_once_across_engines(tmp_path: Path) -> None:
         or len([k for k in keys if "kernel" in k]) == 1
     )
     assert len(kerasrt.load(path).engine_shapes) == 2
+
+
+COMPILED_FRESH_PROCESS = """
+import pickle, sys, numpy as np, torch, kerasrt
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("pickle or a compiler used while loading a compiled artifact")
+
+class ForbiddenUnpickler(pickle.Unpickler):  # a class: torch subclasses it at import time
+    __init__ = forbidden
+
+pickle.load, pickle.loads, pickle.Unpickler = forbidden, forbidden, ForbiddenUnpickler
+torch.compile = forbidden  # the engines must come from their packages, not be compiled again
+model = kerasrt.load(sys.argv[1])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], model(x))
+program = model.program(model.engine_shapes[0])
+print(sorted(e.compiler for e in program.compiled_engines.values()))
+"""
+
+
+def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: Path) -> None:
+    inp = keras.Input((6, 6, 3), name="image")
+    x = L.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    model = randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
+    conv = kerasrt.Converter(model, batch_size=2, precision_mode="FP16", compiler="inductor")
+    optimized = conv.convert()
+    x = random_input((2, 6, 6, 3))
+    expected = optimized(x)
+    path = conv.save(tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    compiled = manifest["engines"][0]["compiled"]
+    assert compiled["environment"]["device"].startswith("cpu") and compiled["environment"]["torch"]
+    (package,) = compiled["files"].values()
+    assert (path / package).stat().st_size > 0
+    with zipfile.ZipFile(path / package) as archive:  # code only: the weights live in safetensors
+        assert not [n for n in archive.namelist() if n.endswith((".pkl", ".pt", "constants.bin"))]
+
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    args = [
+        sys.executable,
+        "-c",
+        COMPILED_FRESH_PROCESS,
+        str(path),
+        str(tmp_path / "x.npy"),
+        str(tmp_path / "y.npy"),
+    ]
+    proc = subprocess.run(args, check=True, env=env, capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "['package']"
+    got = np.load(tmp_path / "y.npy")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+
+    # engines built for another machine are never run: a warning, and they are recompiled
+    compiled["environment"]["torch"] = "0.0-elsewhere"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="will be recompiled"):
+        loaded = kerasrt.load(path)
+    np.testing.assert_allclose(loaded(x), expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+    assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
+        "inductor"
+    ]

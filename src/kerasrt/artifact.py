@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
+from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
@@ -36,8 +38,14 @@ def _versions() -> dict[str, str]:
     return {"kerasrt": __version__, "torch": torch.__version__, "keras": keras.__version__}
 
 
-def save(model: OptimizedModel, output_dir: Path) -> Path:
-    """Write ``model`` to ``output_dir`` via a temporary sibling directory and a rename."""
+def save(model: OptimizedModel, output_dir: Path, compiled_engines: bool = True) -> Path:
+    """Write ``model`` to ``output_dir`` via a temporary sibling directory and a rename.
+
+    With ``compiled_engines`` (and engines compiled by Inductor), every built engine is also
+    compiled ahead of time (AOTInductor) into ``engines/``, keyed by GPU architecture and
+    library versions, so ``load`` on a matching machine runs without compiling. The packages
+    hold code only; the weights are stored once, in the safetensors file.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not (output_dir / MANIFEST).exists():
         raise ArtifactError(f"{output_dir} exists and is not a kerasrt artifact; refusing to overwrite it")
@@ -51,7 +59,16 @@ def save(model: OptimizedModel, output_dir: Path) -> Path:
             data, tensors = graph_to_json(graph)
             for spec in data["constants"]:
                 spec["key"] = _store(weights, spec["name"], tensors[spec["name"]])
-            engines.append({"input_shapes": [list(s) for s in key], "graph": data})
+            entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": data}
+            program = model._programs.get(key)
+            if compiled_engines and program is not None and program.compiled_engines:
+                folder = f"engines/{len(engines)}"
+                files = program.export_engines(tmp / folder)
+                entry["compiled"] = {
+                    "environment": engine_environment(model.device),
+                    "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
+                }
+            engines.append(entry)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -135,7 +152,11 @@ def load(
     except Exception as exc:
         raise ArtifactError(f"{root / WEIGHTS} is corrupt: {exc}") from None
     settings = ConversionSettings.from_json(manifest["settings"])
+    target = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device
+    )
     graphs = {}
+    packages: dict[Any, dict[int, Path]] = {}
     for engine in manifest["engines"]:
         tensors = {}
         for spec in engine["graph"]["constants"]:
@@ -144,6 +165,17 @@ def load(
             tensors[spec["name"]] = weights[spec["key"]]
         key = tuple(tuple(s) for s in engine["input_shapes"])
         graphs[key] = graph_from_json(engine["graph"], tensors)
+        compiled = engine.get("compiled")
+        if compiled:
+            here = engine_environment(target)
+            if compiled.get("environment") == here:
+                packages[key] = {int(i): _inside(root, rel) for i, rel in compiled["files"].items()}
+            else:
+                warnings.warn(
+                    f"{root}: the compiled engines for input shapes {engine['input_shapes']} were built for "
+                    f"{compiled.get('environment')}, this machine is {here}; they will be recompiled",
+                    stacklevel=2,
+                )
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in manifest["inputs"]]
     keras_path = root / manifest.get("keras_model", KERAS_MODEL)
     keras = KerasSource(path=keras_path if keras_path.exists() else None, custom_objects=custom_objects)
@@ -161,6 +193,15 @@ def load(
         manifest.get("outputs", []),
         keras,
         builder=builder,
-        device=device,
+        device=target,
         name=manifest.get("name", root.name),
+        packages=packages,
     )
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing paths that leave the artifact directory."""
+    path = (root / relative).resolve()
+    if root.resolve() not in path.parents or not path.is_file():
+        raise ArtifactError(f"{root}: compiled engine file {relative!r} is missing or outside the artifact")
+    return path

@@ -11,6 +11,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,9 +80,20 @@ def fallback_runner(
 
 
 class Program:
-    """The executable form of one graph: its segments compiled for one device."""
+    """The executable form of one graph: its segments compiled for one device.
 
-    def __init__(self, graph: Graph, settings: ConversionSettings, device: torch.device, keras: KerasSource):
+    ``packages`` maps engine segment indices to AOTInductor packages compiled earlier (a
+    loaded artifact's): those engines run the package instead of compiling.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        settings: ConversionSettings,
+        device: torch.device,
+        keras: KerasSource,
+        packages: dict[int, Path] | None = None,
+    ):
         self.graph = graph
         self.device = device
         self.keras = keras
@@ -108,7 +120,10 @@ class Program:
                 self.steps.append((self._fallback_step(seg), ins, outs))
             else:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
-                engine = TorchEngine(seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
+                package = (packages or {}).get(seg.index) if seg.kind == "engine" else None
+                engine = TorchEngine(
+                    seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune, package
+                )
                 self.steps.append((engine, ins, outs))
         self.graphable = (
             device.type == "cuda"
@@ -116,6 +131,25 @@ class Program:
             and all(s.kind != "fallback" for s in self.segments)
         )
         self._graph: CudaGraphRunner | None = None
+
+    @property
+    def compiled_engines(self) -> dict[int, TorchEngine]:
+        """Engines compiled by Inductor (JIT or packages), by segment index."""
+        return {
+            seg.index: step[0]
+            for seg, step in zip(self.segments, self.steps)
+            if isinstance(step[0], TorchEngine) and step[0].compiler in ("inductor", "package")
+        }
+
+    def export_engines(self, folder: Path) -> dict[int, str]:
+        """Compile every compiled engine ahead of time into ``folder``; file names by index."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for index, engine in self.compiled_engines.items():
+            log.info("compiling engine %d ahead of time (AOTInductor)", index)
+            engine.export_package(folder / f"engine{index}.pt2")
+            files[index] = f"engine{index}.pt2"
+        return files
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
         (node,) = seg.nodes
@@ -126,7 +160,12 @@ class Program:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.graphable:
             if self._graph is None:
-                self._graph = CudaGraphRunner(self.run, inputs)
+                try:
+                    self._graph = CudaGraphRunner(self.run, inputs)
+                except RuntimeError as exc:  # e.g. an op that syncs with the host cannot be captured
+                    log.warning("running without a CUDA graph: capture failed (%s)", str(exc).splitlines()[0])
+                    self.graphable = False
+                    return self.run(inputs)
             return self._graph(inputs)
         return self.run(inputs)
 
@@ -189,6 +228,7 @@ class OptimizedModel:
         builder: GraphBuilder | None = None,
         device: str | torch.device = "auto",
         name: str = "model",
+        packages: dict[ShapeKey, dict[int, Path]] | None = None,
     ):
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,6 +241,7 @@ class OptimizedModel:
         self.name = name
         self.graphs: OrderedDict[ShapeKey, Graph] = OrderedDict(graphs)
         self._programs: OrderedDict[ShapeKey, Program] = OrderedDict()
+        self.packages = dict(packages or {})  # ahead-of-time compiled engines, by input shapes
 
     # -- engines -----------------------------------------------------------------------
     def program(self, key: ShapeKey) -> Program:
@@ -225,12 +266,13 @@ class OptimizedModel:
             log.info("building an engine for input shapes %s", key)
             graph = self.builder(key)
             self.graphs[key] = graph
-        program = Program(graph, self.settings, self.device, self.keras)
+        program = Program(graph, self.settings, self.device, self.keras, self.packages.get(key))
         self._programs[key] = program
         self.graphs.move_to_end(key)
         while len(self.graphs) > self.settings.maximum_cached_engines:
             old, _ = self.graphs.popitem(last=False)
             self._programs.pop(old, None)
+            self.packages.pop(old, None)
             log.info("evicted the engine for input shapes %s", old)
         return program
 

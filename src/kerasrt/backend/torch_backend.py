@@ -7,13 +7,16 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 from __future__ import annotations
 
 import contextlib
+import platform
 import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.fx
 
-from kerasrt.ir.graph import Node, Value
+from kerasrt import __version__
+from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
 
@@ -43,6 +46,22 @@ def precision_scope(device: torch.device, precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
+def engine_environment(device: torch.device) -> dict[str, str]:
+    """What a compiled engine is valid for: the processor (GPU architecture) and the versions
+    of the compiler stack. A serialized engine built elsewhere is rebuilt, never run."""
+    env = {"kerasrt": __version__, "torch": torch.__version__}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        env["device"] = f"cuda sm_{major}{minor}"
+        with contextlib.suppress(ImportError):
+            import triton
+
+            env["triton"] = triton.__version__
+    else:
+        env["device"] = f"{device.type} {platform.machine()}"
+    return env
+
+
 def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
@@ -51,7 +70,8 @@ class TorchEngine:
     """A compiled segment: call with the segment's input tensors, get its outputs.
 
     ``compiler="inductor"`` compiles the program with TorchInductor on its first call (static
-    shapes, weights frozen into the compiled code's constants); "eager" runs it op by op.
+    shapes, weights frozen into the compiled code's constants); "eager" runs it op by op;
+    ``package`` runs an AOTInductor package made earlier by ``export_package`` instead.
     """
 
     def __init__(
@@ -62,9 +82,12 @@ class TorchEngine:
         device: torch.device,
         compiler: str = "eager",
         autotune: bool = False,
+        package: Path | None = None,
     ):
         self.device = device
         self.compiler = compiler
+        self.autotune = autotune
+        self.input_types = [(tuple(v.shape), v.dtype) for v in inputs]
         root = torch.nn.Module()
         graph = torch.fx.Graph()
         env: dict[int, torch.fx.Node] = {}
@@ -87,7 +110,9 @@ class TorchEngine:
         self.module = torch.fx.GraphModule(root, graph)
         self.module.eval()
         self._run: Callable[..., tuple[torch.Tensor, ...]] = self.module
-        if compiler == "inductor":
+        if package is not None:
+            self.load_package(package)
+        elif compiler == "inductor":
             self._run = torch.compile(
                 self.module,
                 fullgraph=True,
@@ -100,3 +125,42 @@ class TorchEngine:
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._run(*tensors)
+
+    def example_inputs(self) -> list[torch.Tensor]:
+        """Inputs of the engine's shapes and dtypes (for ahead-of-time compilation)."""
+        gen = torch.Generator().manual_seed(0)
+        tensors = []
+        for shape, dtype in self.input_types:
+            t = torch_dtype(dtype)
+            data = (
+                torch.randn(shape, generator=gen).to(t)
+                if t.is_floating_point
+                else torch.zeros(shape, dtype=t)
+            )
+            tensors.append(data.to(self.device))
+        return tensors
+
+    def export_package(self, path: Path) -> None:
+        """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
+        package holds code only: the weights stay in the artifact and are handed over at load."""
+        configs = {"aot_inductor.package_constants_in_so": False}
+        if self.autotune:
+            configs["max_autotune"] = True
+        with torch.no_grad():
+            exported = torch.export.export(self.module, tuple(self.example_inputs()))
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(path), inductor_configs=configs
+            )
+
+    def load_package(self, path: Path) -> None:
+        """Run the AOTInductor package at ``path`` from now on, on this engine's own weights
+        (used in place, not copied)."""
+        runner = torch._inductor.aoti_load_package(str(path))
+        buffers = dict(self.module.named_buffers())
+        runner.load_constants(
+            {name: buffers[name] for name in runner.get_constant_fqns()},
+            check_full_update=True,
+            user_managed=True,
+        )
+        self._run = runner
+        self.compiler = "package"

@@ -1,0 +1,80 @@
+"""Save with ahead-of-time compiled engines, then load in a fresh process: how long until the
+first inference, and does the loaded model run at the compiled model's speed?
+
+    source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+LOAD = """
+import time, sys, json
+t0 = time.perf_counter()
+import torch, numpy as np, kerasrt
+from kerasrt.bench import sample_latencies, latency_stats
+t1 = time.perf_counter()
+model = kerasrt.load(sys.argv[1])
+x = torch.from_numpy(np.load(sys.argv[2])).cuda()
+y = model(x); torch.cuda.synchronize()
+t2 = time.perf_counter()
+kinds = sorted(e.compiler for e in model.program(model.engine_shapes[0]).compiled_engines.values())
+stats = latency_stats(sample_latencies(lambda: model(x), torch.device("cuda"), 10, 50))
+np.save(sys.argv[3], y.float().cpu().numpy())
+print(json.dumps({"import_s": t1 - t0, "load_and_first_inference_s": t2 - t1, "engines": kinds, "latency_ms": stats}))
+"""
+
+
+def main() -> None:
+    import keras
+    import numpy as np
+    import torch
+
+    import kerasrt
+    from kerasrt.bench import latency_stats, sample_latencies
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "ResNet50"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype("float32")
+    t = time.perf_counter()
+    conv = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch)
+    optimized = conv.convert()
+    optimized(torch.from_numpy(x).cuda())
+    torch.cuda.synchronize()
+    build = time.perf_counter() - t
+    jit = latency_stats(
+        sample_latencies(lambda: optimized(torch.from_numpy(x).cuda()), torch.device("cuda"), 10, 50)
+    )
+    print(
+        json.dumps({"model": name, "batch": batch, "convert_and_build_s": build, "jit_latency_ms": jit}),
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        path = conv.save(os.path.join(tmp, "art"))
+        print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
+        np.save(os.path.join(tmp, "x.npy"), x)
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD, str(path), os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")],
+            capture_output=True,
+            text=True,
+        )
+        print(
+            proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr[-3000:], flush=True
+        )
+        if proc.returncode == 0:
+            ref = optimized(torch.from_numpy(x).cuda()).float().cpu().numpy()
+            got = np.load(os.path.join(tmp, "y.npy"))
+            print(json.dumps({"loaded_vs_jit_max_rel": float(np.abs(got - ref).max() / np.abs(ref).max())}))
+
+
+if __name__ == "__main__":
+    main()
