@@ -178,6 +178,11 @@ def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: 
     got = np.load(tmp_path / "y.npy")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
+    ignored = kerasrt.load(path, compiled_engines=False)  # the user may refuse native code
+    assert [e.compiler for e in ignored.program(ignored.engine_shapes[0]).compiled_engines.values()] == [
+        "inductor"
+    ]
+
     # engines built for another machine are never run: a warning, and they are recompiled
     compiled["environment"]["torch"] = "0.0-elsewhere"
     (path / "manifest.json").write_text(json.dumps(manifest))
@@ -187,3 +192,17 @@ def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: 
     assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
         "inductor"
     ]
+
+
+def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) -> None:
+    inp = keras.Input((4, 4, 2))
+    model = randomize(keras.Model(inp, L.Conv2D(3, 3, padding="same", activation="relu")(inp)))
+    conv = kerasrt.Converter(model, batch_size=1, compiler="inductor")
+    x = random_input((1, 4, 4, 2))
+    expected = conv.convert()(x)
+    path = conv.save(tmp_path / "art")
+    (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()
+    (path / package).write_bytes(b"not a package")
+    loaded = kerasrt.load(path)
+    with pytest.warns(UserWarning, match="recompiling it"):
+        np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)

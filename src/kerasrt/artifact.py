@@ -121,9 +121,14 @@ def _save_keras(keras: KerasSource, path: Path) -> None:
 
 
 def load(
-    path: str | os.PathLike, device: str = "auto", custom_objects: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    device: str = "auto",
+    custom_objects: dict[str, Any] | None = None,
+    compiled_engines: bool = True,
 ) -> OptimizedModel:
-    """Load an artifact saved by ``Converter.save``; runs no code from it."""
+    """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only; the
+    compiled engine packages (native code) are used when ``compiled_engines`` and built for
+    this machine, else the engines are compiled again from the graph."""
     from kerasrt.converter import build_graph
     from kerasrt.frontend.importer import InputSpec
 
@@ -165,7 +170,7 @@ def load(
             tensors[spec["name"]] = weights[spec["key"]]
         key = tuple(tuple(s) for s in engine["input_shapes"])
         graphs[key] = graph_from_json(engine["graph"], tensors)
-        compiled = engine.get("compiled")
+        compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
             here = engine_environment(target)
             if compiled.get("environment") == here:

@@ -8,6 +8,7 @@ original Keras model), or refused with EngineNotBuiltError.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,9 +122,16 @@ class Program:
             else:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
                 package = (packages or {}).get(seg.index) if seg.kind == "engine" else None
-                engine = TorchEngine(
-                    seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune, package
-                )
+                args = (seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
+                try:
+                    engine = TorchEngine(*args, package=package)
+                except Exception as exc:  # a package this torch cannot load is rebuilt, not fatal
+                    if package is None:
+                        raise
+                    warnings.warn(
+                        f"cannot load compiled engine {package.name} ({exc}); recompiling it", stacklevel=2
+                    )
+                    engine = TorchEngine(*args)
                 self.steps.append((engine, ins, outs))
         self.graphable = (
             device.type == "cuda"
