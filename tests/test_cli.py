@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from keras import layers as L
 
+import kerasrt
 from kerasrt.cli import main
 from kerasrt.demo import MODEL_PATH
 from kerasrt_testing import randomize
@@ -146,3 +147,15 @@ def test_console_script_and_other_keras_backend(tmp_path: Path) -> None:
         [str(kerasrt_bin), "inspect", str(tmp_path / "missing")], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "not a kerasrt artifact" in proc.stderr
+
+
+def test_batch_profile_option_round_trips_through_the_artifact(tmp_path: Path, model_file: Path) -> None:
+    out = tmp_path / "profiled_krt"
+    assert main(["convert", str(model_file), "-o", str(out), "--batch-profile", "1,2,4"]) == 0
+    loaded = kerasrt.load(out)
+    assert loaded.settings.batch_profile == (1, 2, 4)
+    assert sorted(k[0][0] for k in loaded.engine_shapes) == [2, 4]
+    x = np.random.default_rng(0).standard_normal((3, 6, 6, 2)).astype("float32")
+    assert loaded(x).shape[0] == 3
+    assert main(["convert", str(model_file), "-o", str(tmp_path / "bad"), "--batch-profile", "4,2,8"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -14,7 +14,7 @@ from keras import layers as L
 import kerasrt
 from kerasrt.cli import main
 from kerasrt.demo import MODEL_PATH
-from kerasrt_testing import random_input, randomize
+from kerasrt_testing import assert_close, keras_reference, random_input, randomize
 
 
 @pytest.fixture
@@ -106,6 +106,17 @@ def test_unseen_shape_without_build_at_runtime(small_model: keras.Model) -> None
         optimized(random_input((3, 4, 4, 2)))
 
 
+def test_build_prebuilds_shapes_even_without_build_at_runtime(small_model: keras.Model) -> None:
+    conv = kerasrt.Converter(
+        small_model, batch_size=2, allow_build_at_runtime=False, maximum_cached_engines=3
+    )
+    optimized = conv.convert()
+    conv.build(lambda: [random_input((3, 4, 4, 2)), random_input((5, 4, 4, 2))])
+    assert sorted(k[0][0] for k in optimized.engine_shapes) == [2, 3, 5]
+    x = random_input((5, 4, 4, 2))
+    assert_close(optimized(x), keras_reference(small_model, [x])[0])  # served, nothing built
+
+
 def test_engine_cache_builds_and_evicts(small_model: keras.Model) -> None:
     conv = kerasrt.Converter(small_model, batch_size=2, maximum_cached_engines=2)
     optimized = conv.convert()
@@ -170,3 +181,21 @@ def test_damaged_artifacts(tmp_path: Path, small_model: keras.Model, damage, mes
         kerasrt.load(path)
     assert main(["inspect", str(path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_batch_profile_serves_every_batch_in_range_with_two_engines(small_model: keras.Model) -> None:
+    conv = kerasrt.Converter(small_model, batch_profile=(1, 4, 8), allow_build_at_runtime=False)
+    optimized = conv.convert()
+    assert sorted(k[0][0] for k in optimized.engine_shapes) == [4, 8]  # opt and max, prebuilt
+    for batch in (1, 3, 4, 5, 8):
+        x = random_input((batch, 4, 4, 2), seed=batch)
+        got = optimized(x)
+        assert got.shape[0] == batch
+        assert_close(got, keras_reference(small_model, [x])[0])
+    assert sorted(k[0][0] for k in optimized.engine_shapes) == [4, 8]  # nothing else was built
+    with pytest.raises(
+        kerasrt.InputSignatureError, match=r"batch size 9 is outside the batch profile \[1, 8\]"
+    ):
+        optimized(random_input((9, 4, 4, 2)))
+    with pytest.raises(kerasrt.ConversionError, match="batch_profile must be"):
+        kerasrt.Converter(small_model, batch_profile=(4, 2, 8))

@@ -78,6 +78,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "input_shapes": args.input_shape,
         "batch_size": args.batch_size,
         "keep_in_keras": args.keep_in_keras,
+        "batch_profile": args.batch_profile,
         "compiler": args.compiler,
         "cuda_graphs": not args.no_cuda_graphs,
         "autotune": args.autotune,
@@ -384,6 +385,12 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         type=_shape,
         action="append",
         help="full input shape incl. batch, e.g. 1,224,224,3; repeat once per model input",
+    )
+    p.add_argument(
+        "--batch-profile",
+        type=_batches,
+        metavar="MIN,OPT,MAX",
+        help="serve every batch size in [MIN, MAX] from two engines (OPT and MAX), padding smaller batches",
     )
     p.add_argument(
         "--minimum-segment-size",

@@ -145,6 +145,7 @@ class Converter:
         keep_in_keras: Iterable[str] = (),
         optimization_level: int = 2,
         outputs: Sequence[str | int] | None = None,
+        batch_profile: Sequence[int] | None = None,
         compiler: str = "auto",
         cuda_graphs: bool = True,
         autotune: bool = False,
@@ -163,6 +164,7 @@ class Converter:
             keep_in_keras=tuple(keep_in_keras),
             optimization_level=optimization_level,
             outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
+            batch_profile=tuple(batch_profile) if batch_profile is not None else None,
             compiler=compiler,
             cuda_graphs=cuda_graphs,
             autotune=autotune,
@@ -180,7 +182,11 @@ class Converter:
         if calibration_input_fn is not None:
             raise ConversionError("calibration_input_fn is for INT8, which this version does not build")
         model = self.keras.get()
-        specs = resolve_input_specs(model, self.settings.input_shapes, self.settings.batch_size)
+        profile = self.settings.batch_profile
+        shapes = self.settings.input_shapes
+        if profile is not None and shapes is not None:  # the first engine is the profile's opt
+            shapes = tuple((profile[1], *s[1:]) for s in shapes)
+        specs = resolve_input_specs(model, shapes, profile[1] if profile else self.settings.batch_size)
         graph = build_graph(self.keras, specs, self.settings, self.progress)
         declared = ka.input_specs(model)
         inputs = [
@@ -207,6 +213,8 @@ class Converter:
             name=model.name,
         )
         self._optimized.program(key)
+        if profile is not None:  # and the profile's max engine
+            self._optimized.program(tuple((profile[2], *shape[1:]) for shape in key), build=True)
         return self._optimized
 
     @property
@@ -219,7 +227,7 @@ class Converter:
         """Build engines ahead of time for every input signature ``input_fn`` yields."""
         for inputs in input_fn():
             args = inputs if isinstance(inputs, (list, tuple)) else (inputs,)
-            self.optimized(*args)
+            self.optimized.prebuild(*args)
 
     def summary(self, print_fn: Callable[[str], None] | None = print) -> str:
         """The conversion report (what runs in engines, what fell back and why)."""

@@ -252,8 +252,9 @@ class OptimizedModel:
         self.packages = dict(packages or {})  # ahead-of-time compiled engines, by input shapes
 
     # -- engines -----------------------------------------------------------------------
-    def program(self, key: ShapeKey) -> Program:
-        """The program for input shapes ``key``, built (and cached, LRU) on first use."""
+    def program(self, key: ShapeKey, build: bool = False) -> Program:
+        """The program for input shapes ``key``, built (and cached, LRU) on first use; a
+        shape never seen needs ``allow_build_at_runtime`` or ``build=True`` (ahead of time)."""
         program = self._programs.get(key)
         if program is not None:
             self._programs.move_to_end(key)
@@ -261,7 +262,7 @@ class OptimizedModel:
             return program
         graph = self.graphs.get(key)
         if graph is None:
-            if not self.settings.allow_build_at_runtime or self.builder is None:
+            if not (self.settings.allow_build_at_runtime or build) or self.builder is None:
                 known = ", ".join(str(list(map(list, k))) for k in self.graphs) or "none"
                 raise EngineNotBuiltError(
                     f"no engine for input shapes {[list(s) for s in key]} (built: {known}) and "
@@ -345,12 +346,35 @@ class OptimizedModel:
             tensor = tensor.to(want)
         return tensor.to(self.device)
 
+    def profile_batch(self, batch: int) -> int:
+        """The engine batch size that serves ``batch`` under ``settings.batch_profile``."""
+        low, opt, high = self.settings.batch_profile
+        if not low <= batch <= high:
+            raise InputSignatureError(f"batch size {batch} is outside the batch profile [{low}, {high}]")
+        return opt if batch <= opt else high
+
+    def prebuild(self, *args: Any) -> None:
+        """Build (ahead of time) the engine that inputs like ``args`` will run on."""
+        tensors, _, _ = self._prepare(args)
+        if self.settings.batch_profile is not None and tensors and tensors[0].dim():
+            batch = self.profile_batch(tensors[0].shape[0])
+            self.program(tuple((batch, *t.shape[1:]) for t in tensors), build=True)
+        else:
+            self.program(tuple(tuple(t.shape) for t in tensors), build=True)
+
     def __call__(self, *args: Any) -> Any:
         tensors, as_torch, out_device = self._prepare(args)
+        batch = padded = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+        if self.settings.batch_profile is not None and batch:
+            padded = self.profile_batch(batch)
+            if padded != batch:  # repeat the last row: real data, so no NaN/overflow surprises
+                tensors = [torch.cat([t, t[-1:].expand(padded - batch, *t.shape[1:])]) for t in tensors]
         key = tuple(tuple(t.shape) for t in tensors)
         program = self.program(key)
         with torch.inference_mode(), precision_scope(self.device, self.settings.precision_mode):
             outputs = program(tensors)
+        if padded != batch:
+            outputs = [o[:batch] if o.dim() and o.shape[0] == padded else o for o in outputs]
         if as_torch:
             outputs = [o.to(out_device) for o in outputs]
         else:

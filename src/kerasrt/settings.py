@@ -27,6 +27,11 @@ class ConversionSettings:
     ``input_shapes`` gives one shape per model input, batch dimension included; ``None``
     means "the model's declared shapes with the batch dimension set to ``batch_size``".
 
+    ``batch_profile``: (min, opt, max) batch sizes one converted model serves, as a TensorRT
+    optimization profile: engines are built for ``opt`` and ``max``; a batch in [min, opt] runs
+    padded to ``opt``, one in (opt, max] padded to ``max`` (rows are independent at inference,
+    the padding is dropped from the outputs); a batch outside [min, max] is refused.
+
     ``compiler``: "inductor" compiles each engine with TorchInductor (Triton, cuDNN, cuBLAS),
     "eager" runs its ops one by one; "auto" is inductor on CUDA and eager on a CPU (where
     compiling costs more than it saves for most uses). ``cuda_graphs``: replay each
@@ -44,6 +49,7 @@ class ConversionSettings:
     keep_in_keras: tuple[str, ...] = field(default_factory=tuple)
     optimization_level: int = 2
     outputs: tuple[str, ...] | None = None  # a subset of model outputs (names or positions)
+    batch_profile: tuple[int, int, int] | None = None
     compiler: str = "auto"
     cuda_graphs: bool = True
     autotune: bool = False
@@ -70,6 +76,15 @@ class ConversionSettings:
                 raise ConversionError(f"input_shapes must be positive integers, got {shapes}")
             object.__setattr__(self, "input_shapes", shapes)
         object.__setattr__(self, "keep_in_keras", tuple(self.keep_in_keras))
+        if self.batch_profile is not None:
+            profile = tuple(int(b) for b in self.batch_profile)
+            if len(profile) != 3 or not 1 <= profile[0] <= profile[1] <= profile[2]:
+                raise ConversionError(
+                    f"batch_profile must be (min, opt, max) with 1 <= min <= opt <= max, got {profile}"
+                )
+            object.__setattr__(self, "batch_profile", profile)
+            if self.maximum_cached_engines < 2:
+                object.__setattr__(self, "maximum_cached_engines", 2)  # the opt and max engines
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
 
@@ -93,4 +108,6 @@ class ConversionSettings:
         kwargs["keep_in_keras"] = tuple(kwargs.get("keep_in_keras", ()))
         if kwargs.get("outputs") is not None:
             kwargs["outputs"] = tuple(kwargs["outputs"])
+        if kwargs.get("batch_profile") is not None:
+            kwargs["batch_profile"] = tuple(kwargs["batch_profile"])
         return cls(**kwargs)
