@@ -206,3 +206,22 @@ def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) 
     loaded = kerasrt.load(path)
     with pytest.warns(UserWarning, match="recompiling it"):
         np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_artifact_without_the_keras_model_stores_weights_once(tmp_path: Path) -> None:
+    inp = keras.Input((6, 6, 3), name="image")
+    model = randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp)))))
+    conv = kerasrt.Converter(model, batch_size=2)
+    optimized = conv.convert()
+    path = conv.save(tmp_path / "lean", keras_model=False)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
+    loaded = kerasrt.load(path)
+    x = random_input((2, 6, 6, 3))
+    np.testing.assert_array_equal(loaded(x), optimized(x))
+    with pytest.raises(kerasrt.ArtifactError, match=r"has no keras_model\.keras to build an engine"):
+        loaded(random_input((3, 6, 6, 3)))
+    fallback = kerasrt.Converter(_model_with_fallback(), batch_size=2)
+    fallback.convert()
+    with pytest.raises(kerasrt.ArtifactError, match=r"layers \['host'\] run in Keras"):
+        fallback.save(tmp_path / "no", keras_model=False)
+    assert not (tmp_path / "no").exists()

@@ -38,14 +38,24 @@ def _versions() -> dict[str, str]:
     return {"kerasrt": __version__, "torch": torch.__version__, "keras": keras.__version__}
 
 
-def save(model: OptimizedModel, output_dir: Path, compiled_engines: bool = True) -> Path:
+def save(
+    model: OptimizedModel, output_dir: Path, compiled_engines: bool = True, keras_model: bool = True
+) -> Path:
     """Write ``model`` to ``output_dir`` via a temporary sibling directory and a rename.
 
     With ``compiled_engines`` (and engines compiled by Inductor), every built engine is also
     compiled ahead of time (AOTInductor) into ``engines/``, keyed by GPU architecture and
     library versions, so ``load`` on a matching machine runs without compiling. The packages
     hold code only; the weights are stored once, in the safetensors file.
+
+    ``keras_model=False`` leaves out the original model (a second copy of the weights, in
+    float32): the artifact then serves only the shapes it was saved with, and a model with
+    Keras fallback layers cannot be saved so.
     """
+    if not keras_model:
+        needs = sorted({n.layer for g in model.graphs.values() for n in g.nodes if n.op == "keras_layer"})
+        if needs:
+            raise ArtifactError(f"layers {needs} run in Keras, so the artifact needs the Keras model (keras_model=True)")
     output_dir = Path(output_dir)
     if output_dir.exists() and not (output_dir / MANIFEST).exists():
         raise ArtifactError(f"{output_dir} exists and is not a kerasrt artifact; refusing to overwrite it")
@@ -78,10 +88,11 @@ def save(model: OptimizedModel, output_dir: Path, compiled_engines: bool = True)
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
             "outputs": model.output_names,
             "engines": engines,
-            "keras_model": KERAS_MODEL,
+            "keras_model": KERAS_MODEL if keras_model else None,
         }
         save_file(weights, str(tmp / WEIGHTS))
-        _save_keras(model.keras, tmp / KERAS_MODEL)
+        if keras_model:
+            _save_keras(model.keras, tmp / KERAS_MODEL)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if output_dir.exists():
             old = output_dir.with_name(output_dir.name + ".old")
@@ -182,7 +193,7 @@ def load(
                     stacklevel=2,
                 )
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in manifest["inputs"]]
-    keras_path = root / manifest.get("keras_model", KERAS_MODEL)
+    keras_path = root / (manifest.get("keras_model") or KERAS_MODEL)
     keras = KerasSource(path=keras_path if keras_path.exists() else None, custom_objects=custom_objects)
 
     def builder(shapes: tuple[tuple[int, ...], ...]) -> Any:

@@ -95,7 +95,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         conv.convert()
     conv.summary(print_fn=out.print)
     with status(f"saving {args.output}"):
-        path = conv.save(args.output)
+        path = conv.save(args.output, not args.no_compiled_engines, not args.no_keras_model)
     err.print(f"[green]saved[/] {path}")
     return 0
 
@@ -438,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a .keras/.h5 model and save the artifact")
     p.add_argument("model", help="a .keras or .h5 model file")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument(
+        "--no-compiled-engines", action="store_true", help="do not store AOTInductor packages of the engines"
+    )
+    p.add_argument(
+        "--no-keras-model",
+        action="store_true",
+        help="leave the original model out (smaller; serves only the saved shapes, no fallback layers)",
+    )
     _add_conversion_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_convert)

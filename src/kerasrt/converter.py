@@ -238,11 +238,13 @@ class Converter:
             print_fn(text)
         return text
 
-    def save(self, output_dir: str | os.PathLike, compiled_engines: bool = True) -> Path:
+    def save(
+        self, output_dir: str | os.PathLike, compiled_engines: bool = True, keras_model: bool = True
+    ) -> Path:
         """Write the artifact directory (atomically: nothing half-written on failure); with
         Inductor engines, also their ahead-of-time compiled packages (see ``artifact.save``)."""
         from kerasrt.artifact import save
 
         if compiled_engines and self.progress is not None and self.optimized._programs:
             self.progress("compiling engines ahead of time")
-        return save(self.optimized, Path(output_dir), compiled_engines)
+        return save(self.optimized, Path(output_dir), compiled_engines, keras_model)
