@@ -55,7 +55,9 @@ def save(
     if not keras_model:
         needs = sorted({n.layer for g in model.graphs.values() for n in g.nodes if n.op == "keras_layer"})
         if needs:
-            raise ArtifactError(f"layers {needs} run in Keras, so the artifact needs the Keras model (keras_model=True)")
+            raise ArtifactError(
+                f"layers {needs} run in Keras, so the artifact needs the Keras model (keras_model=True)"
+            )
     output_dir = Path(output_dir)
     if output_dir.exists() and not (output_dir / MANIFEST).exists():
         raise ArtifactError(f"{output_dir} exists and is not a kerasrt artifact; refusing to overwrite it")

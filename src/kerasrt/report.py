@@ -60,6 +60,10 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "flops": flops_total,
         "flops_in_engines": flops_engines,
         "optimization": program.graph.meta.get("optimization", {}),
+        "precision_lowering": program.graph.meta.get("precision", {}),
+        "compiler": model.settings.compiler_for(model.device.type),
+        "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
+        "cuda_graph": program.graphable,
         "segments": segments,
         "fallbacks": fallbacks,
         "suggestion": suggestion,
@@ -86,6 +90,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"optimizer (level {opt['level']}): {opt['nodes_before']} -> {opt['nodes_after']} ops; "
             + (", ".join(f"{rule} x{n}" for rule, n in opt["rules"].items()) or "nothing to do")
         )
+    low = report.get("precision_lowering") or {}
+    if low:
+        changes = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in low.get("changes", {}).items())
+        lines.append(
+            f"precision {low['mode']}: compute in {low['dtype']} ({changes}); in float32: {', '.join(low['fp32_ops'])}"
+        )
+    if "compiler" in report:
+        graph = "replayed as one CUDA graph" if report.get("cuda_graph") else "no CUDA graph"
+        lines.append(f"engines: compiler {report['compiler']}, {graph}")
     lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())
