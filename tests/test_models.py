@@ -250,3 +250,25 @@ def test_traced_subclassed_model_names_its_sublayers() -> None:
     layers = {n.layer for n in optimized.primary_graph().nodes}
     conv = model.conv.name
     assert {f"sub/{conv}", f"sub/{model.bn.name}", f"sub/{model.block.name}"} <= layers
+
+
+def test_graph_walk_releases_each_value_after_its_last_reader() -> None:
+    from kerasrt.frontend import keras_adapter as ka
+
+    inp = keras.Input((4,))
+    a = L.Dense(4, name="a")(inp)
+    b = L.Dense(4, name="b")(a)  # a is read twice: released after both readers ran
+    c = L.Dense(4, name="c")(a)
+    shared = L.Dense(4, name="shared")  # two nodes: its values are never released early
+    d = L.Add(name="add")([shared(b), shared(c)])
+    model = keras.Model(inp, [L.Dense(2, name="head")(d), b])  # b is an output: kept
+    ran: list[str] = []
+    released: list[tuple[str, int]] = []
+
+    def call(op, *args, **kwargs):
+        ran.append(op.name)
+        return op.name
+
+    ka.run_graph(model, ["input"], call, release=lambda v: released.append((v, len(ran))))
+    last_reader_of_a = max(ran.index("b"), ran.index("c")) + 1
+    assert released == [("a", last_reader_of_a), ("add", len(ran))]

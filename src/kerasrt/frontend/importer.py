@@ -62,6 +62,11 @@ class _Traced:
         self.value = value
         self.example = example
 
+    def drop_example(self) -> None:
+        """Free the example tensor once no later layer reads it (import memory stays at the
+        live activations, not all of them)."""
+        self.example = None
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -180,7 +185,7 @@ class Importer:
                     return self._run_model(op, flat_in, prefix=path + "/")
                 return self._operation(op, args, kwargs, path)
 
-            return ka.run_graph(model, inputs, call)
+            return ka.run_graph(model, inputs, call, release=_Traced.drop_example)
         result = self._operation(
             model, tuple(inputs) if len(inputs) > 1 else (inputs[0],), {}, prefix.rstrip("/")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,15 +118,50 @@ def output_names(model: Any) -> list[str]:
         return []
 
 
-def run_graph(model: Any, inputs: Sequence[Any], call: Callable[..., Any]) -> list[Any]:
+def run_graph(
+    model: Any, inputs: Sequence[Any], call: Callable[..., Any], release: Callable[[Any], None] | None = None
+) -> list[Any]:
     """Walk a functional graph, computing each node with ``call(op, *args, **kwargs)``.
 
     Returns the flat list of model outputs. The values flowing through can be any objects.
+    ``release(value)`` is called on a value computed in this graph once every node that reads
+    it has run (never on graph inputs or outputs, nor on values of layers used twice here),
+    so the caller can drop what it holds (Keras keeps every value until the walk ends).
     """
     from keras import tree
 
     graph = _graph_of(model)
-    outputs = graph._run_through_graph(list(inputs), call_fn=call)
+    wrapped = call
+    if release is not None:
+        nodes = [
+            n for group in graph._nodes_by_depth.values() for n in group if n.operation and not n.is_input
+        ]
+        by_operation: dict[int, list[Any]] = {}
+        for node in nodes:
+            by_operation.setdefault(id(node.operation), []).append(node)
+        uses = Counter(id(x) for node in nodes for x in node.input_tensors)
+        for x in graph.outputs:
+            uses[id(x)] += 1  # never released
+        owned: dict[int, Any] = {}
+
+        def wrapped(op: Any, *args: Any, **kwargs: Any) -> Any:
+            result = call(op, *args, **kwargs)
+            candidates = by_operation.get(id(op), [])
+            if len(candidates) == 1:  # the node that just ran (a shared layer: unknown, skip)
+                (node,) = candidates
+                passed_through = {id(a) for a in tree.flatten((args, kwargs))}  # e.g. an identity
+                owned.update(
+                    (id(x), y)
+                    for x, y in zip(node.outputs, tree.flatten(result))
+                    if id(y) not in passed_through
+                )
+                for x in node.input_tensors:
+                    uses[id(x)] -= 1
+                    if uses[id(x)] == 0 and id(x) in owned:
+                        release(owned.pop(id(x)))
+            return result
+
+    outputs = graph._run_through_graph(list(inputs), call_fn=wrapped)
     return tree.flatten(outputs)
 
 
