@@ -141,6 +141,11 @@ class Program:
         self._graph: CudaGraphRunner | None = None
 
     @property
+    def captured(self) -> bool:
+        """Whether calls replay a captured CUDA graph."""
+        return self.graphable and self._graph is not None
+
+    @property
     def compiled_engines(self) -> dict[int, TorchEngine]:
         """Engines compiled by Inductor (JIT or packages), by segment index."""
         return {
@@ -371,8 +376,12 @@ class OptimizedModel:
                 tensors = [torch.cat([t, t[-1:].expand(padded - batch, *t.shape[1:])]) for t in tensors]
         key = tuple(tuple(t.shape) for t in tensors)
         program = self.program(key)
-        with torch.inference_mode(), precision_scope(self.device, self.settings.precision_mode):
-            outputs = program(tensors)
+        with torch.inference_mode():  # (the captured buffers are inference tensors)
+            if program.captured:  # a CUDA graph replay: the math modes no longer matter
+                outputs = program(tensors)
+            else:
+                with precision_scope(self.device, self.settings.precision_mode):
+                    outputs = program(tensors)
         if padded != batch:
             outputs = [o[:batch] if o.dim() and o.shape[0] == padded else o for o in outputs]
         if as_torch:
