@@ -118,3 +118,19 @@ def test_unknown_precision_and_compiler_are_refused() -> None:
         kerasrt.ConversionSettings(precision_mode="INT4")
     with pytest.raises(kerasrt.ConversionError, match="compiler must be one of"):
         kerasrt.ConversionSettings(compiler="tensorrt")
+
+
+def test_fp32_ops_can_be_told_otherwise() -> None:
+    model = mixed_model()
+    x = random_input((2, 8, 8, 3))
+    optimized = kerasrt.Converter(
+        model, precision_mode="FP16", input_shapes=[x.shape], fp32_ops=["softmax"]
+    ).convert()
+    graph = optimized.primary_graph()
+    dtypes = {
+        n.op: n.outputs[0].dtype for n in graph.nodes if n.op in ("softmax", "layer_norm", "reduce_mean")
+    }
+    assert dtypes == {"softmax": "float32", "layer_norm": "float16", "reduce_mean": "float16"}
+    assert_close(optimized(x), keras_reference(model, [x])[0], rtol=PRECISION_RTOL["FP16"])
+    with pytest.raises(kerasrt.ConversionError, match=r"fp32_ops names unknown IR op types: \['softmaxx'\]"):
+        kerasrt.ConversionSettings(fp32_ops=["softmaxx"])

@@ -79,6 +79,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "keep_in_keras": args.keep_in_keras,
         "batch_profile": args.batch_profile,
+        "fp32_ops": [o for o in args.fp32_ops.split(",") if o] if args.fp32_ops is not None else None,
         "compiler": args.compiler,
         "cuda_graphs": not args.no_cuda_graphs,
         "autotune": args.autotune,
@@ -362,6 +363,12 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         choices=PRECISION_MODES,
         help=f"engine precision (default {d.precision_mode}); FP16/BF16 keep softmax, norms and "
         "reductions in FP32",
+    )
+    p.add_argument(
+        "--fp32-ops",
+        metavar="OPS",
+        help="comma-separated IR op types computed in FP32 in FP16/BF16 engines (default: softmax, "
+        "norms, reductions, exp/log/pow; '' for none)",
     )
     p.add_argument(
         "--compiler",

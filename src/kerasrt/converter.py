@@ -76,7 +76,7 @@ def build_graph(
         "rules": dict(sorted(result.counts.items())),
     }
     if settings.precision_mode in LOW_PRECISION:
-        lowered = lower_precision(graph, settings.precision_mode)
+        lowered = lower_precision(graph, settings.precision_mode, settings.fp32_ops)
         graph.meta["precision"]["changes"] = dict(sorted(lowered.items()))
     verify_graph(graph)
     return graph
@@ -146,6 +146,7 @@ class Converter:
         optimization_level: int = 2,
         outputs: Sequence[str | int] | None = None,
         batch_profile: Sequence[int] | None = None,
+        fp32_ops: Sequence[str] | None = None,
         compiler: str = "auto",
         cuda_graphs: bool = True,
         autotune: bool = False,
@@ -165,6 +166,7 @@ class Converter:
             optimization_level=optimization_level,
             outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
             batch_profile=tuple(batch_profile) if batch_profile is not None else None,
+            fp32_ops=tuple(fp32_ops) if fp32_ops is not None else None,
             compiler=compiler,
             cuda_graphs=cuda_graphs,
             autotune=autotune,

@@ -32,6 +32,10 @@ class ConversionSettings:
     padded to ``opt``, one in (opt, max] padded to ``max`` (rows are independent at inference,
     the padding is dropped from the outputs); a batch outside [min, max] is refused.
 
+    ``fp32_ops``: in FP16/BF16 engines, the IR op types that compute in float32 (default:
+    ``kerasrt.passes.precision.FP32_OPS``: softmax, normalization, reductions, exp/log/pow);
+    ``()`` runs everything in the low precision.
+
     ``compiler``: "inductor" compiles each engine with TorchInductor (Triton, cuDNN, cuBLAS),
     "eager" runs its ops one by one; "auto" is inductor on CUDA and eager on a CPU (where
     compiling costs more than it saves for most uses). ``cuda_graphs``: replay each
@@ -50,6 +54,7 @@ class ConversionSettings:
     optimization_level: int = 2
     outputs: tuple[str, ...] | None = None  # a subset of model outputs (names or positions)
     batch_profile: tuple[int, int, int] | None = None
+    fp32_ops: tuple[str, ...] | None = None
     compiler: str = "auto"
     cuda_graphs: bool = True
     autotune: bool = False
@@ -85,6 +90,13 @@ class ConversionSettings:
             object.__setattr__(self, "batch_profile", profile)
             if self.maximum_cached_engines < 2:
                 object.__setattr__(self, "maximum_cached_engines", 2)  # the opt and max engines
+        if self.fp32_ops is not None:
+            from kerasrt.ir.ops import OPS
+
+            object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
+            unknown = sorted(set(self.fp32_ops) - set(OPS))
+            if unknown:
+                raise ConversionError(f"fp32_ops names unknown IR op types: {unknown}")
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
 
@@ -108,6 +120,8 @@ class ConversionSettings:
         kwargs["keep_in_keras"] = tuple(kwargs.get("keep_in_keras", ()))
         if kwargs.get("outputs") is not None:
             kwargs["outputs"] = tuple(kwargs["outputs"])
+        if kwargs.get("fp32_ops") is not None:
+            kwargs["fp32_ops"] = tuple(kwargs["fp32_ops"])
         if kwargs.get("batch_profile") is not None:
             kwargs["batch_profile"] = tuple(kwargs["batch_profile"])
         return cls(**kwargs)

@@ -12,6 +12,7 @@ at its edges, and the casts fuse into the neighbouring kernels when the engine i
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 
@@ -45,10 +46,11 @@ FP32_OPS = frozenset(
 """Ops that compute in float32 inside a low-precision engine."""
 
 
-def lower_precision(graph: Graph, precision: str) -> Counter[str]:
-    """Rewrite ``graph`` in place to compute in ``precision`` (a key of ``LOW_PRECISION``);
-    returns counts of what changed."""
+def lower_precision(graph: Graph, precision: str, fp32_ops: Iterable[str] | None = None) -> Counter[str]:
+    """Rewrite ``graph`` in place to compute in ``precision`` (a key of ``LOW_PRECISION``),
+    ops in ``fp32_ops`` (default ``FP32_OPS``) in float32; returns counts of what changed."""
     low = LOW_PRECISION[precision]
+    keep_fp32 = FP32_OPS if fp32_ops is None else frozenset(fp32_ops)
     fired: Counter[str] = Counter()
     converted: dict[int, Value] = {}
     output_dtypes = [v.dtype for v in graph.outputs]
@@ -70,7 +72,7 @@ def lower_precision(graph: Graph, precision: str) -> Counter[str]:
     for node in list(graph.nodes):
         wanted = traced[id(node)]
         attrs = dict(node.attrs)
-        if OPS[node.op].category != "fallback" and node.op not in FP32_OPS:
+        if OPS[node.op].category != "fallback" and node.op not in keep_fp32:
             wanted = [low if d == "float32" else d for d in wanted]
             if node.op == "cast" and attrs["dtype"] == "float32":
                 attrs["dtype"] = low
@@ -92,7 +94,7 @@ def lower_precision(graph: Graph, precision: str) -> Counter[str]:
     fired.update(
         PassManager((Pass("precision_cleanup", (remove_noop, cast_round_trip)), CSE)).run(graph).counts
     )
-    graph.meta["precision"] = {"mode": precision, "dtype": low, "fp32_ops": sorted(FP32_OPS)}
+    graph.meta["precision"] = {"mode": precision, "dtype": low, "fp32_ops": sorted(keep_fp32)}
     return fired
 
 
