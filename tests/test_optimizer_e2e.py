@@ -12,6 +12,7 @@ from keras import layers as L
 import kerasrt
 from kerasrt.ir.graph import Graph, Node, Value
 from kerasrt.partition import Support, partition
+from kerasrt.report import format_report, make_report
 from kerasrt_testing import convert_and_check, fallbacks, random_input, randomize
 
 
@@ -103,7 +104,8 @@ def test_levels_give_the_same_outputs() -> None:
 
 
 def _chain(kinds: str) -> Graph:
-    """A chain of relu nodes, with 'F' marking a Keras fallback node."""
+    """A chain of relu nodes, with 'F' marking a Keras fallback node and 'N' a node kept out of
+    engines."""
     g = Graph()
     v: Value = g.add_input("x", (2, 3), "float32")
     for i, k in enumerate(kinds):
@@ -116,13 +118,15 @@ def _chain(kinds: str) -> Graph:
                 output_types=[((2, 3), "float32")],
             )
         else:
-            node = g.add_node("relu", [v], layer=f"r{i}")
+            node = g.add_node("relu", [v], layer=f"{'n' if k == 'N' else 'r'}{i}")
         v = node.outputs[0]
     g.outputs = [v]
     return g
 
 
 def _supported(node: Node) -> Support:
+    if node.layer.startswith("n"):  # kept out of engines, runs op by op
+        return Support(False, "excluded", native=True)
     return Support(node.op != "keras_layer", "runs in Keras")
 
 
@@ -134,6 +138,7 @@ def _supported(node: Node) -> Support:
         ("RRFRRRR", 3, ["native:2", "fallback:1", "engine:4"]),
         ("RFR", 1, ["engine:1", "fallback:1", "engine:1"]),
         ("FF", 3, ["fallback:1", "fallback:1"]),
+        ("RRRNRRR", 3, ["engine:3", "native:1", "engine:3"]),
     ],
 )
 def test_partition_names_the_expected_segments(kinds: str, minimum: int, expected: list[str]) -> None:
@@ -167,9 +172,10 @@ def test_keep_in_keras_takes_op_types_and_refuses_unknown_names() -> None:
     )
     segments = optimized.program(optimized.engine_shapes[0]).segments
     assert [(s.kind, [n.op for n in s.nodes][:1]) for s in segments if s.kind != "engine"] == [
-        ("fallback", ["attention"])
+        ("native", ["attention"])
     ]
-    assert "kept out of engines" in segments[[s.kind for s in segments].index("fallback")].reason
+    assert "kept out of engines" in segments[[s.kind for s in segments].index("native")].reason
+    assert "1 native segment(s), 0 Keras fallback(s)" in format_report(make_report(optimized))
     assert [s.kind for s in segments].count("engine") == 2
     with pytest.raises(kerasrt.ConversionError, match=r"names no layer.*\['no_such_layer'\]"):
         kerasrt.Converter(model, keep_in_keras=["no_such_layer"]).convert()

@@ -16,10 +16,12 @@ from kerasrt.ir.graph import Graph, Node, Value
 
 @dataclass(frozen=True)
 class Support:
-    """Whether a backend can run a node, and if not, why (shown in the report)."""
+    """Whether a backend can run a node in an engine, and if not, why (shown in the report);
+    ``native``: it still runs op by op outside engines (else it falls back to Keras)."""
 
     ok: bool
     reason: str = ""
+    native: bool = False
 
 
 @dataclass
@@ -38,16 +40,18 @@ def partition(
     graph: Graph, is_supported: Callable[[Node], Support], minimum_segment_size: int
 ) -> list[Segment]:
     """Segments covering every node of ``graph`` exactly once, in execution order."""
-    runs: list[tuple[bool, list[Node], str]] = []
+    runs: list[tuple[bool, list[Node], str, bool]] = []
     for node in graph.nodes:
         support = is_supported(node)
         if support.ok and runs and runs[-1][0]:
             runs[-1][1].append(node)
         else:
-            runs.append((support.ok, [node], support.reason))
+            runs.append((support.ok, [node], support.reason, support.native))
     segments: list[Segment] = []
-    for ok, nodes, reason in runs:
-        if ok:
+    for ok, nodes, reason, native in runs:
+        if native:
+            kind, why = "native", reason
+        elif ok:
             kind = "engine" if len(nodes) >= minimum_segment_size else "native"
             why = (
                 ""

@@ -102,7 +102,9 @@ class Program:
 
         def supported(node: Node) -> Support:
             if node.op in kept_ops:
-                return Support(False, f"op type {node.op} kept out of engines by request (keep_in_keras)")
+                return Support(
+                    False, f"op type {node.op} kept out of engines by request (keep_in_keras)", native=True
+                )
             return is_supported(node)
 
         self.segments: list[Segment] = partition(graph, supported, settings.minimum_segment_size)
@@ -117,7 +119,7 @@ class Program:
         for seg in self.segments:
             ins = [slot[id(v)] for v in seg.inputs]
             outs = [slot[id(v)] for v in seg.outputs]
-            if seg.kind == "fallback" and seg.nodes[0].op == "keras_layer":
+            if seg.kind == "fallback":
                 self.steps.append((self._fallback_step(seg), ins, outs))
             else:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
