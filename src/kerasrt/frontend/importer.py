@@ -218,11 +218,16 @@ class Importer:
             reason = "kept in Keras by request (keep_in_keras)"
         else:
             try:
+                functional = torch.func.functionalize(fn, remove="mutations")
+                results: list[tuple[torch.Tensor, ...]] = []
+
+                def run_and_keep(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    results.append(functional(*tensors))  # real tensors: tracing runs the layer
+                    return results[-1]
+
                 with _NoHostEscape(), ka.tag_sublayers(op):
-                    gm = make_fx(torch.func.functionalize(fn, remove="mutations"))(
-                        *[t.example for t in inputs]
-                    )
-                examples = [t.detach() for t in gm(*[t.example for t in inputs])]
+                    gm = make_fx(run_and_keep)(*[t.example for t in inputs])
+                examples = [t.detach() for t in results[-1]]  # the layer ran once, not twice
                 mark = len(self.graph.nodes)
                 lowering = AtenLowering(self.graph, path or op.name, self.constant)
                 try:
