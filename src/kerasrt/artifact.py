@@ -23,7 +23,7 @@ from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
-from kerasrt.runtime import KerasSource, OptimizedModel, TensorSpec
+from kerasrt.runtime import KerasSource, OptimizedModel, TensorSpec, resolve_device
 from kerasrt.settings import ConversionSettings
 
 FORMAT = "kerasrt-artifact"
@@ -170,9 +170,8 @@ def load(
     except Exception as exc:
         raise ArtifactError(f"{root / WEIGHTS} is corrupt: {exc}") from None
     settings = ConversionSettings.from_json(manifest["settings"])
-    target = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device
-    )
+    target = resolve_device(device)
+    here: dict[str, str] | None = None  # what compiled engines must have been built for
     graphs = {}
     packages: dict[Any, dict[int, Path]] = {}
     for engine in manifest["engines"]:
@@ -185,7 +184,7 @@ def load(
         graphs[key] = graph_from_json(engine["graph"], tensors)
         compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
-            here = engine_environment(target)
+            here = here or engine_environment(target)
             if compiled.get("environment") == here:
                 packages[key] = {int(i): _inside(root, rel) for i, rel in compiled["files"].items()}
             else:

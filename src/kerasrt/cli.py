@@ -240,18 +240,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _print_bench(results, env)
     if args.json:
         document = report_json(results, {**env, "model": str(args.model), "precision": precision})
-        _write_atomic(Path(args.json), json.dumps(document, indent=1))
+        _write_text(Path(args.json), json.dumps(document, indent=1))
     if args.plot:
         from kerasrt.bench import plot
 
         plot(results, Path(args.plot), title=f"{Path(args.model).name} ({precision}, {env['device']})")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(text)
-    Path(fh.name).replace(path)
 
 
 def _print_bench(results: Sequence[Any], env: dict) -> None:

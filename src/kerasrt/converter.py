@@ -20,7 +20,7 @@ from kerasrt.ir.graph import verify as verify_graph
 from kerasrt.ir.ops import OPS
 from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
-from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec
+from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
 
 Progress = Callable[[str], None]
@@ -187,7 +187,7 @@ class Converter:
         profile = self.settings.batch_profile
         shapes = self.settings.input_shapes
         if profile is not None and shapes is not None:  # the first engine is the profile's opt
-            shapes = tuple((profile[1], *s[1:]) for s in shapes)
+            shapes = with_batch(shapes, profile[1])
         specs = resolve_input_specs(model, shapes, profile[1] if profile else self.settings.batch_size)
         graph = build_graph(self.keras, specs, self.settings, self.progress)
         declared = ka.input_specs(model)
@@ -216,7 +216,7 @@ class Converter:
         )
         self._optimized.program(key)
         if profile is not None:  # and the profile's max engine
-            self._optimized.program(tuple((profile[2], *shape[1:]) for shape in key), build=True)
+            self._optimized.program(with_batch(key, profile[2]), build=True)
         return self._optimized
 
     @property

@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 ShapeKey = tuple[tuple[int, ...], ...]
 
 
+def with_batch(shapes: ShapeKey, batch: int) -> ShapeKey:
+    """``shapes`` with every leading (batch) dimension set to ``batch``."""
+    return tuple((batch, *shape[1:]) for shape in shapes)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input as declared by Keras: ``None`` marks a dimension that may vary."""
@@ -245,9 +257,7 @@ class OptimizedModel:
         name: str = "model",
         packages: dict[ShapeKey, dict[int, Path]] | None = None,
     ):
-        if str(device) == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.settings = settings
         self.inputs = list(inputs)
         self.output_names = list(output_names)
@@ -360,23 +370,26 @@ class OptimizedModel:
             raise InputSignatureError(f"batch size {batch} is outside the batch profile [{low}, {high}]")
         return opt if batch <= opt else high
 
+    def _engine_key(self, tensors: Sequence[torch.Tensor]) -> tuple[ShapeKey, int, int]:
+        """(the engine's input shapes, the inputs' batch, the engine's batch): under a batch
+        profile the engine batch is the profile's opt or max, else the inputs' own."""
+        key = tuple(tuple(t.shape) for t in tensors)
+        batch = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+        if self.settings.batch_profile is None or not batch:
+            return key, batch, batch
+        padded = self.profile_batch(batch)
+        return with_batch(key, padded), batch, padded
+
     def prebuild(self, *args: Any) -> None:
         """Build (ahead of time) the engine that inputs like ``args`` will run on."""
         tensors, _, _ = self._prepare(args)
-        if self.settings.batch_profile is not None and tensors and tensors[0].dim():
-            batch = self.profile_batch(tensors[0].shape[0])
-            self.program(tuple((batch, *t.shape[1:]) for t in tensors), build=True)
-        else:
-            self.program(tuple(tuple(t.shape) for t in tensors), build=True)
+        self.program(self._engine_key(tensors)[0], build=True)
 
     def __call__(self, *args: Any) -> Any:
         tensors, as_torch, out_device = self._prepare(args)
-        batch = padded = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
-        if self.settings.batch_profile is not None and batch:
-            padded = self.profile_batch(batch)
-            if padded != batch:  # repeat the last row: real data, so no NaN/overflow surprises
-                tensors = [torch.cat([t, t[-1:].expand(padded - batch, *t.shape[1:])]) for t in tensors]
-        key = tuple(tuple(t.shape) for t in tensors)
+        key, batch, padded = self._engine_key(tensors)
+        if padded != batch:  # repeat the last row: real data, so no NaN/overflow surprises
+            tensors = [torch.cat([t, t[-1:].expand(padded - batch, *t.shape[1:])]) for t in tensors]
         program = self.program(key)
         with torch.inference_mode():  # (the captured buffers are inference tensors)
             if program.captured:  # a CUDA graph replay: the math modes no longer matter

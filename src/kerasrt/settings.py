@@ -120,8 +120,4 @@ class ConversionSettings:
         kwargs["keep_in_keras"] = tuple(kwargs.get("keep_in_keras", ()))
         if kwargs.get("outputs") is not None:
             kwargs["outputs"] = tuple(kwargs["outputs"])
-        if kwargs.get("fp32_ops") is not None:
-            kwargs["fp32_ops"] = tuple(kwargs["fp32_ops"])
-        if kwargs.get("batch_profile") is not None:
-            kwargs["batch_profile"] = tuple(kwargs["batch_profile"])
         return cls(**kwargs)
