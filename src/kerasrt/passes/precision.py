@@ -82,10 +82,7 @@ def lower_precision(graph: Graph, precision: str, fp32_ops: Iterable[str] | None
         types = [(o.shape, o.dtype) for o in node.outputs] if not OPS[node.op].infer else None
         new = graph.add_node(node.op, inputs, attrs, layer=node.layer, output_types=types, before=node)
         for old, value in zip(node.outputs, new.outputs):
-            graph.replace_uses(old, value)
-        graph.nodes.remove(node)
-        for value in node.inputs:
-            value.users.remove(node)
+            graph.replace_uses(old, value)  # the old node is dead now: remove_unused drops it
     for i, (value, dtype) in enumerate(zip(graph.outputs, output_dtypes)):
         if value.dtype != dtype:
             cast = graph.add_node("cast", [value], {"dtype": dtype}, layer="output")
