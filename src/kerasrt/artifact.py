@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
+from kerasrt.backend import tactics
 from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
-from kerasrt.runtime import KerasSource, OptimizedModel, TensorSpec, resolve_device
+from kerasrt.runtime import CompiledEngines, KerasSource, OptimizedModel, TensorSpec, resolve_device
 from kerasrt.settings import ConversionSettings
 
 FORMAT = "kerasrt-artifact"
@@ -73,12 +75,18 @@ def save(
                 spec["key"] = _store(weights, spec["name"], tensors[spec["name"]])
             entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": data}
             program = model._programs.get(key)
+            if program is not None and program.kernel_choices:  # measured tactics travel along
+                entry["tactics"] = {
+                    "environment": tactics.environment(model.device),
+                    "choices": {sig: asdict(c) for sig, c in program.kernel_choices.items()},
+                }
             if compiled_engines and program is not None and program.compiled_engines:
                 folder = f"engines/{len(engines)}"
                 files = program.export_engines(tmp / folder)
                 entry["compiled"] = {
                     "environment": engine_environment(model.device),
                     "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
+                    "cudnn_convs": sorted(program.cudnn_convs),
                 }
             engines.append(entry)
         manifest = {
@@ -173,7 +181,7 @@ def load(
     target = resolve_device(device)
     here: dict[str, str] | None = None  # what compiled engines must have been built for
     graphs = {}
-    packages: dict[Any, dict[int, Path]] = {}
+    packages: dict[Any, CompiledEngines] = {}
     for engine in manifest["engines"]:
         tensors = {}
         for spec in engine["graph"]["constants"]:
@@ -182,11 +190,18 @@ def load(
             tensors[spec["name"]] = weights[spec["key"]]
         key = tuple(tuple(s) for s in engine["input_shapes"])
         graphs[key] = graph_from_json(engine["graph"], tensors)
+        measured = engine.get("tactics")
+        if measured and target.type == "cuda" and measured.get("environment") == tactics.environment(target):
+            tactics.remember(measured["choices"], measured["environment"])
         compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
             here = here or engine_environment(target)
             if compiled.get("environment") == here:
-                packages[key] = {int(i): _inside(root, rel) for i, rel in compiled["files"].items()}
+                packages[key] = CompiledEngines(
+                    {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
+                    frozenset(compiled.get("cudnn_convs", ())),
+                    {s: tactics.Choice(**c) for s, c in (measured or {}).get("choices", {}).items()},
+                )
             else:
                 warnings.warn(
                     f"{root}: the compiled engines for input shapes {engine['input_shapes']} were built for "

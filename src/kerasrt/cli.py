@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from kerasrt.errors import KerasRTError
-from kerasrt.settings import COMPILERS, PRECISION_MODES, PRECISION_RTOL, ConversionSettings
+from kerasrt.settings import COMPILERS, CONV_KERNELS, PRECISION_MODES, PRECISION_RTOL, ConversionSettings
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -83,6 +83,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "compiler": args.compiler,
         "cuda_graphs": not args.no_cuda_graphs,
         "autotune": args.autotune,
+        "conv_kernels": args.conv_kernels,
         "custom_objects": _custom_objects(args.custom_objects),
         "device": args.device,
     }
@@ -223,6 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = args.batch or [1]
         kwargs = {"compiler": args.compiler, "cuda_graphs": not args.no_cuda_graphs}
     kwargs["autotune"] = args.autotune
+    kwargs["conv_kernels"] = args.conv_kernels
     with status("benchmarking") as progress:
         results = bench_keras_model(
             keras_model,
@@ -376,6 +378,13 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         "--autotune", action="store_true", help="time kernel choices per layer shape (slower build)"
     )
     p.add_argument(
+        "--conv-kernels",
+        default=d.conv_kernels,
+        choices=CONV_KERNELS,
+        help="FP16/BF16 convolutions on CUDA: auto (default: time fused cuDNN kernels against "
+        "Inductor's per layer shape, keep the faster), cudnn, inductor",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=d.batch_size,
@@ -507,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler", default="auto", choices=COMPILERS, help="engine compiler for a model file")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--autotune", action="store_true")
+    p.add_argument("--conv-kernels", default="auto", choices=CONV_KERNELS)
     p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

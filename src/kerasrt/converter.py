@@ -150,6 +150,7 @@ class Converter:
         compiler: str = "auto",
         cuda_graphs: bool = True,
         autotune: bool = False,
+        conv_kernels: str = "auto",
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -170,6 +171,7 @@ class Converter:
             compiler=compiler,
             cuda_graphs=cuda_graphs,
             autotune=autotune,
+            conv_kernels=conv_kernels,
         )
         self.device = device
         self.progress = progress

@@ -64,6 +64,7 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "compiler": model.settings.compiler_for(model.device.type),
         "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
         "cuda_graph": program.graphable,
+        "conv_kernels": dict(Counter(c.kernel for c in program.kernel_choices.values())),
         "segments": segments,
         "fallbacks": fallbacks,
         "suggestion": suggestion,
@@ -99,6 +100,12 @@ def format_report(report: dict[str, Any]) -> str:
     if "compiler" in report:
         graph = "replayed as one CUDA graph" if report.get("cuda_graph") else "no CUDA graph"
         lines.append(f"engines: compiler {report['compiler']}, {graph}")
+    if report.get("conv_kernels"):
+        kernels = report["conv_kernels"]
+        lines.append(
+            f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
+            f"{kernels.get('inductor', 0)} on Inductor's"
+        )
     lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())

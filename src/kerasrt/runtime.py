@@ -11,7 +11,7 @@ import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from kerasrt.backend import tactics
 from kerasrt.backend.torch_backend import TorchEngine, is_supported, precision_scope
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
@@ -92,11 +93,22 @@ def fallback_runner(
     return run
 
 
+@dataclass
+class CompiledEngines:
+    """Engines compiled ahead of time (a loaded artifact's): AOTInductor packages by engine
+    segment index, the convolutions (by output name) they run on cuDNN, and the kernel
+    choices (by signature) they were built with."""
+
+    files: dict[int, Path]
+    cudnn_convs: frozenset[str] = frozenset()
+    choices: dict[str, tactics.Choice] = field(default_factory=dict)
+
+
 class Program:
     """The executable form of one graph: its segments compiled for one device.
 
-    ``packages`` maps engine segment indices to AOTInductor packages compiled earlier (a
-    loaded artifact's): those engines run the package instead of compiling.
+    ``compiled``: engines compiled earlier; those run their packages instead of compiling,
+    with the kernel choices they were built with.
     """
 
     def __init__(
@@ -105,7 +117,7 @@ class Program:
         settings: ConversionSettings,
         device: torch.device,
         keras: KerasSource,
-        packages: dict[int, Path] | None = None,
+        compiled: CompiledEngines | None = None,
     ):
         self.graph = graph
         self.device = device
@@ -128,6 +140,11 @@ class Program:
         self.output_slots = [slot[id(v)] if not v.is_constant else -1 for v in graph.outputs]
         self.constant_outputs = {i: v.data.to(device) for i, v in enumerate(graph.outputs) if v.is_constant}
         self.steps: list[tuple[Callable[..., Sequence[torch.Tensor]], list[int], list[int]]] = []
+        self.kernel_choices: dict[str, tactics.Choice] = {}  # conv signature -> kernel, of this program
+        self.cudnn_convs: set[str] = set()  # output names of the convolutions run on cuDNN
+        if compiled is not None:
+            self.kernel_choices.update(compiled.choices)
+            tactics.adopt(compiled.choices)
         for seg in self.segments:
             ins = [slot[id(v)] for v in seg.inputs]
             outs = [slot[id(v)] for v in seg.outputs]
@@ -135,24 +152,37 @@ class Program:
                 self.steps.append((self._fallback_step(seg), ins, outs))
             else:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
-                package = (packages or {}).get(seg.index) if seg.kind == "engine" else None
+                package = compiled.files.get(seg.index) if compiled and seg.kind == "engine" else None
+                if package is not None:  # built with these kernels: take them as they are
+                    cudnn = {id(n) for n in seg.nodes if n.outputs[0].name in compiled.cudnn_convs}
+                else:
+                    cudnn = self._choose_kernels(seg, settings) if seg.kind == "engine" else set()
                 args = (seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
                 try:
-                    engine = TorchEngine(*args, package=package)
+                    engine = TorchEngine(*args, package=package, cudnn_convs=cudnn)
                 except Exception as exc:  # a package this torch cannot load is rebuilt, not fatal
                     if package is None:
                         raise
                     warnings.warn(
                         f"cannot load compiled engine {package.name} ({exc}); recompiling it", stacklevel=2
                     )
-                    engine = TorchEngine(*args)
+                    cudnn = self._choose_kernels(seg, settings)
+                    engine = TorchEngine(*args, cudnn_convs=cudnn)
                 self.steps.append((engine, ins, outs))
+                if engine.cudnn_convs:
+                    self.cudnn_convs.update(n.outputs[0].name for n in seg.nodes if id(n) in cudnn)
         self.graphable = (
             device.type == "cuda"
             and settings.cuda_graphs
             and all(s.kind != "fallback" for s in self.segments)
         )
         self._graph: CudaGraphRunner | None = None
+
+    def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> set[int]:
+        """The convolutions of an engine segment to run on cuDNN (ids), by measured tactics."""
+        choices = tactics.choose(seg.nodes, self.device, settings.conv_kernels)
+        self.kernel_choices.update(choices.values())
+        return {node for node, (_, choice) in choices.items() if choice.kernel == "cudnn"}
 
     @property
     def captured(self) -> bool:
@@ -255,7 +285,7 @@ class OptimizedModel:
         builder: GraphBuilder | None = None,
         device: str | torch.device = "auto",
         name: str = "model",
-        packages: dict[ShapeKey, dict[int, Path]] | None = None,
+        packages: dict[ShapeKey, CompiledEngines] | None = None,
     ):
         self.device = resolve_device(device)
         self.settings = settings

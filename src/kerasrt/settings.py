@@ -18,6 +18,7 @@ Measured errors are well inside (H100, keras.applications CNNs and a BERT-base e
 FP16: 5e-4 to 3e-3 of the output scale); deep models accumulate more than one rounding."""
 
 COMPILERS = ("auto", "inductor", "eager")
+CONV_KERNELS = ("auto", "inductor", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class ConversionSettings:
     static-shape program on CUDA as one CUDA graph, so small batches are not bound by kernel
     launches. ``autotune``: Inductor times kernel choices per layer shape (max-autotune, as
     TensorRT picks tactics): slower builds, choices cached for the next build.
+
+    ``conv_kernels``: how FP16/BF16 convolutions run on CUDA. "auto" times, per layer shape,
+    a fused cuDNN graph (conv + bias + residual + ReLU in one kernel; needs
+    nvidia-cudnn-frontend) against Inductor's convolution + epilogue and keeps the faster
+    (choices cached on disk, see ``kerasrt.backend.tactics``); "cudnn" takes cuDNN wherever it
+    can run; "inductor" never does.
     """
 
     precision_mode: str = "FP32"
@@ -58,6 +65,7 @@ class ConversionSettings:
     compiler: str = "auto"
     cuda_graphs: bool = True
     autotune: bool = False
+    conv_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -97,6 +105,10 @@ class ConversionSettings:
             unknown = sorted(set(self.fp32_ops) - set(OPS))
             if unknown:
                 raise ConversionError(f"fp32_ops names unknown IR op types: {unknown}")
+        if self.conv_kernels not in CONV_KERNELS:
+            raise ConversionError(
+                f"conv_kernels must be one of {', '.join(CONV_KERNELS)}, got {self.conv_kernels!r}"
+            )
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
 

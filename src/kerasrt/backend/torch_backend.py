@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import platform
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.fx
 
 from kerasrt import __version__
+from kerasrt.backend import cudnn_conv
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -66,6 +67,14 @@ def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
 
+def _cudnn_conv_args(node: Node, arg: Callable[..., torch.fx.Node]) -> tuple:
+    """The arguments of ``kerasrt::cudnn_conv`` for a conv_fused node."""
+    has_bias = node.attrs.get("has_bias", True)
+    bias = arg(node.inputs[2]) if has_bias else None
+    residual = arg(node.inputs[2 + int(has_bias)]) if node.attrs.get("has_residual", False) else None
+    return (arg(node.inputs[0]), arg(node.inputs[1], True), bias, residual, *cudnn_conv.op_arguments(node))
+
+
 class TorchEngine:
     """A compiled segment: call with the segment's input tensors, get its outputs.
 
@@ -83,6 +92,7 @@ class TorchEngine:
         compiler: str = "eager",
         autotune: bool = False,
         package: Path | None = None,
+        cudnn_convs: Collection[int] = (),
     ):
         self.device = device
         self.compiler = compiler
@@ -90,23 +100,37 @@ class TorchEngine:
         self.input_types = [(tuple(v.shape), v.dtype) for v in inputs]
         root = torch.nn.Module()
         graph = torch.fx.Graph()
-        env: dict[int, torch.fx.Node] = {}
+        env: dict[tuple[int, bool], torch.fx.Node] = {}  # (value, channels-last copy) -> fx node
         for i, value in enumerate(inputs):
-            env[id(value)] = graph.placeholder(f"in{i}")
+            env[(id(value), False)] = graph.placeholder(f"in{i}")
+
+        def arg(value: Value, channels_last: bool = False) -> torch.fx.Node:
+            """The fx node of ``value``; constants become buffers (channels-last copies for
+            cuDNN convolution weights)."""
+            key = (id(value), channels_last)
+            if key not in env:
+                if not value.is_constant:
+                    raise ValueError(f"segment reads {value.name} without it being an input")
+                name = _ident(value.name) + ("_cl" if channels_last else "")
+                data = value.data.to(device)
+                if channels_last:
+                    data = data.contiguous(memory_format=torch.channels_last)
+                root.register_buffer(name, data, persistent=False)
+                env[key] = graph.get_attr(name)
+            return env[key]
+
+        self.cudnn_convs = 0
         for node in nodes:
-            args = []
-            for value in node.inputs:
-                if id(value) not in env:
-                    if not value.is_constant:
-                        raise ValueError(f"segment reads {value.name} without it being an input")
-                    name = _ident(value.name)
-                    if not hasattr(root, name):
-                        root.register_buffer(name, value.data.to(device), persistent=False)
-                    env[id(value)] = graph.get_attr(name)
-                args.append(env[id(value)])
-            result = graph.call_function(OPS[node.op].impl, tuple(args), dict(node.attrs))
-            env[id(node.outputs[0])] = result
-        graph.output(tuple(env[id(v)] for v in outputs))
+            if id(node) in cudnn_convs:
+                result = graph.call_function(
+                    torch.ops.kerasrt.cudnn_conv.default, _cudnn_conv_args(node, arg)
+                )
+                self.cudnn_convs += 1
+            else:
+                args = tuple(arg(value) for value in node.inputs)
+                result = graph.call_function(OPS[node.op].impl, args, dict(node.attrs))
+            env[(id(node.outputs[0]), False)] = result
+        graph.output(tuple(env[(id(v), False)] for v in outputs))
         self.module = torch.fx.GraphModule(root, graph)
         self.module.eval()
         self._run: Callable[..., tuple[torch.Tensor, ...]] = self.module

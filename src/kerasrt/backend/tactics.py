@@ -1,0 +1,277 @@
+"""Kernel tactics: per convolution, a fused cuDNN graph or Inductor's kernels, chosen by timing
+both on the device, as TensorRT times its tactics; choices cached on disk by environment.
+
+For each eligible ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation, ReLU, SiLU or a
+two-sided clamp such as ReLU6) the
+candidates are a few of cuDNN's execution plans for conv + bias + residual + activation in
+one kernel, against what Inductor runs: the same convolution followed by one memory-bound
+epilogue pass (timed as the bare convolution plus an elementwise pass of the same traffic).
+Times are device times of CUDA-graph replays (engines replay as CUDA graphs), so host
+overhead does not decide. A choice is keyed by the operands' shapes, strides and attributes
+and by the environment (GPU, torch, cuDNN), and kept in ``tactics-<env>.json`` under
+``cache_dir()``: a second build on the same machine measures nothing. Artifacts carry the
+choices of their engines (``remember``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kerasrt.backend import cudnn_conv
+from kerasrt.backend.torch_backend import engine_environment
+from kerasrt.errors import ConversionError
+from kerasrt.ir.graph import Node, torch_dtype
+
+log = logging.getLogger(__name__)
+
+MAX_PLANS = 8  # cuDNN plans timed per convolution
+MAX_RUNTIME_FUSION_PLANS = 3  # residual graphs compile each plan (NVRTC, ~0.5 s): time fewer
+
+
+@dataclass
+class Choice:
+    """The kernel for one convolution signature: "cudnn" (with its plan index) or "inductor"."""
+
+    kernel: str
+    plan: int = 0
+    cudnn_ms: float | None = None
+    inductor_ms: float | None = None
+
+
+def cache_dir() -> Path:
+    """Where tactic choices persist: $KERASRT_CACHE_DIR, else ~/.cache/kerasrt."""
+    return Path(os.environ.get("KERASRT_CACHE_DIR") or Path.home() / ".cache" / "kerasrt")
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    return {**engine_environment(device), "cudnn": cudnn_conv.cudnn_version()}
+
+
+def _env_key(env: dict[str, str]) -> str:
+    return hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_TABLES: dict[str, dict[str, Choice]] = {}  # env key -> signature -> choice
+
+
+def _table(env: dict[str, str]) -> dict[str, Choice]:
+    key = _env_key(env)
+    if key not in _TABLES:
+        table: dict[str, Choice] = {}
+        path = cache_dir() / f"tactics-{key}.json"
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("environment") == env:
+                table = {sig: Choice(**c) for sig, c in stored["choices"].items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("ignoring the unreadable tactic cache %s (%s)", path, exc)
+        _TABLES[key] = table
+    return _TABLES[key]
+
+
+def _persist(env: dict[str, str]) -> None:
+    folder = cache_dir()
+    path = folder / f"tactics-{_env_key(env)}.json"
+    data = {"environment": env, "choices": {s: asdict(c) for s, c in _table(env).items()}}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tactics-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home must not fail a build
+        log.warning("cannot write the tactic cache %s (%s)", path, exc)
+
+
+def remember(choices: dict[str, dict], env: dict[str, str]) -> None:
+    """Adopt choices made on an identical environment (an artifact's: its compiled engines
+    were built with them, so they win over this machine's cache)."""
+    table = _table(env)
+    for sig, data in choices.items():
+        table[sig] = Choice(**data)
+
+
+def adopt(choices: dict[str, Choice]) -> None:
+    """Run the cuDNN convolutions of engines built earlier with the plans they were timed with."""
+    for sig, choice in choices.items():
+        if choice.kernel == "cudnn":
+            cudnn_conv.choose_plan(sig, choice.plan)
+
+
+# -- which nodes ----------------------------------------------------------------------------------
+
+
+def eligible(node: Node) -> bool:
+    """Whether ``node`` is a convolution cuDNN can fuse with its epilogue."""
+    if node.op != "conv_fused" or len(node.inputs[1].shape) != 4 or node.attrs.get("groups", 1) != 1:
+        return False
+    act = node.attrs.get("activation")
+    if act not in (None, "relu", "silu", "clamp"):
+        return False
+    if act == "clamp" and None in ((node.attrs.get("activation_attrs") or {}).get(k) for k in ("min", "max")):
+        return False
+    has_bias = node.attrs.get("has_bias", True)
+    constants_ok = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return constants_ok and torch_dtype(node.inputs[0].dtype) in cudnn_conv.FUSED_DTYPES
+
+
+def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
+    """Operands shaped and laid out as the engine passes them (channels-last activations)."""
+    cl = torch.channels_last
+    dtype = torch_dtype(node.inputs[0].dtype)
+    has_bias, has_residual = node.attrs.get("has_bias", True), node.attrs.get("has_residual", False)
+    x = torch.randn(node.inputs[0].shape, device=device, dtype=dtype).contiguous(memory_format=cl)
+    w = node.inputs[1].data.to(device).contiguous(memory_format=cl)
+    bias = node.inputs[2].data.to(device) if has_bias else None
+    residual = None
+    if has_residual:
+        shape = node.inputs[2 + int(has_bias)].shape
+        residual = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
+    stride, padding, dilation, _, _ = cudnn_conv.op_arguments(node)
+    out = torch.empty(
+        cudnn_conv.output_shape(x.shape, w.shape, stride, padding, dilation),
+        device=device,
+        dtype=dtype,
+        memory_format=cl,
+    )
+    return cudnn_conv.Operands(x, w, bias, residual, out)
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def device_ms(fn: Callable[[], object], repeat: int = 10, replays: int = 5) -> float:
+    """Device time of one ``fn()`` call: ``repeat`` calls captured in a CUDA graph, replayed,
+    timed with CUDA events; the best of ``replays``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    graph.replay()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / repeat)
+    return best
+
+
+def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
+    """The bare convolution plus, when there is an epilogue, one elementwise pass with its
+    memory traffic (read the conv output and the residual, write the result)."""
+    stride, padding, dilation, act, _ = cudnn_conv.op_arguments(node)
+    epilogue = ops.bias is not None or ops.residual is not None or act != "none"
+    z = torch.empty_like(ops.out)
+    other = ops.residual if ops.residual is not None else ops.out[:1]
+
+    def run() -> None:
+        y = torch.convolution(ops.x, ops.w, None, stride, padding, dilation, False, [0, 0], 1)
+        if epilogue:
+            torch.add(y, other, out=z)
+
+    return device_ms(run)
+
+
+def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
+    """(best plan index, its time, the built plan) over the first few cuDNN plans, or None."""
+    try:
+        g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(node))
+    except Exception as exc:  # cuDNN has no engine for this graph
+        log.info("cuDNN cannot fuse %s: %s", node, exc)
+        return None
+    limit = MAX_RUNTIME_FUSION_PLANS if ops.residual is not None else MAX_PLANS
+    data = {"X": ops.x, "W": ops.w, "B": ops.bias, "R": ops.residual, "Y": ops.out}
+    pack = {uid: data[name] for name, uid in uids.items()}
+    frontend = cudnn_conv.frontend()
+    best: tuple[int, float] | None = None
+    for index in range(min(limit, g.get_execution_plan_count())):
+        try:
+            g.build_plan_at_index(index)
+            workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
+
+            def run(index: int = index, workspace: torch.Tensor = workspace) -> None:
+                frontend.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+                g.execute_plan_at_index(pack, workspace, index, handle=handle)
+
+            ms = device_ms(run)
+        except Exception as exc:  # a plan that does not build or run is not a candidate
+            log.debug("cuDNN plan %d of %s failed: %s", index, node, exc)
+            continue
+        if best is None or ms < best[1]:
+            best = (index, ms)
+    if best is None:
+        return None
+    g.build_plan_at_index(best[0])
+    return best[0], best[1], cudnn_conv.Plan(g, uids, g.get_workspace_size(), handle)
+
+
+# -- choosing -------------------------------------------------------------------------------------
+
+
+def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, tuple[str, Choice]]:
+    """Kernel choices for the eligible convolutions among ``nodes``, by ``id(node)``:
+    (signature, choice). "inductor" chooses nothing; "cudnn" takes cuDNN wherever it can run;
+    "auto" times both where cuDNN is available and takes the faster."""
+    candidates = [n for n in nodes if eligible(n)]
+    if mode == "inductor" or not candidates:
+        return {}
+    if not cudnn_conv.available(device):
+        if mode == "cudnn":
+            raise ConversionError(
+                "conv_kernels='cudnn' needs a CUDA device and the nvidia-cudnn-frontend package "
+                "(pip install 'kerasrt[cuda]')"
+            )
+        return {}
+    env = environment(device)
+    table = _table(env)
+    chosen: dict[int, tuple[str, Choice]] = {}
+    measured = 0
+    for node in candidates:
+        ops = example_operands(node, device)
+        sig = cudnn_conv.signature(ops, *cudnn_conv.op_arguments(node))
+        choice = table.get(sig)
+        if choice is None or (mode == "auto" and choice.inductor_ms is None and choice.cudnn_ms is not None):
+            choice = _measure(node, ops, sig, mode)
+            table[sig] = choice
+            measured += 1
+        if mode == "cudnn" and choice.cudnn_ms is not None:
+            choice = Choice("cudnn", choice.plan, choice.cudnn_ms, choice.inductor_ms)
+        if choice.kernel == "cudnn":
+            cudnn_conv.choose_plan(sig, choice.plan)
+        chosen[id(node)] = (sig, choice)
+    if measured:
+        log.info("timed kernel tactics for %d convolution(s)", measured)
+        _persist(env)
+    return chosen
+
+
+def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
+    found = measure_cudnn(node, ops)
+    inductor_ms = inductor_estimate_ms(node, ops) if mode == "auto" else None
+    if found is None:
+        return Choice("inductor", inductor_ms=inductor_ms)
+    index, ms, plan = found
+    cudnn_conv.adopt_plan(sig, index, plan)
+    faster = inductor_ms is None or ms < inductor_ms
+    return Choice(
+        "cudnn" if faster else "inductor", index, round(ms, 5), inductor_ms and round(inductor_ms, 5)
+    )

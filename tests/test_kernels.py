@@ -1,0 +1,193 @@
+"""Fused cuDNN convolutions and kernel tactics, on the CPU: the op's definition, engines that
+call it (through Inductor and AOTInductor packages), and how tactics are chosen and cached.
+The cuDNN kernels themselves need a GPU: ``bench/gpu_checks.py`` checks their numerics there."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+import kerasrt
+from kerasrt.backend import cudnn_conv, tactics
+from kerasrt.errors import ConversionError
+from kerasrt.ir.ops import OPS
+from kerasrt_testing import keras_reference, random_input, randomize
+from test_artifact import COMPILED_FRESH_PROCESS
+
+L = keras.layers
+CUDNN_OP = torch.ops.kerasrt.cudnn_conv.default
+
+
+@pytest.mark.parametrize(
+    "has_bias, has_residual, activation, clip, stride, padding",
+    [
+        (True, False, "relu", [], [1, 1], [1, 1]),
+        (True, True, "relu", [], [1, 1], [0, 0]),
+        (True, False, "clamp", [0.0, 6.0], [1, 1], [1, 1]),
+        (True, True, "silu", [], [1, 1], [1, 1]),
+        (False, True, "none", [], [2, 2], [1, 1]),
+        (False, False, "none", [], [2, 1], [0, 2]),
+    ],
+)
+def test_the_op_computes_the_ir_conv_fused(has_bias, has_residual, activation, clip, stride, padding) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 9, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3, generator=gen)
+    bias = torch.randn(6, generator=gen) if has_bias else None
+    out_shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+    residual = torch.randn(out_shape, generator=gen) if has_residual else None
+    args = (x, w, bias, residual, stride, padding, [1, 1], activation, clip)
+    got = CUDNN_OP(*args)
+    assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == out_shape
+    rest = [t for t in (bias, residual) if t is not None]
+    expected = OPS["conv_fused"].impl(
+        x,
+        w,
+        *rest,
+        stride=stride,
+        padding=padding,
+        dilation=[1, 1],
+        has_bias=has_bias,
+        has_residual=has_residual,
+        activation=None if activation == "none" else activation,
+        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(CUDNN_OP, args)  # schema, fake (meta) kernel and dispatch agree
+
+
+def residual_cnn() -> keras.Model:
+    """Two same-shape 3x3 convs (one with a residual add), a strided conv, a depthwise conv."""
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(inp)))
+    y = L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(x))
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.DepthwiseConv2D(3, padding="same")(x)  # grouped: never a cuDNN fusion candidate
+    return randomize(keras.Model(inp, L.Dense(4)(L.GlobalAveragePooling2D()(x))))
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch, tmp_path):
+    """cuDNN "available" on the CPU, with every measurement faked: cuDNN wins by 2x. Returns
+    the list of measured signatures."""
+    measured: list[str] = []
+
+    def measure(node, ops, sig, mode):
+        measured.append(sig)
+        return tactics.Choice("cudnn", plan=1, cudnn_ms=0.5, inductor_ms=1.0 if mode == "auto" else None)
+
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cudnn_conv, "available", lambda device: True)
+    monkeypatch.setattr(tactics, "_measure", measure)
+    monkeypatch.setattr(tactics, "_TABLES", {})
+    monkeypatch.setattr(cudnn_conv, "_CHOSEN", {})
+    return measured
+
+
+def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Path, fake_cudnn) -> None:
+    model = residual_cnn()
+    conv = kerasrt.Converter(model, batch_size=2, precision_mode="FP16", compiler="inductor")
+    optimized = conv.convert()
+    x = random_input((2, 8, 8, 3))
+    (expected,) = keras_reference(model, [x])
+    got = optimized(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+
+    program = optimized.program(optimized.engine_shapes[0])
+    assert len(program.cudnn_convs) == 3  # not the depthwise conv
+    assert len(fake_cudnn) == 3 and len(set(fake_cudnn)) == 3  # one measurement per shape
+    (engine,) = program.compiled_engines.values()
+    calls = [n for n in engine.module.graph.nodes if n.target is CUDNN_OP]
+    assert len(calls) == 3 and engine.cudnn_convs == 3
+    assert set(cudnn_conv._CHOSEN.values()) == {1}  # the measured plan is the one run
+    assert "3 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
+
+    path = conv.save(tmp_path / "art")
+    entry = json.loads((path / "manifest.json").read_text())["engines"][0]
+    assert sorted(entry["compiled"]["cudnn_convs"]) == sorted(program.cudnn_convs)
+    assert {c["kernel"] for c in entry["tactics"]["choices"].values()} == {"cudnn"}
+
+    # a fresh process, without the fake: the packages call the op as they were built to
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            COMPILED_FRESH_PROCESS,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        check=True,
+        env={**os.environ, "KERAS_BACKEND": "torch"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "['package']"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), got, rtol=0, atol=1e-3 * np.abs(got).max())
+
+
+def test_tactics_are_measured_once_per_shape_and_cached_by_environment(
+    fake_cudnn, monkeypatch, caplog
+) -> None:
+    graph = kerasrt.Converter(residual_cnn(), batch_size=2, precision_mode="FP16").convert().primary_graph()
+    cpu = torch.device("cpu")
+    first = tactics.choose(graph.nodes, cpu, "auto")
+    assert len(first) == 3 and len(fake_cudnn) == 3
+    files = list(tactics.cache_dir().glob("tactics-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["environment"] == tactics.environment(cpu)
+
+    monkeypatch.setattr(tactics, "_TABLES", {})  # a new process: the disk cache answers
+    again = tactics.choose(graph.nodes, cpu, "auto")
+    assert len(fake_cudnn) == 3
+    assert [c for _, c in again.values()] == [c for _, c in first.values()]
+
+    assert tactics.choose(graph.nodes, cpu, "inductor") == {}
+    assert len(fake_cudnn) == 3
+
+    env = tactics.environment(cpu)
+    monkeypatch.setattr(tactics, "environment", lambda device: {**env, "cudnn": "another"})
+    tactics.choose(graph.nodes, cpu, "auto")  # another cuDNN: measured again
+    assert len(fake_cudnn) == 6
+
+    monkeypatch.setattr(tactics, "_TABLES", {})
+    for f in tactics.cache_dir().glob("tactics-*.json"):
+        f.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="kerasrt.backend.tactics"):
+        tactics.choose(graph.nodes, cpu, "auto")
+    assert "unreadable tactic cache" in caplog.text and len(fake_cudnn) == 9
+
+
+def test_which_convolutions_are_candidates() -> None:
+    graph = kerasrt.Converter(residual_cnn(), batch_size=1, precision_mode="FP16").convert().primary_graph()
+    convs = [n for n in graph.nodes if n.op.startswith("conv")]
+    assert [tactics.eligible(n) for n in convs] == [True, True, True, False]  # depthwise: grouped
+    inp = keras.Input((6, 6, 3))
+    acts = [L.Conv2D(4, 1, activation=a)(inp) for a in ("relu6", "silu", "sigmoid")]
+    graph = kerasrt.Converter(keras.Model(inp, acts), precision_mode="FP16").convert().primary_graph()
+    convs = [n for n in graph.nodes if n.op.startswith("conv")]
+    assert sorted((n.attrs.get("activation"), tactics.eligible(n)) for n in convs) == [
+        ("clamp", True),
+        ("sigmoid", False),
+        ("silu", True),
+    ]
+    fp32 = kerasrt.Converter(residual_cnn(), batch_size=1).convert().primary_graph()
+    assert not any(tactics.eligible(n) for n in fp32.nodes)  # cuDNN fusion is for FP16/BF16
+
+
+def test_cudnn_kernels_without_cuda_or_a_bad_choice_are_clear_errors() -> None:
+    model = residual_cnn()
+    with pytest.raises(ConversionError, match="nvidia-cudnn-frontend"):
+        kerasrt.Converter(model, precision_mode="FP16", conv_kernels="cudnn", device="cpu").convert()
+    with pytest.raises(ConversionError, match="conv_kernels must be one of auto, inductor, cudnn"):
+        kerasrt.Converter(model, conv_kernels="tensorrt")
