@@ -194,18 +194,50 @@ def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: 
     ]
 
 
-def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) -> None:
+def _small_compiled_artifact(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An artifact with one AOTInductor package: (path, an input, its output)."""
     inp = keras.Input((4, 4, 2))
     model = randomize(keras.Model(inp, L.Conv2D(3, 3, padding="same", activation="relu")(inp)))
     conv = kerasrt.Converter(model, batch_size=1, compiler="inductor")
     x = random_input((1, 4, 4, 2))
     expected = conv.convert()(x)
-    path = conv.save(tmp_path / "art")
+    return conv.save(tmp_path / "art"), x, expected
+
+
+def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) -> None:
+    path, x, expected = _small_compiled_artifact(tmp_path)
     (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()
     (path / package).write_bytes(b"not a package")
     loaded = kerasrt.load(path)
     with pytest.warns(UserWarning, match="recompiling it"):
         np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompiled(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A loader that segfaults (as torch 2.11+cu130's does for CUDA packages on the H100
+    machine) must not take the user's process down: the verdict comes from a test process."""
+    from kerasrt import cache
+    from kerasrt.backend import torch_backend
+
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
+    path, x, expected = _small_compiled_artifact(tmp_path)
+
+    np.testing.assert_allclose(kerasrt.load(path)(x), expected, rtol=1e-5, atol=1e-6)
+    assert list(cache.read_json("packages.json").values()) == [None]  # tested once: it loads
+
+    (tmp_path / "cache" / "packages.json").unlink()
+    monkeypatch.setattr(torch_backend, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    loaded = kerasrt.load(path)
+    with pytest.warns(UserWarning, match=r"package loader crashed \(SIGSEGV\).*recompiling it"):
+        np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
+        "inductor"
+    ]
+    monkeypatch.setattr(torch_backend, "_PROBE", "raise SystemExit(0)")  # the verdict is cached
+    with pytest.warns(UserWarning, match="crashed"):
+        kerasrt.load(path)(x)
 
 
 def test_artifact_without_the_keras_model_stores_weights_once(tmp_path: Path) -> None:

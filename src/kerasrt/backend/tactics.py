@@ -9,7 +9,7 @@ epilogue pass (timed as the bare convolution plus an elementwise pass of the sam
 Times are device times of CUDA-graph replays (engines replay as CUDA graphs), so host
 overhead does not decide. A choice is keyed by the operands' shapes, strides and attributes
 and by the environment (GPU, torch, cuDNN), and kept in ``tactics-<env>.json`` under
-``cache_dir()``: a second build on the same machine measures nothing. Artifacts carry the
+``kerasrt.cache.cache_dir()``: a second build on the same machine measures nothing. Artifacts carry the
 choices of their engines (``remember``).
 """
 
@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from kerasrt import cache
 from kerasrt.backend import cudnn_conv
 from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ConversionError
@@ -47,11 +45,6 @@ class Choice:
     inductor_ms: float | None = None
 
 
-def cache_dir() -> Path:
-    """Where tactic choices persist: $KERASRT_CACHE_DIR, else ~/.cache/kerasrt."""
-    return Path(os.environ.get("KERASRT_CACHE_DIR") or Path.home() / ".cache" / "kerasrt")
-
-
 def environment(device: torch.device) -> dict[str, str]:
     return {**engine_environment(device), "cudnn": cudnn_conv.cudnn_version()}
 
@@ -66,32 +59,20 @@ _TABLES: dict[str, dict[str, Choice]] = {}  # env key -> signature -> choice
 def _table(env: dict[str, str]) -> dict[str, Choice]:
     key = _env_key(env)
     if key not in _TABLES:
+        stored = cache.read_json(f"tactics-{key}.json") or {}
         table: dict[str, Choice] = {}
-        path = cache_dir() / f"tactics-{key}.json"
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("environment") == env:
+        if stored.get("environment") == env:
+            try:
                 table = {sig: Choice(**c) for sig, c in stored["choices"].items()}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.warning("ignoring the unreadable tactic cache %s (%s)", path, exc)
+            except (TypeError, KeyError, AttributeError) as exc:
+                log.warning("ignoring a tactic cache of another format (%s)", exc)
         _TABLES[key] = table
     return _TABLES[key]
 
 
 def _persist(env: dict[str, str]) -> None:
-    folder = cache_dir()
-    path = folder / f"tactics-{_env_key(env)}.json"
     data = {"environment": env, "choices": {s: asdict(c) for s, c in _table(env).items()}}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tactics-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only home must not fail a build
-        log.warning("cannot write the tactic cache %s (%s)", path, exc)
+    cache.write_json(f"tactics-{_env_key(env)}.json", data)
 
 
 def remember(choices: dict[str, dict], env: dict[str, str]) -> None:

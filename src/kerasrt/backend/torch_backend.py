@@ -7,15 +7,20 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import platform
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.fx
 
-from kerasrt import __version__
+from kerasrt import __version__, cache
 from kerasrt.backend import cudnn_conv
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
@@ -61,6 +66,42 @@ def engine_environment(device: torch.device) -> dict[str, str]:
     else:
         env["device"] = f"{device.type} {platform.machine()}"
     return env
+
+
+_PROBE = "import sys, torch, kerasrt.backend.cudnn_conv\ntorch._inductor.aoti_load_package(sys.argv[1])\n"
+"""What a test process does with a package: register kerasrt's custom ops, load it."""
+
+
+def package_problem(path: Path, device: torch.device) -> str | None:
+    """Why the AOTInductor package at ``path`` cannot be loaded here, or None if it can.
+
+    Some torch builds crash inside the package loader (seen: torch 2.11.0+cu130 on an H100,
+    SIGSEGV for any CUDA package, even one of plain torch ops); a crash would take the user's
+    process down, so each package is loaded once in a test process first. The verdict is
+    cached by the package's hash and the environment."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    key = f"{digest}-{json.dumps(engine_environment(device), sort_keys=True)}"
+    verdicts = cache.read_json("packages.json")
+    verdicts = verdicts if isinstance(verdicts, dict) else {}
+    if key in verdicts:
+        return verdicts[key]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=600
+        )
+        problem = None
+        if proc.returncode < 0:
+            problem = (
+                f"the package loader crashed ({signal.Signals(-proc.returncode).name}) in a test process"
+            )
+        elif proc.returncode:
+            lines = proc.stderr.strip().splitlines()
+            problem = f"the package does not load: {lines[-1] if lines else f'exit {proc.returncode}'}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot test-load the package ({exc})"  # not cached: may be transient
+    verdicts[key] = problem
+    cache.write_json("packages.json", verdicts)
+    return problem
 
 
 def _ident(name: str) -> str:
@@ -178,7 +219,10 @@ class TorchEngine:
 
     def load_package(self, path: Path) -> None:
         """Run the AOTInductor package at ``path`` from now on, on this engine's own weights
-        (used in place, not copied)."""
+        (used in place, not copied). Raises RuntimeError when the package cannot be loaded here."""
+        problem = package_problem(path, self.device)
+        if problem is not None:
+            raise RuntimeError(problem)
         runner = torch._inductor.aoti_load_package(str(path))
         buffers = dict(self.module.named_buffers())
         runner.load_constants(
