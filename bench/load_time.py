@@ -16,19 +16,25 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 LOAD = """
-import time, sys, json
+import dataclasses, time, sys, json
 t0 = time.perf_counter()
 import torch, numpy as np, kerasrt
 from kerasrt.bench import sample_latencies, latency_stats
 t1 = time.perf_counter()
 model = kerasrt.load(sys.argv[1])
+if sys.argv[4] == "no-cuda-graph":
+    model.settings = dataclasses.replace(model.settings, cuda_graphs=False)
+print("loaded", file=sys.stderr, flush=True)
 x = torch.from_numpy(np.load(sys.argv[2])).cuda()
 y = model(x); torch.cuda.synchronize()
 t2 = time.perf_counter()
-kinds = sorted(e.compiler for e in model.program(model.engine_shapes[0]).compiled_engines.values())
+print("first inference done", file=sys.stderr, flush=True)
+program = model.program(model.engine_shapes[0])
+kinds = sorted(e.compiler for e in program.compiled_engines.values())
 stats = latency_stats(sample_latencies(lambda: model(x), torch.device("cuda"), 10, 50))
 np.save(sys.argv[3], y.float().cpu().numpy())
-print(json.dumps({"import_s": t1 - t0, "load_and_first_inference_s": t2 - t1, "engines": kinds, "latency_ms": stats}))
+print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_inference_s": t2 - t1,
+                  "engines": kinds, "cuda_graph": program.captured, "latency_ms": stats}))
 """
 
 
@@ -62,18 +68,37 @@ def main() -> None:
         path = conv.save(os.path.join(tmp, "art"))
         print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
         np.save(os.path.join(tmp, "x.npy"), x)
-        proc = subprocess.run(
-            [sys.executable, "-c", LOAD, str(path), os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")],
-            capture_output=True,
-            text=True,
-        )
-        print(
-            proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr[-3000:], flush=True
-        )
-        if proc.returncode == 0:
+        for mode in ("no-cuda-graph", "cuda-graph"):
+            out = os.path.join(tmp, f"y-{mode}.npy")
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-X",
+                    "faulthandler",
+                    "-c",
+                    LOAD,
+                    str(path),
+                    os.path.join(tmp, "x.npy"),
+                    out,
+                    mode,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode:
+                print(f"{mode}: the loading process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+                continue
+            print(proc.stdout.strip().splitlines()[-1], flush=True)
             ref = optimized(torch.from_numpy(x).cuda()).float().cpu().numpy()
-            got = np.load(os.path.join(tmp, "y.npy"))
-            print(json.dumps({"loaded_vs_jit_max_rel": float(np.abs(got - ref).max() / np.abs(ref).max())}))
+            got = np.load(out)
+            print(
+                json.dumps(
+                    {
+                        "mode": mode,
+                        "loaded_vs_jit_max_rel": float(np.abs(got - ref).max() / np.abs(ref).max()),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

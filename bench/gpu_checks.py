@@ -1,0 +1,165 @@
+"""GPU-only checks and A/B timings of the fused cuDNN convolutions (CI has no GPU).
+
+1. ``kerasrt::cudnn_conv`` on CUDA against float32 math on the same inputs, FP16 and BF16,
+   with every epilogue kerasrt fuses, called directly and replayed in a CUDA graph: fails
+   (exit 1) when an error is outside the precision's tolerance.
+2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
+   (tactics timed, fresh cache), a second build (tactics from the cache), and
+   ``conv_kernels="inductor"``; errors against Keras FP32.
+
+    source .whl/activate.sh && python bench/gpu_checks.py [--models ResNet50] [--batches 1,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import keras
+import numpy as np
+import torch
+
+import kerasrt
+from kerasrt.backend import cudnn_conv
+from kerasrt.bench import latency_stats, relative_error, sample_latencies
+from kerasrt.settings import PRECISION_RTOL
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from kerasrt_testing import randomize  # calibrated random weights
+
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the FP32 reference
+DEV = torch.device("cuda")
+CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, residual, activation, clip
+    ((8, 64, 56, 56), (64, 1, 1), [1, 1], [0, 0], True, False, "relu", []),
+    ((8, 64, 56, 56), (64, 3, 3), [1, 1], [1, 1], True, False, "relu", []),
+    ((8, 64, 56, 56), (256, 1, 1), [1, 1], [0, 0], True, True, "relu", []),
+    ((8, 128, 29, 29), (128, 3, 3), [2, 2], [0, 0], True, False, "relu", []),
+    ((4, 32, 112, 112), (96, 1, 1), [1, 1], [0, 0], True, False, "clamp", [0.0, 6.0]),
+    ((4, 40, 28, 28), (240, 1, 1), [1, 1], [0, 0], True, False, "silu", []),
+    ((4, 240, 28, 28), (40, 1, 1), [1, 1], [0, 0], True, True, "none", []),
+    ((1, 3, 230, 230), (64, 7, 7), [2, 2], [0, 0], True, False, "relu", []),
+]
+
+
+def check_op() -> bool:
+    ok = True
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, (k, r, s), stride, padding, has_b, has_r, act, clip in CASES:
+            cl = torch.channels_last
+            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
+            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
+            w = w.contiguous(memory_format=cl)
+            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
+            shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+            res = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=cl) if has_r else None
+            args = (x, w, b, res, stride, padding, [1, 1], act, clip)
+            f32 = [t.float() if t is not None else None for t in args[:4]]
+            ref = cudnn_conv.reference(*f32, stride, padding, [1, 1], act, clip)
+            got = torch.ops.kerasrt.cudnn_conv(*args)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = torch.ops.kerasrt.cudnn_conv(*args)
+            x.copy_(torch.randn_like(x))  # new data in the captured input
+            graph.replay()
+            ref2 = cudnn_conv.reference(x.float(), *f32[1:], stride, padding, [1, 1], act, clip)
+            torch.cuda.synchronize()
+            errors = [
+                float((a.float() - e).abs().max() / e.abs().max()) for a, e in ((got, ref), (replayed, ref2))
+            ]
+            key = cudnn_conv.signature(
+                cudnn_conv.Operands(x, w, b, res, got), stride, padding, [1, 1], act, clip
+            )
+            fused = cudnn_conv._PLANS.get(key) is not None
+            passed = max(errors) <= tol and fused
+            ok &= passed
+            print(
+                json.dumps(
+                    {
+                        "check": "op",
+                        "dtype": str(dtype),
+                        "x": xs,
+                        "w": [k, xs[1], r, s],
+                        "stride": stride,
+                        "residual": has_r,
+                        "activation": act,
+                        "fused_by_cudnn": fused,
+                        "err_direct": errors[0],
+                        "err_cuda_graph": errors[1],
+                        "tol": tol,
+                        "passed": passed,
+                    }
+                ),
+                flush=True,
+            )
+    return ok
+
+
+def model_ab(name: str, batch: int) -> None:
+    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    rng = np.random.default_rng(0)
+    calib = rng.uniform(0, 255, (8, 224, 224, 3)).astype("float32")
+    randomize(model, calibration=calib)
+    x = torch.from_numpy(rng.uniform(0, 255, (batch, 224, 224, 3)).astype("float32")).to(DEV)
+    with torch.no_grad():
+        ref = model(x, training=False).float().cpu().numpy()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["KERASRT_CACHE_DIR"] = cache
+        for label, kernels in (("auto (timed)", "auto"), ("auto (cached)", "auto"), ("inductor", "inductor")):
+            torch._dynamo.reset()
+            begin = time.perf_counter()
+            optimized = kerasrt.Converter(
+                model, precision_mode="FP16", batch_size=batch, conv_kernels=kernels
+            ).convert()
+            out = optimized(x)
+            torch.cuda.synchronize()
+            build = time.perf_counter() - begin
+            stats = latency_stats(sample_latencies(functools.partial(optimized, x), DEV, 10, 50))
+            program = optimized.program(optimized.engine_shapes[0])
+            counts = {}
+            for choice in program.kernel_choices.values():
+                counts[choice.kernel] = counts.get(choice.kernel, 0) + 1
+            print(
+                json.dumps(
+                    {
+                        "check": "model",
+                        "model": name,
+                        "batch": batch,
+                        "conv_kernels": label,
+                        "convert_and_build_s": round(build, 1),
+                        "p50_ms": stats["p50"],
+                        "img_per_s": round(batch / stats["p50"] * 1e3),
+                        "convs_on_cudnn": len(program.cudnn_convs),
+                        "shapes_by_kernel": counts,
+                        "err_vs_keras_fp32": relative_error([out.float().cpu().numpy()], [ref]),
+                        "cuda_graph": program.captured,
+                    }
+                ),
+                flush=True,
+            )
+            del optimized, program
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="ResNet50")
+    parser.add_argument("--batches", default="1,128")
+    parser.add_argument("--skip-op", action="store_true")
+    args = parser.parse_args()
+    print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
+    ok = True if args.skip_op else check_op()
+    for name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            model_ab(name, batch)
+    print("op checks", "passed" if ok else "FAILED", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
