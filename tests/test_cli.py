@@ -159,3 +159,13 @@ def test_batch_profile_option_round_trips_through_the_artifact(tmp_path: Path, m
     assert loaded(x).shape[0] == 3
     assert main(["convert", str(model_file), "-o", str(tmp_path / "bad"), "--batch-profile", "4,2,8"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_conv_kernels_option(tmp_path: Path, model_file: Path, capsys) -> None:
+    out = tmp_path / "inductor_krt"
+    assert main(["convert", str(model_file), "-o", str(out), "--conv-kernels", "inductor"]) == 0
+    assert kerasrt.load(out).settings.conv_kernels == "inductor"
+    bad = tmp_path / "cudnn_on_cpu"
+    args = ["convert", str(model_file), "-o", str(bad), "--precision", "fp16", "--conv-kernels", "cudnn"]
+    assert main([*args, "--device", "cpu"]) != 0
+    assert "nvidia-cudnn-frontend" in capsys.readouterr().err and not bad.exists()

@@ -97,7 +97,12 @@ def fake_cudnn(monkeypatch, tmp_path):
 
 def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Path, fake_cudnn) -> None:
     model = residual_cnn()
-    conv = kerasrt.Converter(model, batch_size=2, precision_mode="FP16", compiler="inductor")
+    # "auto" leaves programs that are not CUDA-graph replays (all on a CPU) to Inductor
+    auto = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert()
+    assert not auto.program(auto.engine_shapes[0]).cudnn_convs and not fake_cudnn
+    conv = kerasrt.Converter(
+        model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
+    )
     optimized = conv.convert()
     x = random_input((2, 8, 8, 3))
     (expected,) = keras_reference(model, [x])

@@ -132,6 +132,11 @@ class Program:
             return is_supported(node)
 
         self.segments: list[Segment] = partition(graph, supported, settings.minimum_segment_size)
+        self.graphable = (
+            device.type == "cuda"
+            and settings.cuda_graphs
+            and all(s.kind != "fallback" for s in self.segments)
+        )
         slot: dict[int, int] = {id(v): i for i, v in enumerate(graph.inputs)}
         for seg in self.segments:
             for out in seg.outputs:
@@ -171,16 +176,16 @@ class Program:
                 self.steps.append((engine, ins, outs))
                 if engine.cudnn_convs:
                     self.cudnn_convs.update(n.outputs[0].name for n in seg.nodes if id(n) in cudnn)
-        self.graphable = (
-            device.type == "cuda"
-            and settings.cuda_graphs
-            and all(s.kind != "fallback" for s in self.segments)
-        )
         self._graph: CudaGraphRunner | None = None
 
     def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> set[int]:
-        """The convolutions of an engine segment to run on cuDNN (ids), by measured tactics."""
-        choices = tactics.choose(seg.nodes, self.device, settings.conv_kernels)
+        """The convolutions of an engine segment to run on cuDNN (ids), by measured tactics.
+        "auto" considers cuDNN only for programs replayed as CUDA graphs: each cuDNN call is
+        launched from Python, host work that only a graph replay hides."""
+        mode = settings.conv_kernels
+        if mode == "auto" and not self.graphable:
+            mode = "inductor"
+        choices = tactics.choose(seg.nodes, self.device, mode)
         self.kernel_choices.update(choices.values())
         return {node for node, (_, choice) in choices.items() if choice.kernel == "cudnn"}
 

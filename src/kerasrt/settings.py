@@ -47,8 +47,9 @@ class ConversionSettings:
     ``conv_kernels``: how FP16/BF16 convolutions run on CUDA. "auto" times, per layer shape,
     a fused cuDNN graph (conv + bias + residual + ReLU in one kernel; needs
     nvidia-cudnn-frontend) against Inductor's convolution + epilogue and keeps the faster
-    (choices cached on disk, see ``kerasrt.backend.tactics``); "cudnn" takes cuDNN wherever it
-    can run; "inductor" never does.
+    (choices cached on disk, see ``kerasrt.backend.tactics``), in programs replayed as CUDA
+    graphs (cuDNN calls are launched from Python); "cudnn" takes cuDNN wherever it can run;
+    "inductor" never does.
     """
 
     precision_mode: str = "FP32"
