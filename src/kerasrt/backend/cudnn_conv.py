@@ -5,7 +5,7 @@ Inductor engine runs the convolution, writes its output, and reads it back in a 
 epilogue: at batch 128 those epilogue passes are close to half of ResNet50's GPU time.
 
 ``kerasrt::cudnn_conv`` is a torch custom op, so Inductor calls it like any extern kernel and
-AOTInductor packages call it through the dispatcher (importing kerasrt registers it). Its
+AOTInductor packages call it through the dispatcher (importing kerasrt.runtime registers it). Its
 CUDA kernel runs cuDNN execution plans, one per input signature, built on first use with
 the plan index ``choose_plan`` set (the tactic measured at build time, see
 ``kerasrt.backend.tactics``) or else cuDNN's first heuristic choice. Its CPU kernel is the
@@ -152,6 +152,11 @@ class Operands:
     residual: torch.Tensor | None
     out: torch.Tensor
 
+    def pack(self, uids: dict[str, Any]) -> dict[Any, torch.Tensor]:
+        """The variant pack of a cuDNN graph whose operand tensors are ``uids`` (by name)."""
+        data = {"X": self.x, "W": self.w, "B": self.bias, "R": self.residual, "Y": self.out}
+        return {uid: data[name] for name, uid in uids.items()}
+
     def described(self) -> dict[str, tuple[list[int], list[int]]]:
         """(dims, strides) per operand as cuDNN sees them."""
         desc = {
@@ -190,10 +195,8 @@ class Plan:
     def run(self, tensors: Operands) -> None:
         cudnn = frontend()
         cudnn.set_stream(self.handle, torch.cuda.current_stream().cuda_stream)
-        data = {"X": tensors.x, "W": tensors.w, "B": tensors.bias, "R": tensors.residual, "Y": tensors.out}
-        pack = {uid: data[name] for name, uid in self.uids.items()}
         workspace = torch.empty(max(self.workspace, 1), dtype=torch.uint8, device=tensors.x.device)
-        self.graph.execute(pack, workspace, handle=self.handle)
+        self.graph.execute(tensors.pack(self.uids), workspace, handle=self.handle)
 
 
 _PLANS: dict[str, Plan | None] = {}

@@ -1,16 +1,16 @@
 """Kernel tactics: per convolution, a fused cuDNN graph or Inductor's kernels, chosen by timing
 both on the device, as TensorRT times its tactics; choices cached on disk by environment.
 
-For each eligible ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation, ReLU, SiLU or a
-two-sided clamp such as ReLU6) the
-candidates are a few of cuDNN's execution plans for conv + bias + residual + activation in
-one kernel, against what Inductor runs: the same convolution followed by one memory-bound
-epilogue pass (timed as the bare convolution plus an elementwise pass of the same traffic).
-Times are device times of CUDA-graph replays (engines replay as CUDA graphs), so host
-overhead does not decide. A choice is keyed by the operands' shapes, strides and attributes
-and by the environment (GPU, torch, cuDNN), and kept in ``tactics-<env>.json`` under
-``kerasrt.cache.cache_dir()``: a second build on the same machine measures nothing. Artifacts carry the
-choices of their engines (``remember``).
+For each eligible ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation, ReLU, SiLU
+or a two-sided clamp such as ReLU6) the candidates are a few of cuDNN's execution plans for
+conv + bias + residual + activation in one kernel, against what Inductor runs: the same
+convolution followed by one memory-bound epilogue pass (timed as the bare convolution plus
+an elementwise pass of the same traffic). Times are device times of CUDA-graph replays (the
+programs that use cuDNN replay as CUDA graphs), so host overhead does not decide. A choice
+is keyed by the operands' shapes, strides and attributes and by the environment (GPU, torch,
+cuDNN), and kept in ``tactics-<env>.json`` under ``kerasrt.cache.cache_dir()``: a second
+build on the same machine measures nothing. Artifacts carry the choices of their engines
+(``remember``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Choice:
 
 
 def environment(device: torch.device) -> dict[str, str]:
+    """What tactic choices are valid for: the engine environment plus the cuDNN version."""
     return {**engine_environment(device), "cudnn": cudnn_conv.cudnn_version()}
 
 
@@ -59,9 +60,9 @@ _TABLES: dict[str, dict[str, Choice]] = {}  # env key -> signature -> choice
 def _table(env: dict[str, str]) -> dict[str, Choice]:
     key = _env_key(env)
     if key not in _TABLES:
-        stored = cache.read_json(f"tactics-{key}.json") or {}
+        stored = cache.read_json(f"tactics-{key}.json")
         table: dict[str, Choice] = {}
-        if stored.get("environment") == env:
+        if isinstance(stored, dict) and stored.get("environment") == env:
             try:
                 table = {sig: Choice(**c) for sig, c in stored["choices"].items()}
             except (TypeError, KeyError, AttributeError) as exc:
@@ -180,8 +181,7 @@ def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cud
         log.info("cuDNN cannot fuse %s: %s", node, exc)
         return None
     limit = MAX_RUNTIME_FUSION_PLANS if ops.residual is not None else MAX_PLANS
-    data = {"X": ops.x, "W": ops.w, "B": ops.bias, "R": ops.residual, "Y": ops.out}
-    pack = {uid: data[name] for name, uid in uids.items()}
+    pack = ops.pack(uids)
     frontend = cudnn_conv.frontend()
     best: tuple[int, float] | None = None
     for index in range(min(limit, g.get_execution_plan_count())):
