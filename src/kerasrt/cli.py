@@ -214,6 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "optimization_level",
                 "compiler",
                 "cuda_graphs",
+                "conv_kernels",
             )
         }
     else:
@@ -224,7 +225,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = args.batch or [1]
         kwargs = {"compiler": args.compiler, "cuda_graphs": not args.no_cuda_graphs}
     kwargs["autotune"] = args.autotune
-    kwargs["conv_kernels"] = args.conv_kernels
+    if args.conv_kernels:  # else the artifact's own choice (or the default for a model file)
+        kwargs["conv_kernels"] = args.conv_kernels
     with status("benchmarking") as progress:
         results = bench_keras_model(
             keras_model,
@@ -516,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler", default="auto", choices=COMPILERS, help="engine compiler for a model file")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--autotune", action="store_true")
-    p.add_argument("--conv-kernels", default="auto", choices=CONV_KERNELS)
+    p.add_argument("--conv-kernels", choices=CONV_KERNELS, help="FP16/BF16 convolution kernels on CUDA")
     p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

@@ -98,8 +98,8 @@ def eligible(node: Node) -> bool:
     """Whether ``node`` is a convolution cuDNN can fuse with its epilogue."""
     if node.op != "conv_fused" or len(node.inputs[1].shape) != 4 or node.attrs.get("groups", 1) != 1:
         return False
-    act = node.attrs.get("activation")
-    if act not in (None, "relu", "silu", "clamp"):
+    act = node.attrs.get("activation") or "none"
+    if act not in cudnn_conv.ACTIVATIONS:
         return False
     if act == "clamp" and None in ((node.attrs.get("activation_attrs") or {}).get(k) for k in ("min", "max")):
         return False
