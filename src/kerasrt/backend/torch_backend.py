@@ -68,7 +68,12 @@ def engine_environment(device: torch.device) -> dict[str, str]:
     return env
 
 
-_PROBE = "import sys, torch, kerasrt.backend.cudnn_conv\ntorch._inductor.aoti_load_package(sys.argv[1])\n"
+_PROBE = """
+import sys, torch, kerasrt.backend.cudnn_conv
+if sys.argv[2] == "cuda":
+    torch.zeros(1, device="cuda")  # a CUDA context first, as in the process that will load it
+torch._inductor.aoti_load_package(sys.argv[1])
+"""
 """What a test process does with a package: register kerasrt's custom ops, load it."""
 
 
@@ -87,7 +92,10 @@ def package_problem(path: Path, device: torch.device) -> str | None:
         return verdicts[key]
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=600
+            [sys.executable, "-c", _PROBE, str(path), device.type],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         problem = None
         if proc.returncode < 0:
