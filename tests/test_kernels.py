@@ -26,6 +26,7 @@ from test_artifact import COMPILED_FRESH_PROCESS
 
 L = keras.layers
 CUDNN_OP = torch.ops.kerasrt.cudnn_conv.default
+REAL_MEASURE = tactics._measure
 
 
 @pytest.mark.parametrize(
@@ -92,6 +93,7 @@ def fake_cudnn(monkeypatch, tmp_path):
     monkeypatch.setattr(tactics, "_measure", measure)
     monkeypatch.setattr(tactics, "_TABLES", {})
     monkeypatch.setattr(cudnn_conv, "_CHOSEN", {})
+    monkeypatch.setattr(cudnn_conv, "_PLANS", {})
     return measured
 
 
@@ -197,3 +199,35 @@ def test_cudnn_kernels_without_cuda_or_a_bad_choice_are_clear_errors() -> None:
         kerasrt.Converter(model, precision_mode="FP16", conv_kernels="cudnn", device="cpu").convert()
     with pytest.raises(ConversionError, match="conv_kernels must be one of auto, inductor, cudnn"):
         kerasrt.Converter(model, conv_kernels="tensorrt")
+
+
+def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudnn, monkeypatch) -> None:
+    graph = kerasrt.Converter(residual_cnn(), batch_size=1, precision_mode="FP16").convert().primary_graph()
+    node = next(n for n in graph.nodes if tactics.eligible(n))
+    ops = tactics.example_operands(node, torch.device("cpu"))
+    monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
+    plan = object()
+    for cudnn_ms, inductor_ms, mode, kernel in [
+        (0.5, 1.0, "auto", "cudnn"),
+        (1.5, 1.0, "auto", "inductor"),
+        (1.5, None, "cudnn", "cudnn"),
+    ]:
+        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, ms=cudnn_ms: (2, ms, plan))
+        monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o, ms=inductor_ms: ms)
+        choice = tactics._measure(node, ops, "sig", mode)
+        assert (choice.kernel, choice.plan, choice.cudnn_ms, choice.inductor_ms) == (
+            kernel,
+            2,
+            cudnn_ms,
+            inductor_ms if mode == "auto" else None,
+        )
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: None)  # cuDNN has no plan for it
+    assert tactics._measure(node, ops, "sig", "auto").kernel == "inductor"
+
+    # a shape where Inductor won stays on Inductor in "auto" but goes to cuDNN when asked
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: (0, 1.5, plan))
+    monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 1.0)
+    auto = tactics.choose([node], torch.device("cpu"), "auto")
+    forced = tactics.choose([node], torch.device("cpu"), "cudnn")
+    assert [c.kernel for _, c in auto.values()] == ["inductor"]
+    assert [c.kernel for _, c in forced.values()] == ["cudnn"]
