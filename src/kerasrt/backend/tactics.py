@@ -166,7 +166,7 @@ def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
     other = ops.residual if ops.residual is not None else ops.out[:1]
 
     def run() -> None:
-        y = torch.convolution(ops.x, ops.w, None, stride, padding, dilation, False, [0, 0], 1)
+        y = cudnn_conv.reference(ops.x, ops.w, None, None, stride, padding, dilation, "none", [])
         if epilogue:
             torch.add(y, other, out=z)
 
