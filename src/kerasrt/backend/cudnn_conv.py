@@ -52,8 +52,12 @@ def output_shape(
     return [x[0], w[0], *spatial]
 
 
-def _channels_last_empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+def _empty_output(
+    x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> torch.Tensor:
+    """The op's output, uninitialized: channels-last, x's dtype and device."""
+    shape = output_shape(x.shape, w.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def reference(
@@ -96,19 +100,19 @@ def cudnn_conv(
     clip: list[float],
 ) -> torch.Tensor:
     """act(conv2d(x, w) + bias + residual), NCHW logical shapes, channels-last output."""
-    out = _channels_last_empty(output_shape(x.shape, w.shape, stride, padding, dilation), x)
+    out = _empty_output(x, w, stride, padding, dilation)
     out.copy_(reference(x, w, bias, residual, stride, padding, dilation, activation, clip))
     return out
 
 
 @cudnn_conv.register_fake
 def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
-    return _channels_last_empty(output_shape(x.shape, w.shape, stride, padding, dilation), x)
+    return _empty_output(x, w, stride, padding, dilation)
 
 
 @cudnn_conv.register_kernel("cuda")
 def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
-    out = _channels_last_empty(output_shape(x.shape, w.shape, stride, padding, dilation), x)
+    out = _empty_output(x, w, stride, padding, dilation)
     tensors = Operands(x, w, bias, residual, out)
     fusable = x.dtype in FUSED_DTYPES
     plan = plan_for(tensors, stride, padding, dilation, activation, clip) if fusable else None
