@@ -146,6 +146,24 @@ print(sorted(e.compiler for e in program.compiled_engines.values()))
 """
 
 
+def run_packages_in_fresh_process(path: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """The artifact's output for ``x``, computed in a fresh process that may not unpickle or
+    compile: it must run the compiled engine packages."""
+    np.save(tmp_path / "x.npy", x)
+    args = [
+        sys.executable,
+        "-c",
+        COMPILED_FRESH_PROCESS,
+        str(path),
+        str(tmp_path / "x.npy"),
+        str(tmp_path / "y.npy"),
+    ]
+    proc = subprocess.run(args, env={**os.environ, "KERAS_BACKEND": "torch"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['package']"
+    return np.load(tmp_path / "y.npy")
+
+
 def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: Path) -> None:
     inp = keras.Input((6, 6, 3), name="image")
     x = L.Conv2D(4, 3, padding="same", activation="relu")(inp)
@@ -163,19 +181,7 @@ def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: 
     with zipfile.ZipFile(path / package) as archive:  # code only: the weights live in safetensors
         assert not [n for n in archive.namelist() if n.endswith((".pkl", ".pt", "constants.bin"))]
 
-    np.save(tmp_path / "x.npy", x)
-    env = {**os.environ, "KERAS_BACKEND": "torch"}
-    args = [
-        sys.executable,
-        "-c",
-        COMPILED_FRESH_PROCESS,
-        str(path),
-        str(tmp_path / "x.npy"),
-        str(tmp_path / "y.npy"),
-    ]
-    proc = subprocess.run(args, check=True, env=env, capture_output=True, text=True)
-    assert proc.stdout.strip().splitlines()[-1] == "['package']"
-    got = np.load(tmp_path / "y.npy")
+    got = run_packages_in_fresh_process(path, x, tmp_path)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
     ignored = kerasrt.load(path, compiled_engines=False)  # the user may refuse native code

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -22,7 +19,7 @@ from kerasrt.backend import cudnn_conv, tactics
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
-from test_artifact import COMPILED_FRESH_PROCESS
+from test_artifact import run_packages_in_fresh_process
 
 L = keras.layers
 CUDNN_OP = torch.ops.kerasrt.cudnn_conv.default
@@ -126,23 +123,8 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     assert {c["kernel"] for c in entry["tactics"]["choices"].values()} == {"cudnn"}
 
     # a fresh process, without the fake: the packages call the op as they were built to
-    np.save(tmp_path / "x.npy", x)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            COMPILED_FRESH_PROCESS,
-            str(path),
-            str(tmp_path / "x.npy"),
-            str(tmp_path / "y.npy"),
-        ],
-        env={**os.environ, "KERAS_BACKEND": "torch"},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "['package']"
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), got, rtol=0, atol=1e-3 * np.abs(got).max())
+    fresh = run_packages_in_fresh_process(path, x, tmp_path)
+    np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())
 
 
 def test_tactics_are_measured_once_per_shape_and_cached_by_environment(
