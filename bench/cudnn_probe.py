@@ -22,6 +22,7 @@ import keras
 import torch
 
 import kerasrt
+from kerasrt.backend import cudnn_conv
 from kerasrt.bench import latency_stats, sample_latencies
 from kerasrt.ir.ops import OPS
 
@@ -34,40 +35,6 @@ def p50(fn) -> float:
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
-def cudnn_graph(handle, x, w, b, r, attrs):
-    g = cudnn.pygraph(
-        io_data_type=cudnn.data_type.HALF,
-        intermediate_data_type=cudnn.data_type.FLOAT,
-        compute_data_type=cudnn.data_type.FLOAT,
-        handle=handle,
-    )
-    X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=x.dtype)
-    W = g.tensor(name="W", dim=list(w.shape), stride=list(w.stride()), data_type=w.dtype)
-    y = g.conv_fprop(
-        image=X, weight=W, padding=attrs["padding"], stride=attrs["stride"], dilation=attrs["dilation"]
-    )
-    tensors = {"X": X, "W": W}
-    if b is not None:
-        B = g.tensor(name="B", dim=list(b.shape), stride=list(b.stride()), data_type=b.dtype)
-        y = g.bias(name="bias", input=y, bias=B)
-        tensors["B"] = B
-    if r is not None:
-        R = g.tensor(name="R", dim=list(r.shape), stride=list(r.stride()), data_type=r.dtype)
-        y = g.add(name="residual", a=y, b=R)
-        tensors["R"] = R
-    if attrs.get("activation") == "relu":
-        y = g.relu(name="relu", input=y)
-    elif attrs.get("activation") is not None:
-        raise NotImplementedError(attrs["activation"])
-    y.set_output(True).set_data_type(cudnn.data_type.HALF)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans(cudnn.build_plan_policy.ALL)
-    return g, tensors, y
 
 
 def probe(batch: int) -> dict:
@@ -86,11 +53,9 @@ def probe(batch: int) -> dict:
         )
         signature[key] += 1
         example.setdefault(key, n)
-    handle = cudnn.create_handle()
-    cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
     rows = []
     for key, count in signature.items():
-        row = {"layer": key, "count": count, **probe_layer(handle, example[key])}
+        row = {"layer": key, "count": count, **probe_layer(example[key])}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -111,7 +76,7 @@ def probe(batch: int) -> dict:
     return {"summary": summary, "rows": rows}
 
 
-def probe_layer(handle, n) -> dict:
+def probe_layer(n) -> dict:
     """Time one conv_fused node: PyTorch eager, the bare convolution, cuDNN fused graph plans."""
     attrs = dict(n.attrs)
     if attrs.get("groups", 1) != 1:
@@ -121,11 +86,7 @@ def probe_layer(handle, n) -> dict:
         for v in n.inputs
     ]
     xin, w = ins[0], ins[1]
-    b = (
-        ins[2].reshape(1, -1, 1, 1).contiguous(memory_format=torch.channels_last)
-        if attrs["has_bias"]
-        else None
-    )
+    b = ins[2] if attrs["has_bias"] else None
     r = ins[2 + int(attrs["has_bias"])] if attrs["has_residual"] else None
     kw = {k: attrs[k] for k in OPS["conv_fused"].attrs if k in attrs}
     ref = OPS["conv_fused"].impl(*ins, **kw)
@@ -138,14 +99,12 @@ def probe_layer(handle, n) -> dict:
     row = {"torch_eager_ms": t_torch, "aten_conv_only_ms": t_conv}
     try:
         begin = time.perf_counter()
-        g, tensors, y = cudnn_graph(handle, xin, w, b, r, attrs)
+        ops = cudnn_conv.Operands(xin, w, b, r, torch.empty_like(ref))
+        g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(n))
+        g.build_plans(cudnn.build_plan_policy.ALL)
+        cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
         row["cudnn_build_s"] = time.perf_counter() - begin
-        out = torch.empty_like(ref)
-        pack = {tensors["X"]: xin, tensors["W"]: w, y: out}
-        if b is not None:
-            pack[tensors["B"]] = b
-        if r is not None:
-            pack[tensors["R"]] = r
+        out, pack = ops.out, ops.pack(uids)
         sizes = [g.get_workspace_size()]
         for i in range(g.get_execution_plan_count()):
             try:
