@@ -22,7 +22,7 @@ import keras
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, tactics
 from kerasrt.bench import latency_stats, sample_latencies
 from kerasrt.ir.ops import OPS
 
@@ -33,10 +33,6 @@ def p50(fn) -> float:
     return latency_stats(sample_latencies(fn, DEV, 5, 20))["p50"]
 
 
-def channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
 def probe(batch: int) -> dict:
     model = keras.applications.ResNet50(weights=None, classifier_activation=None)
     x = torch.randn(batch, 224, 224, 3, device=DEV)
@@ -44,7 +40,7 @@ def probe(batch: int) -> dict:
     optimized(x)
     whole = p50(lambda: optimized(x))
     graph = optimized.primary_graph()
-    nodes = [n for n in graph.nodes if n.op == "conv_fused"]
+    nodes = [n for n in graph.nodes if n.op in ("conv", "conv_fused")]
     signature = Counter()
     example = {}
     for n in nodes:
@@ -60,73 +56,162 @@ def probe(batch: int) -> dict:
         print(json.dumps(row), flush=True)
 
     def total(field):
-        return sum(r.get(field, r.get("torch_eager_ms", 0)) * r["count"] for r in rows)
+        return round(sum(r.get(field, 0) * r["count"] for r in rows), 4)
 
     summary = {
         "batch": batch,
         "whole_program_ms": whole,
         "conv_layers": len(nodes),
         "unique": len(rows),
-        "sum_torch_eager_ms": total("torch_eager_ms"),
-        "sum_aten_conv_only_ms": total("aten_conv_only_ms"),
-        "sum_cudnn_first_ms": total("cudnn_first_ms"),
-        "sum_cudnn_best_ms": total("cudnn_best_ms"),
+        **{
+            f"sum_{field}": total(field)
+            for field in (
+                "aten_conv_only_ms",
+                "inductor_estimate_ms",
+                "A_first_ms",
+                "A_best8_ms",
+                "A_best_ms",
+                "B_first_ms",
+                "B_best_ms",
+            )
+        },
     }
     print(json.dumps(summary), flush=True)
     return {"summary": summary, "rows": rows}
 
 
-def probe_layer(n) -> dict:
-    """Time one conv_fused node: PyTorch eager, the bare convolution, cuDNN fused graph plans."""
-    attrs = dict(n.attrs)
-    if attrs.get("groups", 1) != 1:
-        return {"skip": "grouped"}
-    ins = [
-        channels_last(v.data.to(DEV) if v.is_constant else torch.randn(v.shape, device=DEV).half())
-        for v in n.inputs
-    ]
-    xin, w = ins[0], ins[1]
-    b = ins[2] if attrs["has_bias"] else None
-    r = ins[2 + int(attrs["has_bias"])] if attrs["has_residual"] else None
-    kw = {k: attrs[k] for k in OPS["conv_fused"].attrs if k in attrs}
-    ref = OPS["conv_fused"].impl(*ins, **kw)
-    t_torch = p50(lambda: OPS["conv_fused"].impl(*ins, **kw))
-    t_conv = p50(
-        lambda: torch.convolution(
-            xin, w, None, attrs["stride"], attrs["padding"], attrs["dilation"], False, [0, 0], 1
-        )
+def time_plans(n, ops, heuristics: tuple[str, ...], residual_first: bool = True) -> dict:
+    """Device time (CUDA-graph replay) of every plan cuDNN lists for one heuristic set."""
+    begin = time.perf_counter()
+    g, uids, handle = cudnn_conv.build_graph(
+        ops, *cudnn_conv.op_arguments(n), heuristics=heuristics, residual_first=residual_first
     )
-    row = {"torch_eager_ms": t_torch, "aten_conv_only_ms": t_conv}
-    try:
-        begin = time.perf_counter()
-        ops = cudnn_conv.Operands(xin, w, b, r, torch.empty_like(ref))
-        g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(n))
-        g.build_plans(cudnn.build_plan_policy.ALL)
-        cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
-        row["cudnn_build_s"] = time.perf_counter() - begin
-        out, pack = ops.out, ops.pack(uids)
-        sizes = [g.get_workspace_size()]
-        for i in range(g.get_execution_plan_count()):
+    g.build_plans(cudnn.build_plan_policy.ALL)
+    build_s = time.perf_counter() - begin
+    pack = ops.pack(uids)
+    times = []
+    for i in range(g.get_execution_plan_count()):
+        try:
+            ws = torch.empty(max(g.get_workspace_size_plan_at_index(i), 1), device=DEV, dtype=torch.uint8)
+
+            def run(i=i, ws=ws):
+                cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+                g.execute_plan_at_index(pack, ws, i, handle=handle)
+
+            times.append(round(tactics.device_ms(run), 4))
+        except Exception:  # a plan that did not build or run is no candidate
+            times.append(float("inf"))
+    best = min(range(len(times)), key=times.__getitem__) if times else None
+    if best is not None:  # the best plan's output against the reference composition
+        ws = torch.empty(max(g.get_workspace_size_plan_at_index(best), 1), device=DEV, dtype=torch.uint8)
+        g.execute_plan_at_index(pack, ws, best, handle=handle)
+        ref = OPS["conv_fused"].impl(*[ops_tensor for ops_tensor in ops_inputs(n, ops)], **conv_attrs(n))
+        err = (ops.out.float() - ref.float()).abs().max() / ref.float().abs().max()
+        return {
+            "build_s": round(build_s, 2),
+            "ms": times,
+            "best_index": best,
+            "n": len(times),
+            "err": float(err),
+        }
+    return {"build_s": round(build_s, 2), "ms": times, "best_index": best, "n": len(times)}
+
+
+def ops_inputs(n, ops) -> list[torch.Tensor]:
+    return [t for t in (ops.x, ops.w, ops.bias, ops.residual) if t is not None]
+
+
+def conv_attrs(n) -> dict:
+    has_bias, has_residual = cudnn_conv.epilogue_inputs(n)
+    act = n.attrs.get("activation")
+    return {
+        **{k: n.attrs[k] for k in ("stride", "padding", "dilation")},
+        "has_bias": has_bias,
+        "has_residual": has_residual,
+        "activation": act,
+        "activation_attrs": n.attrs.get("activation_attrs"),
+    }
+
+
+def residual_variants(batch: int) -> list[dict]:
+    """For each residual conv of ResNet50: the bare conv, cuDNN graphs with the residual added
+    after or before the bias (all plans), PyTorch's cudnn_convolution_add_relu, and the
+    memory-traffic floor of the fused kernel at the measured copy bandwidth."""
+    model = keras.applications.ResNet50(weights=None, classifier_activation=None)
+    graph = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch, conv_kernels="inductor")
+    graph = graph.convert().primary_graph()
+    seen, rows = set(), []
+    big = torch.empty(256 * 2**20, device=DEV, dtype=torch.uint8)
+    copy_gbs = 2 * big.numel() / tactics.device_ms(lambda: big.clone()) / 1e6
+    for n in graph.nodes:
+        if n.op != "conv_fused" or not n.attrs.get("has_residual") or not tactics.eligible(n):
+            continue
+        key = json.dumps([list(v.shape) for v in n.inputs] + [n.attrs["stride"]])
+        if key in seen:
+            continue
+        seen.add(key)
+        ops = tactics.example_operands(n, DEV)
+        stride, padding, dilation, act, _ = cudnn_conv.op_arguments(n)
+        nbytes = sum(t.numel() * t.element_size() for t in (ops.x, ops.w, ops.residual, ops.out))
+        row = {
+            "layer": key,
+            "floor_ms": nbytes / copy_gbs / 1e6,
+            "aten_conv_only_ms": tactics.device_ms(
+                functools.partial(
+                    torch.convolution, ops.x, ops.w, None, stride, padding, dilation, False, [0, 0], 1
+                )
+            ),
+        }
+        if act == "relu":
             try:
-                sizes.append(g.get_workspace_size_plan_at_index(i))
-            except Exception:  # a plan that did not build has no size
-                pass
-        ws = torch.empty(max(*sizes, 1), device=DEV, dtype=torch.uint8)
-        times = []
-        for i in range(g.get_execution_plan_count()):
+                row["aten_cudnn_add_relu_ms"] = tactics.device_ms(
+                    functools.partial(
+                        torch.cudnn_convolution_add_relu,
+                        *(ops.x, ops.w, ops.residual, 1.0, ops.bias, stride, padding, dilation, 1),
+                    )
+                )
+            except Exception as exc:
+                row["aten_cudnn_add_relu_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        for label, first in (("bias_first", False), ("residual_first", True)):
             try:
-                times.append(p50(functools.partial(g.execute_plan_at_index, pack, ws, i, handle=handle)))
-            except Exception as exc:  # a plan that cannot run is skipped
-                times.append(float("inf"))
-                row.setdefault("plan_errors", []).append(str(exc)[:120])
-        g.execute_plan_at_index(pack, ws, 0, handle=handle)
-        torch.cuda.synchronize()
-        row["cudnn_rel_err"] = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-        row["cudnn_first_ms"] = times[0]
-        row["cudnn_best_ms"] = min(times)
-        row["plans"] = len(times)
-    except Exception as exc:
-        row["cudnn_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                plans = time_plans(n, ops, ("A", "FALLBACK"), residual_first=first)
+                row[label] = {k: plans[k] for k in ("best_index", "n", "build_s", "err") if k in plans}
+                row[label]["first3_ms"] = min(plans["ms"][:3])
+                row[label]["best_ms"] = min(plans["ms"])
+            except Exception as exc:
+                row[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def probe_layer(n) -> dict:
+    """One conv_fused node: the bare convolution, Inductor's estimate, and every cuDNN plan of
+    heuristic lists A (+ fallback) and B."""
+    attrs = dict(n.attrs)
+    if not tactics.eligible(n):
+        return {"skip": "not eligible"}
+    ops = tactics.example_operands(n, DEV)
+    stride, padding, dilation, _, _ = cudnn_conv.op_arguments(n)
+    row = {
+        "aten_conv_only_ms": tactics.device_ms(
+            lambda: torch.convolution(ops.x, ops.w, None, stride, padding, dilation, False, [0, 0], 1)
+        ),
+        "inductor_estimate_ms": tactics.inductor_estimate_ms(n, ops),
+        "residual": attrs.get("has_residual", False),
+    }
+    for label, heuristics in (("A", ("A", "FALLBACK")), ("B", ("B",))):
+        try:
+            plans = time_plans(n, ops, heuristics)
+        except Exception as exc:
+            row[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        finite = [t for t in plans["ms"] if t != float("inf")]
+        row[label] = plans
+        if finite:
+            row[f"{label}_first_ms"] = plans["ms"][0]
+            row[f"{label}_best8_ms"] = min(plans["ms"][: tactics.MAX_PLANS])
+            row[f"{label}_best_ms"] = min(finite)
     return row
 
 
@@ -164,7 +249,7 @@ def kernel_breakdown(fn, label: str) -> dict:
     result = {
         "system": label,
         "per_call_us_by_kind": {k: round(v, 1) for k, v in kinds.items()},
-        "top": [(k, round(v, 1)) for k, v in top.most_common(12)],
+        "top": [(k, round(v, 1)) for k, v in top.most_common(25)],
     }
     print(json.dumps(result), flush=True)
     return result
@@ -190,6 +275,12 @@ def breakdown(batch: int) -> list[dict]:
 def main() -> None:
     print("cudnn backend", cudnn.backend_version_string(), flush=True)
     batches = [int(b) for b in sys.argv[1:]] or [128, 1]
+    if os.environ.get("RESIDUAL_ONLY") == "1":
+        results = [residual_variants(b) for b in batches]
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "residual_variants.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return
     results = [probe(b) for b in batches]
     if os.environ.get("BREAKDOWN", "1") == "1":
         results += [breakdown(b) for b in batches]

@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
     ok = True if args.skip_op else check_op()
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         for batch in map(int, args.batches.split(",")):
             model_ab(name, batch)
     print("op checks", "passed" if ok else "FAILED", flush=True)
