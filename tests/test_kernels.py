@@ -65,11 +65,13 @@ def test_the_op_computes_the_ir_conv_fused(has_bias, has_residual, activation, c
 
 
 def residual_cnn() -> keras.Model:
-    """Two same-shape 3x3 convs (one with a residual add), a strided conv, a depthwise conv."""
+    """A ResNet-style block (3x3 conv, and a 1x1 projection that stays a plain conv + bias:
+    the residual add fuses into one of the two), a strided conv, a depthwise conv."""
     inp = keras.Input((8, 8, 3), name="image")
     x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(inp)))
     y = L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(x))
-    x = L.ReLU()(L.Add()([x, y]))
+    shortcut = L.BatchNormalization()(L.Conv2D(8, 1)(x))
+    x = L.ReLU()(L.Add()([shortcut, y]))
     x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
     x = L.DepthwiseConv2D(3, padding="same")(x)  # grouped: never a cuDNN fusion candidate
     return randomize(keras.Model(inp, L.Dense(4)(L.GlobalAveragePooling2D()(x))))
@@ -109,13 +111,13 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
     program = optimized.program(optimized.engine_shapes[0])
-    assert len(program.cudnn_convs) == 3  # not the depthwise conv
-    assert len(fake_cudnn) == 3 and len(set(fake_cudnn)) == 3  # one measurement per shape
+    assert len(program.cudnn_convs) == 4  # not the depthwise conv
+    assert len(fake_cudnn) == 4 and len(set(fake_cudnn)) == 4  # one measurement per shape
     (engine,) = program.compiled_engines.values()
     calls = [n for n in engine.module.graph.nodes if n.target is CUDNN_OP]
-    assert len(calls) == 3 and engine.cudnn_convs == 3
+    assert len(calls) == 4 and engine.cudnn_convs == 4
     assert set(cudnn_conv._CHOSEN.values()) == {1}  # the measured plan is the one run
-    assert "3 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
+    assert "4 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
@@ -133,35 +135,36 @@ def test_tactics_are_measured_once_per_shape_and_cached_by_environment(
     graph = kerasrt.Converter(residual_cnn(), batch_size=2, precision_mode="FP16").convert().primary_graph()
     cpu = torch.device("cpu")
     first = tactics.choose(graph.nodes, cpu, "auto")
-    assert len(first) == 3 and len(fake_cudnn) == 3
+    assert len(first) == 4 and len(fake_cudnn) == 4
     files = list(cache.cache_dir().glob("tactics-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["environment"] == tactics.environment(cpu)
 
     monkeypatch.setattr(tactics, "_TABLES", {})  # a new process: the disk cache answers
     again = tactics.choose(graph.nodes, cpu, "auto")
-    assert len(fake_cudnn) == 3
+    assert len(fake_cudnn) == 4
     assert [c for _, c in again.values()] == [c for _, c in first.values()]
 
     assert tactics.choose(graph.nodes, cpu, "inductor") == {}
-    assert len(fake_cudnn) == 3
+    assert len(fake_cudnn) == 4
 
     env = tactics.environment(cpu)
     monkeypatch.setattr(tactics, "environment", lambda device: {**env, "cudnn": "another"})
     tactics.choose(graph.nodes, cpu, "auto")  # another cuDNN: measured again
-    assert len(fake_cudnn) == 6
+    assert len(fake_cudnn) == 8
 
     monkeypatch.setattr(tactics, "_TABLES", {})
     for f in cache.cache_dir().glob("tactics-*.json"):
         f.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="kerasrt.cache"):
         tactics.choose(graph.nodes, cpu, "auto")
-    assert "unreadable cache file" in caplog.text and len(fake_cudnn) == 9
+    assert "unreadable cache file" in caplog.text and len(fake_cudnn) == 12
 
 
 def test_which_convolutions_are_candidates() -> None:
     graph = kerasrt.Converter(residual_cnn(), batch_size=1, precision_mode="FP16").convert().primary_graph()
     convs = [n for n in graph.nodes if n.op.startswith("conv")]
-    assert [tactics.eligible(n) for n in convs] == [True, True, True, False]  # depthwise: grouped
+    assert sorted(n.op for n in convs) == ["conv", "conv", "conv_fused", "conv_fused", "conv_fused"]
+    assert [tactics.eligible(n) for n in convs] == [True] * 4 + [False]  # depthwise: grouped
     inp = keras.Input((6, 6, 3))
     acts = [L.Conv2D(4, 1, activation=a)(inp) for a in ("relu6", "silu", "sigmoid")]
     graph = kerasrt.Converter(keras.Model(inp, acts), precision_mode="FP16").convert().primary_graph()

@@ -1,9 +1,9 @@
 """Kernel tactics: per convolution, a fused cuDNN graph or Inductor's kernels, chosen by timing
 both on the device, as TensorRT times its tactics; choices cached on disk by environment.
 
-For each eligible ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation, ReLU, SiLU
-or a two-sided clamp such as ReLU6) the candidates are a few of cuDNN's execution plans for
-conv + bias + residual + activation in one kernel, against what Inductor runs: the same
+For each eligible ``conv`` or ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation,
+ReLU, SiLU or a two-sided clamp such as ReLU6) the candidates are cuDNN's execution plans
+(up to ``MAX_PLANS``) for conv + residual + bias + activation in one kernel, against what Inductor runs: the same
 convolution followed by one memory-bound epilogue pass (timed as the bare convolution plus
 an elementwise pass of the same traffic). Times are device times of CUDA-graph replays (the
 programs that use cuDNN replay as CUDA graphs), so host overhead does not decide. A choice
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -31,8 +32,10 @@ from kerasrt.ir.graph import Node, torch_dtype
 
 log = logging.getLogger(__name__)
 
-MAX_PLANS = 8  # cuDNN plans timed per convolution
-MAX_RUNTIME_FUSION_PLANS = 3  # residual graphs compile each plan (NVRTC, ~0.5 s): time fewer
+MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
+PLAN_BUILD_BUDGET_S = 2.0
+"""Stop trying further plans of one convolution once building its plans took this long:
+precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
 
 
 @dataclass
@@ -47,7 +50,11 @@ class Choice:
 
 def environment(device: torch.device) -> dict[str, str]:
     """What tactic choices are valid for: the engine environment plus the cuDNN version."""
-    return {**engine_environment(device), "cudnn": cudnn_conv.cudnn_version()}
+    return {
+        **engine_environment(device),
+        "cudnn": cudnn_conv.cudnn_version(),
+        "cudnn_graph": str(cudnn_conv.GRAPH_VERSION),
+    }
 
 
 def _env_key(env: dict[str, str]) -> str:
@@ -96,14 +103,16 @@ def adopt(choices: dict[str, Choice]) -> None:
 
 def eligible(node: Node) -> bool:
     """Whether ``node`` is a convolution cuDNN can fuse with its epilogue."""
-    if node.op != "conv_fused" or len(node.inputs[1].shape) != 4 or node.attrs.get("groups", 1) != 1:
+    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+        return False
+    if node.attrs.get("groups", 1) != 1:
         return False
     act = node.attrs.get("activation") or "none"
     if act not in cudnn_conv.ACTIVATIONS:
         return False
     if act == "clamp" and None in ((node.attrs.get("activation_attrs") or {}).get(k) for k in ("min", "max")):
         return False
-    has_bias = node.attrs.get("has_bias", True)
+    has_bias, _ = cudnn_conv.epilogue_inputs(node)
     constants_ok = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
     return constants_ok and torch_dtype(node.inputs[0].dtype) in cudnn_conv.FUSED_DTYPES
 
@@ -112,7 +121,7 @@ def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
     """Operands shaped and laid out as the engine passes them (channels-last activations)."""
     cl = torch.channels_last
     dtype = torch_dtype(node.inputs[0].dtype)
-    has_bias, has_residual = node.attrs.get("has_bias", True), node.attrs.get("has_residual", False)
+    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     x = torch.randn(node.inputs[0].shape, device=device, dtype=dtype).contiguous(memory_format=cl)
     w = node.inputs[1].data.to(device).contiguous(memory_format=cl)
     bias = node.inputs[2].data.to(device) if has_bias else None
@@ -174,19 +183,24 @@ def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
 
 
 def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
-    """(best plan index, its time, the built plan) over the first few cuDNN plans, or None."""
+    """(best plan index, its time, the built plan) over cuDNN's listed plans (up to
+    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
     try:
         g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(node))
     except Exception as exc:  # cuDNN has no engine for this graph
         log.info("cuDNN cannot fuse %s: %s", node, exc)
         return None
-    limit = MAX_RUNTIME_FUSION_PLANS if ops.residual is not None else MAX_PLANS
     pack = ops.pack(uids)
     frontend = cudnn_conv.frontend()
     best: tuple[int, float] | None = None
-    for index in range(min(limit, g.get_execution_plan_count())):
+    building = 0.0
+    for index in range(min(MAX_PLANS, g.get_execution_plan_count())):
+        if best is not None and building > PLAN_BUILD_BUDGET_S:
+            break
         try:
+            begin = time.perf_counter()
             g.build_plan_at_index(index)
+            building += time.perf_counter() - begin
             workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
 
             def run(index: int = index, workspace: torch.Tensor = workspace) -> None:

@@ -117,10 +117,10 @@ def _ident(name: str) -> str:
 
 
 def _cudnn_conv_args(node: Node, arg: Callable[..., torch.fx.Node]) -> tuple:
-    """The arguments of ``kerasrt::cudnn_conv`` for a conv_fused node."""
-    has_bias = node.attrs.get("has_bias", True)
+    """The arguments of ``kerasrt::cudnn_conv`` for a conv or conv_fused node."""
+    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     bias = arg(node.inputs[2]) if has_bias else None
-    residual = arg(node.inputs[2 + int(has_bias)]) if node.attrs.get("has_residual", False) else None
+    residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
     return (arg(node.inputs[0]), arg(node.inputs[1], True), bias, residual, *cudnn_conv.op_arguments(node))
 
 
