@@ -55,17 +55,15 @@ def run(label: str, argv: list[str], env: dict | None = None) -> None:
 
 
 def main() -> None:
+    """Run as ``python -X faulthandler bench/aoti_probe.py`` for the Python stack of a crash."""
     m = M()
     x = torch.randn(2, 8, 16, 16, device="cuda").half()
     ep = torch.export.export(m, (x,))
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "m.pt2")
+    print("compiling", flush=True)
     torch._inductor.aoti_compile_and_package(ep, package_path=path)
-    try:
-        r = torch._inductor.aoti_load_package(path)
-        print("[same process] ran", r(x)[0].shape, flush=True)
-    except Exception as exc:
-        print("[same process] failed", type(exc).__name__, str(exc)[:300], flush=True)
+    print("compiled", os.path.getsize(path), "bytes; loading it in this process", flush=True)
     py = [sys.executable, "-X", "faulthandler", "-c", LOAD]
     run("fresh, no CUDA first", [*py, path, "plain"])
     run("fresh, CUDA first", [*py, path, "cuda-first"])
@@ -100,6 +98,11 @@ def main() -> None:
                 "plain",
             ],
         )
+    try:  # last: a crash here ends the probe
+        r = torch._inductor.aoti_load_package(path)
+        print("[same process] ran", r(x)[0].shape, flush=True)
+    except Exception as exc:
+        print("[same process] failed", type(exc).__name__, str(exc)[:300], flush=True)
 
 
 if __name__ == "__main__":

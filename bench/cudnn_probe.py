@@ -126,6 +126,7 @@ def conv_attrs(n) -> dict:
     act = n.attrs.get("activation")
     return {
         **{k: n.attrs[k] for k in ("stride", "padding", "dilation")},
+        "groups": n.attrs.get("groups", 1),
         "has_bias": has_bias,
         "has_residual": has_residual,
         "activation": act,
@@ -228,6 +229,7 @@ def kernel_breakdown(fn, label: str) -> dict:
         torch.cuda.synchronize()
     kinds: Counter = Counter()
     top: Counter = Counter()
+    launches = 0
     for e in prof.key_averages():
         us = e.device_time_total / 5 if hasattr(e, "device_time_total") else e.cuda_time_total / 5
         if us <= 0 or e.key.startswith("cudaGraph") or ("Memcpy" in e.key and us == 0):
@@ -246,35 +248,92 @@ def kernel_breakdown(fn, label: str) -> dict:
         )
         kinds[kind] += us
         top[e.key[:90]] += us
+        launches += e.count
     result = {
         "system": label,
         "per_call_us_by_kind": {k: round(v, 1) for k, v in kinds.items()},
-        "top": [(k, round(v, 1)) for k, v in top.most_common(25)],
+        "top": [(k, round(v, 1)) for k, v in top.most_common(40)],
+        "launches_per_call": launches / 5,
     }
     print(json.dumps(result), flush=True)
     return result
 
 
-def breakdown(batch: int) -> list[dict]:
+PEERS = {"ResNet50": "resnet50", "MobileNetV2": "mobilenet_v2", "EfficientNetB0": "efficientnet_b0"}
+
+
+def breakdown(batch: int, name: str = "ResNet50") -> list[dict]:
+    """Kernel profile of kerasrt's program and of torchvision's model under torch.compile."""
     import torchvision
 
     torch._inductor.config.freezing = True
-    model = keras.applications.ResNet50(weights=None, classifier_activation=None)
+    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
     x = torch.randn(batch, 224, 224, 3, device=DEV)
     optimized = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch).convert()
-    peer = torchvision.models.resnet50().eval().half().to(DEV, memory_format=torch.channels_last)
+    peer = getattr(torchvision.models, PEERS[name])().eval().half()
+    peer = peer.to(DEV, memory_format=torch.channels_last)
     xp = torch.randn(batch, 3, 224, 224, device=DEV).half().to(memory_format=torch.channels_last)
     compiled = torch.compile(peer, mode="reduce-overhead")
     with torch.no_grad():
         return [
-            kernel_breakdown(lambda: optimized(x), f"kerasrt b{batch}"),
-            kernel_breakdown(lambda: compiled(xp), f"torchvision torch.compile b{batch}"),
+            kernel_breakdown(lambda: optimized(x), f"kerasrt {name} b{batch}"),
+            kernel_breakdown(lambda: compiled(xp), f"torchvision torch.compile {name} b{batch}"),
         ]
+
+
+def grouped_variants(batch: int) -> list[dict]:
+    """Can cuDNN's graph API fuse depthwise convolutions (MobileNetV2, EfficientNetB0) with
+    their bias and activation, and is it faster than PyTorch's depthwise conv + an epilogue?"""
+    rows = []
+    for name in ("MobileNetV2", "EfficientNetB0"):
+        model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+        conv = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch, conv_kernels="inductor")
+        graph = conv.convert().primary_graph()
+        seen = set()
+        for n in graph.nodes:
+            if n.op not in ("conv", "conv_fused") or n.attrs.get("groups", 1) == 1:
+                continue
+            key = json.dumps(
+                [[list(v.shape) for v in n.inputs], n.attrs["stride"], n.attrs.get("activation")]
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            ops = tactics.example_operands(n, DEV)
+            stride, padding, dilation, _, _ = cudnn_conv.op_arguments(n)
+            groups = n.attrs["groups"]
+            conv_only = functools.partial(
+                torch.convolution, ops.x, ops.w, None, stride, padding, dilation, False, [0, 0], groups
+            )
+            row = {"model": name, "layer": key, "aten_conv_only_ms": tactics.device_ms(conv_only)}
+            try:
+                plans = time_plans(n, ops, ("A", "FALLBACK"))
+                row.update({k: plans[k] for k in ("best_index", "n", "build_s") if k in plans})
+                row["cudnn_best_ms"] = min(plans["ms"])
+                row["cudnn_first_ms"] = plans["ms"][0]
+            except Exception as exc:
+                row["cudnn"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def main() -> None:
     print("cudnn backend", cudnn.backend_version_string(), flush=True)
     batches = [int(b) for b in sys.argv[1:]] or [128, 1]
+    if os.environ.get("BREAKDOWN_ONLY"):  # MODEL:BATCH,...
+        specs = [spec.split(":") for spec in os.environ["BREAKDOWN_ONLY"].split(",")]
+        results = [breakdown(int(b), name) for name, b in specs]
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "breakdown.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return
+    if os.environ.get("GROUPED_ONLY") == "1":
+        results = [grouped_variants(b) for b in batches]
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "grouped_variants.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if os.environ.get("RESIDUAL_ONLY") == "1":
         results = [residual_variants(b) for b in batches]
         if os.environ.get("OUT"):
