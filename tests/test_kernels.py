@@ -191,7 +191,7 @@ def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudn
     node = next(n for n in graph.nodes if tactics.eligible(n))
     ops = tactics.example_operands(node, torch.device("cpu"))
     monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
-    plan = object()
+    plan = cudnn_conv.Plan(graph=None, uids={}, workspace=4096, handle=None)
     for cudnn_ms, inductor_ms, mode, kernel in [
         (0.5, 1.0, "auto", "cudnn"),
         (1.5, 1.0, "auto", "inductor"),
@@ -200,11 +200,12 @@ def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudn
         monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, ms=cudnn_ms: (2, ms, plan))
         monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o, ms=inductor_ms: ms)
         choice = tactics._measure(node, ops, "sig", mode)
-        assert (choice.kernel, choice.plan, choice.cudnn_ms, choice.inductor_ms) == (
+        assert (choice.kernel, choice.plan, choice.cudnn_ms, choice.inductor_ms, choice.workspace_bytes) == (
             kernel,
             2,
             cudnn_ms,
             inductor_ms if mode == "auto" else None,
+            4096,
         )
     monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: None)  # cuDNN has no plan for it
     assert tactics._measure(node, ops, "sig", "auto").kernel == "inductor"

@@ -30,8 +30,9 @@ ACTIVATIONS = ("none", "relu", "clamp", "silu")
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 HEURISTICS = ("A", "FALLBACK")
 """cuDNN heuristic modes whose plan lists, in this order, are the candidate plans."""
-GRAPH_VERSION = 2
-"""Bumped whenever the cuDNN graph changes (plan indices measured for another graph are void)."""
+GRAPH_VERSION = 3
+"""Bumped whenever the cuDNN graph or the plan selection changes (plan indices measured for
+another are void)."""
 
 
 def epilogue_inputs(node: Any) -> tuple[bool, bool]:

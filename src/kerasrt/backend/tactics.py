@@ -33,6 +33,9 @@ from kerasrt.ir.graph import Node, torch_dtype
 log = logging.getLogger(__name__)
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
+MAX_WORKSPACE_BYTES = 32 << 20
+"""Plans needing more scratch memory are not candidates (TensorRT's workspace limit): the
+engines' peak memory counts against the target of torch.compile's + 20%."""
 PLAN_BUILD_BUDGET_S = 2.0
 """Stop trying further plans of one convolution once building its plans took this long:
 precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
@@ -46,6 +49,7 @@ class Choice:
     plan: int = 0
     cudnn_ms: float | None = None
     inductor_ms: float | None = None
+    workspace_bytes: int = 0
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -184,7 +188,8 @@ def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
 
 def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) over cuDNN's listed plans (up to
-    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
+    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building, at most MAX_WORKSPACE_BYTES of
+    workspace), or None."""
     try:
         g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(node))
     except Exception as exc:  # cuDNN has no engine for this graph
@@ -201,6 +206,8 @@ def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cud
             begin = time.perf_counter()
             g.build_plan_at_index(index)
             building += time.perf_counter() - begin
+            if g.get_workspace_size() > MAX_WORKSPACE_BYTES:
+                continue
             workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
 
             def run(index: int = index, workspace: torch.Tensor = workspace) -> None:
@@ -268,5 +275,9 @@ def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choic
     cudnn_conv.adopt_plan(sig, index, plan)
     faster = inductor_ms is None or ms < inductor_ms
     return Choice(
-        "cudnn" if faster else "inductor", index, round(ms, 5), inductor_ms and round(inductor_ms, 5)
+        "cudnn" if faster else "inductor",
+        index,
+        round(ms, 5),
+        inductor_ms and round(inductor_ms, 5),
+        plan.workspace,
     )
