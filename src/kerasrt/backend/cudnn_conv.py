@@ -30,7 +30,7 @@ ACTIVATIONS = ("none", "relu", "clamp", "silu")
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 HEURISTICS = ("A", "FALLBACK")
 """cuDNN heuristic modes whose plan lists, in this order, are the candidate plans."""
-GRAPH_VERSION = 3
+GRAPH_VERSION = 4
 """Bumped whenever the cuDNN graph or the plan selection changes (plan indices measured for
 another are void)."""
 

@@ -33,9 +33,6 @@ from kerasrt.ir.graph import Node, torch_dtype
 log = logging.getLogger(__name__)
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
-MAX_WORKSPACE_BYTES = 32 << 20
-"""Plans needing more scratch memory are not candidates (TensorRT's workspace limit): the
-engines' peak memory counts against the target of torch.compile's + 20%."""
 PLAN_BUILD_BUDGET_S = 2.0
 """Stop trying further plans of one convolution once building its plans took this long:
 precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
@@ -188,8 +185,7 @@ def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
 
 def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) over cuDNN's listed plans (up to
-    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building, at most MAX_WORKSPACE_BYTES of
-    workspace), or None."""
+    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
     try:
         g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(node))
     except Exception as exc:  # cuDNN has no engine for this graph
@@ -206,8 +202,6 @@ def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cud
             begin = time.perf_counter()
             g.build_plan_at_index(index)
             building += time.perf_counter() - begin
-            if g.get_workspace_size() > MAX_WORKSPACE_BYTES:
-                continue
             workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
 
             def run(index: int = index, workspace: torch.Tensor = workspace) -> None:
@@ -248,11 +242,13 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
     chosen: dict[int, tuple[str, Choice]] = {}
     measured = 0
     for node in candidates:
-        ops = example_operands(node, device)
-        sig = cudnn_conv.signature(ops, *cudnn_conv.op_arguments(node))
+        # the key needs only shapes and strides: no device memory unless there is timing to do
+        sig = cudnn_conv.signature(
+            example_operands(node, torch.device("meta")), *cudnn_conv.op_arguments(node)
+        )
         choice = table.get(sig)
         if choice is None or (mode == "auto" and choice.inductor_ms is None and choice.cudnn_ms is not None):
-            choice = _measure(node, ops, sig, mode)
+            choice = _measure(node, example_operands(node, device), sig, mode)
             table[sig] = choice
             measured += 1
         if mode == "cudnn" and choice.cudnn_ms is not None:
