@@ -3,6 +3,7 @@
 1. ``kerasrt::cudnn_conv`` on CUDA against float32 math on the same inputs, FP16 and BF16,
    with every epilogue kerasrt fuses, called directly and replayed in a CUDA graph: fails
    (exit 1) when an error is outside the precision's tolerance.
+   ``kerasrt::depthwise_conv``'s Triton kernel the same way, every tile config.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv
 from kerasrt.bench import latency_stats, relative_error, sample_latencies
 from kerasrt.settings import PRECISION_RTOL
 
@@ -46,6 +47,47 @@ CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, residual, activatio
     ((4, 240, 28, 28), (40, 1, 1), [1, 1], [0, 0], True, True, "none", []),
     ((1, 3, 230, 230), (64, 7, 7), [2, 2], [0, 0], True, False, "relu", []),
 ]
+
+
+DEPTHWISE_CASES = [  # (N, C, H, W), K, stride, [top, bottom, left, right], activation, clip
+    ((8, 32, 112, 112), 3, [1, 1], [1, 1, 1, 1], "clamp", [0.0, 6.0]),
+    ((8, 96, 112, 112), 3, [2, 2], [0, 1, 0, 1], "clamp", [0.0, 6.0]),
+    ((8, 144, 56, 56), 5, [2, 2], [1, 2, 1, 2], "silu", []),
+    ((8, 672, 14, 14), 5, [1, 1], [2, 2, 2, 2], "silu", []),
+    ((3, 40, 17, 9), 3, [1, 2], [1, 1, 0, 2], "none", []),
+]
+
+
+def check_depthwise() -> bool:
+    """kerasrt::depthwise_conv's Triton kernel, every tile config, against float32 math."""
+    ok = True
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, k, stride, padding, act, clip in DEPTHWISE_CASES:
+            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(xs[1], 1, k, k, device=DEV) / k).to(dtype)
+            b = torch.randn(xs[1], device=DEV).to(dtype)
+            ref = depthwise_conv.reference(x.float(), w.float(), b.float(), stride, padding, act, clip)
+            errors = []
+            for config in depthwise_conv.CONFIGS:
+                out = torch.empty_like(ref, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                depthwise_conv.launch(config, x, w, b, out, stride, padding, act, clip)
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+            args = (x, w, b, stride, padding, act, clip)
+            graph = torch.cuda.CUDAGraph()
+            torch.ops.kerasrt.depthwise_conv(*args)
+            with torch.cuda.graph(graph):
+                replayed = torch.ops.kerasrt.depthwise_conv(*args)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            ref2 = depthwise_conv.reference(x.float(), w.float(), b.float(), stride, padding, act, clip)
+            torch.cuda.synchronize()
+            errors.append(float((replayed.float() - ref2).abs().max() / ref2.abs().max()))
+            passed = max(errors) <= tol
+            ok &= passed
+            row = {"check": "depthwise op", "dtype": str(dtype), "x": xs, "k": k, "stride": stride}
+            row.update(padding=padding, activation=act, max_err=max(errors), tol=tol, passed=passed)
+            print(json.dumps(row), flush=True)
+    return ok
 
 
 def check_op() -> bool:
@@ -135,7 +177,7 @@ def model_ab(name: str, batch: int) -> None:
                         "convert_and_build_s": round(build, 1),
                         "p50_ms": stats["p50"],
                         "img_per_s": round(batch / stats["p50"] * 1e3),
-                        "convs_on_cudnn": len(program.cudnn_convs),
+                        "convs_on_own_kernels": len(program.kernel_convs),
                         "shapes_by_kernel": counts,
                         "err_vs_keras_fp32": relative_error([out.float().cpu().numpy()], [ref]),
                         "cuda_graph": program.captured,
@@ -153,7 +195,7 @@ def main() -> None:
     parser.add_argument("--skip-op", action="store_true")
     args = parser.parse_args()
     print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
-    ok = True if args.skip_op else check_op()
+    ok = True if args.skip_op else check_op() & check_depthwise()
     for name in filter(None, args.models.split(",")):
         for batch in map(int, args.batches.split(",")):
             model_ab(name, batch)

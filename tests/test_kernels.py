@@ -15,7 +15,7 @@ import torch
 
 import kerasrt
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, tactics
+from kerasrt.backend import cudnn_conv, depthwise_conv, tactics
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -100,7 +100,7 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     model = residual_cnn()
     # "auto" leaves programs that are not CUDA-graph replays (all on a CPU) to Inductor
     auto = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert()
-    assert not auto.program(auto.engine_shapes[0]).cudnn_convs and not fake_cudnn
+    assert not auto.program(auto.engine_shapes[0]).kernel_convs and not fake_cudnn
     conv = kerasrt.Converter(
         model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
     )
@@ -111,17 +111,17 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
 
     program = optimized.program(optimized.engine_shapes[0])
-    assert len(program.cudnn_convs) == 4  # not the depthwise conv
+    assert len(program.kernel_convs) == 4  # not the depthwise conv
     assert len(fake_cudnn) == 4 and len(set(fake_cudnn)) == 4  # one measurement per shape
     (engine,) = program.compiled_engines.values()
     calls = [n for n in engine.module.graph.nodes if n.target is CUDNN_OP]
-    assert len(calls) == 4 and engine.cudnn_convs == 4
+    assert len(calls) == 4 and engine.kernel_convs == 4
     assert set(cudnn_conv._CHOSEN.values()) == {1}  # the measured plan is the one run
     assert "4 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
-    assert sorted(entry["compiled"]["cudnn_convs"]) == sorted(program.cudnn_convs)
+    assert sorted(entry["compiled"]["kernel_convs"]) == sorted(program.kernel_convs)
     assert {c["kernel"] for c in entry["tactics"]["choices"].values()} == {"cudnn"}
 
     # a fresh process, without the fake: the packages call the op as they were built to
@@ -217,3 +217,92 @@ def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudn
     forced = tactics.choose([node], torch.device("cpu"), "cudnn")
     assert [c.kernel for _, c in auto.values()] == ["inductor"]
     assert [c.kernel for _, c in forced.values()] == ["cudnn"]
+
+
+@pytest.mark.parametrize(
+    "stride, padding, activation, clip, k",
+    [
+        ([1, 1], [1, 1, 1, 1], "clamp", [0.0, 6.0], 3),
+        ([2, 2], [0, 1, 0, 1], "clamp", [0.0, 6.0], 3),  # Keras' ZeroPadding2D before a strided conv
+        ([2, 2], [1, 2, 1, 2], "silu", [], 5),
+        ([1, 1], [2, 2, 2, 2], "none", [], 5),
+        ([1, 2], [0, 0, 1, 1], "relu", [], 3),
+    ],
+)
+def test_the_depthwise_op_computes_the_ir_pad_and_depthwise_conv(
+    stride, padding, activation, clip, k
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    c = 6
+    x = torch.randn(2, c, 9, 10, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, 1, k, k, generator=gen), torch.randn(c, generator=gen)
+    args = (x, w, b, stride, padding, activation, clip)
+    got = torch.ops.kerasrt.depthwise_conv.default(*args)
+    top, bottom, left, right = padding
+    padded = OPS["pad"].impl(x, pads=[left, right, top, bottom, 0, 0], mode="constant", value=0.0)
+    expected = OPS["conv_fused"].impl(
+        padded,
+        w,
+        b,
+        stride=stride,
+        padding=[0, 0],
+        dilation=[1, 1],
+        groups=c,
+        has_bias=True,
+        activation=None if activation == "none" else activation,
+        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.kerasrt.depthwise_conv.default, args)
+
+
+def mobile_block() -> keras.Model:
+    """MobileNetV2's strided block: 1x1 expand + ReLU6, Keras' asymmetric ZeroPadding2D, a
+    strided depthwise conv + BN + ReLU6, a 1x1 projection."""
+    inp = keras.Input((8, 8, 4), name="image")
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(12, 1)(inp)))
+    x = L.ZeroPadding2D(((0, 1), (0, 1)))(x)
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, strides=2)(x)))
+    x = L.DepthwiseConv2D(3, padding="same", activation="silu")(x)
+    x = L.Conv2D(8, 1)(x)
+    return randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
+
+
+def test_depthwise_convs_fold_their_padding_into_the_op(tmp_path: Path, fake_cudnn, monkeypatch) -> None:
+    timed: list[str] = []
+
+    def measure(node, ops, padding, mode):
+        timed.append(node.outputs[0].name)
+        return tactics.Choice("triton", 1, None, 1.0 if mode == "auto" else None, 0, 0.5)
+
+    monkeypatch.setattr(depthwise_conv, "available", lambda device: True)
+    monkeypatch.setattr(tactics, "measure_depthwise", measure)
+    monkeypatch.setattr(depthwise_conv, "_CHOSEN", {})
+    model = mobile_block()
+    graph = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert().primary_graph()
+    depthwise = [n for n in graph.nodes if depthwise_conv.eligible(n)]
+    assert len(depthwise) == 2
+    strided = next(n for n in depthwise if n.attrs["stride"] == [2, 2])
+    assert strided.inputs[0].producer.op == "pad"
+    x, padding = depthwise_conv.ir_call(strided, graph.nodes)
+    assert x is strided.inputs[0].producer.inputs[0] and padding == [0, 1, 0, 1]
+
+    conv = kerasrt.Converter(
+        model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
+    )
+    optimized = conv.convert()
+    assert len(timed) == 2
+    x = random_input((2, 8, 8, 4))
+    (expected,) = keras_reference(model, [x])
+    got = optimized(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+    (engine,) = optimized.program(optimized.engine_shapes[0]).compiled_engines.values()
+    calls = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.depthwise_conv.default]
+    assert sorted(c.args[4] for c in calls) == [[0, 1, 0, 1], [1, 1, 1, 1]]
+    assert set(depthwise_conv._CHOSEN.values()) == {1}
+    assert "2 on the Triton depthwise kernel" in conv.summary(print_fn=None)
+
+    path = conv.save(tmp_path / "art")
+    fresh = run_packages_in_fresh_process(path, x, tmp_path)
+    np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())

@@ -86,7 +86,7 @@ def save(
                 entry["compiled"] = {
                     "environment": engine_environment(model.device),
                     "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
-                    "cudnn_convs": sorted(program.cudnn_convs),
+                    "kernel_convs": sorted(program.kernel_convs),
                 }
             engines.append(entry)
         manifest = {
@@ -199,7 +199,7 @@ def load(
             if compiled.get("environment") == here:
                 packages[key] = CompiledEngines(
                     {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
-                    frozenset(compiled.get("cudnn_convs", ())),
+                    frozenset(compiled.get("kernel_convs", compiled.get("cudnn_convs", ()))),
                     {s: tactics.Choice(**c) for s, c in (measured or {}).get("choices", {}).items()},
                 )
             else:

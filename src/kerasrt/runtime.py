@@ -100,7 +100,7 @@ class CompiledEngines:
     choices (by signature) they were built with."""
 
     files: dict[int, Path]
-    cudnn_convs: frozenset[str] = frozenset()
+    kernel_convs: frozenset[str] = frozenset()
     choices: dict[str, tactics.Choice] = field(default_factory=dict)
 
 
@@ -146,7 +146,7 @@ class Program:
         self.constant_outputs = {i: v.data.to(device) for i, v in enumerate(graph.outputs) if v.is_constant}
         self.steps: list[tuple[Callable[..., Sequence[torch.Tensor]], list[int], list[int]]] = []
         self.kernel_choices: dict[str, tactics.Choice] = {}  # conv signature -> kernel, of this program
-        self.cudnn_convs: set[str] = set()  # output names of the convolutions run on cuDNN
+        self.kernel_convs: set[str] = set()  # output names of the convs on kerasrt's kernels
         if compiled is not None:
             self.kernel_choices.update(compiled.choices)
             tactics.adopt(compiled.choices)
@@ -159,35 +159,36 @@ class Program:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
                 package = compiled.files.get(seg.index) if compiled and seg.kind == "engine" else None
                 if package is not None:  # built with these kernels: take them as they are
-                    cudnn = {id(n) for n in seg.nodes if n.outputs[0].name in compiled.cudnn_convs}
+                    own = {id(n) for n in seg.nodes if n.outputs[0].name in compiled.kernel_convs}
                 else:
-                    cudnn = self._choose_kernels(seg, settings) if seg.kind == "engine" else set()
+                    own = self._choose_kernels(seg, settings) if seg.kind == "engine" else set()
                 args = (seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
                 try:
-                    engine = TorchEngine(*args, package=package, cudnn_convs=cudnn)
+                    engine = TorchEngine(*args, package=package, kernel_convs=own)
                 except Exception as exc:  # a package this torch cannot load is rebuilt, not fatal
                     if package is None:
                         raise
                     warnings.warn(
                         f"cannot load compiled engine {package.name} ({exc}); recompiling it", stacklevel=2
                     )
-                    cudnn = self._choose_kernels(seg, settings)
-                    engine = TorchEngine(*args, cudnn_convs=cudnn)
+                    own = self._choose_kernels(seg, settings)
+                    engine = TorchEngine(*args, kernel_convs=own)
                 self.steps.append((engine, ins, outs))
-                if engine.cudnn_convs:
-                    self.cudnn_convs.update(n.outputs[0].name for n in seg.nodes if id(n) in cudnn)
+                if engine.kernel_convs:
+                    self.kernel_convs.update(n.outputs[0].name for n in seg.nodes if id(n) in own)
         self._graph: CudaGraphRunner | None = None
 
     def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> set[int]:
-        """The convolutions of an engine segment to run on cuDNN (ids), by measured tactics.
-        "auto" considers cuDNN only for programs replayed as CUDA graphs: each cuDNN call is
-        launched from Python, host work that only a graph replay hides."""
+        """The convolutions of an engine segment to run on kerasrt's kernels (ids: cuDNN
+        graphs, Triton depthwise), by measured tactics. "auto" considers them only for
+        programs replayed as CUDA graphs: each call is launched from Python, host work that
+        only a graph replay hides."""
         mode = settings.conv_kernels
         if mode == "auto" and not self.graphable:
             mode = "inductor"
         choices = tactics.choose(seg.nodes, self.device, mode)
         self.kernel_choices.update(choices.values())
-        return {node for node, (_, choice) in choices.items() if choice.kernel == "cudnn"}
+        return {node for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
 
     @property
     def captured(self) -> bool:

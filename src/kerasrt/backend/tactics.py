@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv
 from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ConversionError
-from kerasrt.ir.graph import Node, torch_dtype
+from kerasrt.ir.graph import Node, Value, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,15 @@ precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s 
 
 @dataclass
 class Choice:
-    """The kernel for one convolution signature: "cudnn" (with its plan index) or "inductor"."""
+    """The kernel for one convolution signature: "cudnn" (with its plan index), "triton" (a
+    depthwise tile config index) or "inductor"."""
 
     kernel: str
     plan: int = 0
     cudnn_ms: float | None = None
     inductor_ms: float | None = None
     workspace_bytes: int = 0
+    triton_ms: float | None = None
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -93,10 +95,17 @@ def remember(choices: dict[str, dict], env: dict[str, str]) -> None:
 
 
 def adopt(choices: dict[str, Choice]) -> None:
-    """Run the cuDNN convolutions of engines built earlier with the plans they were timed with."""
+    """Run the convolutions of engines built earlier with the plans they were timed with."""
     for sig, choice in choices.items():
-        if choice.kernel == "cudnn":
-            cudnn_conv.choose_plan(sig, choice.plan)
+        _select(sig, choice)
+
+
+def _select(sig: str, choice: Choice) -> None:
+    """Make the op of ``choice.kernel`` run plan/config ``choice.plan`` for ``sig``."""
+    if choice.kernel == "cudnn":
+        cudnn_conv.choose_plan(sig, choice.plan)
+    elif choice.kernel == "triton":
+        depthwise_conv.choose_config(sig, choice.plan)
 
 
 # -- which nodes ----------------------------------------------------------------------------------
@@ -220,28 +229,86 @@ def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cud
     return best[0], best[1], cudnn_conv.Plan(g, uids, g.get_workspace_size(), handle)
 
 
+def depthwise_operands(node: Node, x: Value, padding: list[int], device: torch.device) -> cudnn_conv.Operands:
+    """Operands of a depthwise op call as the engine makes it (``x`` may be a folded pad's input)."""
+    dtype = torch_dtype(node.inputs[0].dtype)
+    xt = torch.randn(x.shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = node.inputs[1].data.to(device).contiguous()
+    bias = node.inputs[2].data.to(device) if len(node.inputs) > 2 else None
+    stride, _, _ = depthwise_conv.op_arguments(node)
+    oh, ow = depthwise_conv.output_hw(x.shape[2:], w.shape[-1], stride, padding)
+    out = torch.empty(
+        (x.shape[0], x.shape[1], oh, ow), device=device, dtype=dtype, memory_format=torch.channels_last
+    )
+    return cudnn_conv.Operands(xt, w, bias, None, out)
+
+
+def depthwise_signature(node: Node, ops: cudnn_conv.Operands, padding: list[int]) -> str:
+    stride, act, clip = depthwise_conv.op_arguments(node)
+    return depthwise_conv.signature(ops.x, ops.w, ops.bias, stride, padding, act, clip)
+
+
+def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], mode: str) -> Choice:
+    """The fastest Triton tile config and, in "auto", Inductor's way: materialize the zero
+    padding, cuDNN's depthwise conv, one epilogue pass (bias + activation)."""
+    stride, act, clip = depthwise_conv.op_arguments(node)
+    best: tuple[int, float] | None = None
+    for index, config in enumerate(depthwise_conv.CONFIGS):
+        try:
+            ms = device_ms(
+                lambda config=config: depthwise_conv.launch(
+                    config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip
+                )
+            )
+        except Exception as exc:  # a config that does not compile or run is no candidate
+            log.debug("depthwise config %s of %s failed: %s", config, node, exc)
+            continue
+        if best is None or ms < best[1]:
+            best = (index, ms)
+    top, bottom, left, right = padding
+    z = torch.empty_like(ops.out)
+
+    symmetric = top == bottom and left == right
+
+    def unfused() -> None:
+        x = ops.x if symmetric else torch.nn.functional.pad(ops.x, [left, right, top, bottom])
+        pad = [top, left] if symmetric else [0, 0]
+        y = torch.convolution(x, ops.w, None, stride, pad, [1, 1], False, [0, 0], ops.x.shape[1])
+        torch.add(y, ops.out, out=z)
+
+    inductor_ms = round(device_ms(unfused), 5) if mode == "auto" else None
+    if best is None:
+        return Choice("inductor", inductor_ms=inductor_ms)
+    faster = inductor_ms is None or best[1] < inductor_ms
+    return Choice("triton" if faster else "inductor", best[0], None, inductor_ms, 0, round(best[1], 5))
+
+
 # -- choosing -------------------------------------------------------------------------------------
 
 
 def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, tuple[str, Choice]]:
     """Kernel choices for the eligible convolutions among ``nodes``, by ``id(node)``:
-    (signature, choice). "inductor" chooses nothing; "cudnn" takes cuDNN wherever it can run;
-    "auto" times both where cuDNN is available and takes the faster."""
-    candidates = [n for n in nodes if eligible(n)]
-    if mode == "inductor" or not candidates:
+    (signature, choice). "inductor" chooses nothing; "cudnn" takes kerasrt's kernels (fused
+    cuDNN graphs, the Triton depthwise kernel) wherever they run; "auto" times them against
+    Inductor's way and takes the faster."""
+    if mode == "inductor":
         return {}
-    if not cudnn_conv.available(device):
+    convs = [n for n in nodes if eligible(n)]
+    depthwise = [n for n in nodes if depthwise_conv.eligible(n)] if depthwise_conv.available(device) else []
+    if convs and not cudnn_conv.available(device):
         if mode == "cudnn":
             raise ConversionError(
                 "conv_kernels='cudnn' needs a CUDA device and the nvidia-cudnn-frontend package "
                 "(pip install 'kerasrt[cuda]')"
             )
+        convs = []
+    if not (convs or depthwise):
         return {}
     env = environment(device)
     table = _table(env)
     chosen: dict[int, tuple[str, Choice]] = {}
     measured = 0
-    for node in candidates:
+    for node in convs:
         # the key needs only shapes and strides: no device memory unless there is timing to do
         sig = cudnn_conv.signature(
             example_operands(node, torch.device("meta")), *cudnn_conv.op_arguments(node)
@@ -253,8 +320,19 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
             measured += 1
         if mode == "cudnn" and choice.cudnn_ms is not None:
             choice = Choice("cudnn", choice.plan, choice.cudnn_ms, choice.inductor_ms)
-        if choice.kernel == "cudnn":
-            cudnn_conv.choose_plan(sig, choice.plan)
+        _select(sig, choice)
+        chosen[id(node)] = (sig, choice)
+    for node in depthwise:
+        x, padding = depthwise_conv.ir_call(node, nodes)
+        sig = depthwise_signature(node, depthwise_operands(node, x, padding, torch.device("meta")), padding)
+        choice = table.get(sig)
+        if choice is None or (mode == "auto" and choice.inductor_ms is None):
+            choice = measure_depthwise(node, depthwise_operands(node, x, padding, device), padding, mode)
+            table[sig] = choice
+            measured += 1
+        if mode == "cudnn" and choice.triton_ms is not None:
+            choice = Choice("triton", choice.plan, None, choice.inductor_ms, 0, choice.triton_ms)
+        _select(sig, choice)
         chosen[id(node)] = (sig, choice)
     if measured:
         log.info("timed kernel tactics for %d convolution(s)", measured)

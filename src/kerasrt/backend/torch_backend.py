@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from kerasrt import __version__, cache
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -69,7 +69,7 @@ def engine_environment(device: torch.device) -> dict[str, str]:
 
 
 _PROBE = """
-import sys, torch, kerasrt.backend.cudnn_conv
+import sys, torch, kerasrt.backend.cudnn_conv, kerasrt.backend.depthwise_conv
 if sys.argv[2] == "cuda":
     torch.zeros(1, device="cuda")  # a CUDA context first, as in the process that will load it
 torch._inductor.aoti_load_package(sys.argv[1])
@@ -141,8 +141,10 @@ class TorchEngine:
         compiler: str = "eager",
         autotune: bool = False,
         package: Path | None = None,
-        cudnn_convs: Collection[int] = (),
+        kernel_convs: Collection[int] = (),
     ):
+        """``kernel_convs``: ids of the convolutions to run on kerasrt's own kernels (fused cuDNN
+        graphs; depthwise convolutions on the Triton kernel)."""
         self.device = device
         self.compiler = compiler
         self.autotune = autotune
@@ -168,13 +170,22 @@ class TorchEngine:
                 env[key] = graph.get_attr(name)
             return env[key]
 
-        self.cudnn_convs = 0
+        self.kernel_convs = 0
         for node in nodes:
-            if id(node) in cudnn_convs:
+            if id(node) in kernel_convs and depthwise_conv.eligible(node):
+                x, padding = depthwise_conv.ir_call(node, nodes)
+                stride, act, clip = depthwise_conv.op_arguments(node)
+                bias = arg(node.inputs[2]) if len(node.inputs) > 2 else None
+                result = graph.call_function(
+                    torch.ops.kerasrt.depthwise_conv.default,
+                    (arg(x), arg(node.inputs[1]), bias, stride, padding, act, clip),
+                )
+                self.kernel_convs += 1
+            elif id(node) in kernel_convs:
                 result = graph.call_function(
                     torch.ops.kerasrt.cudnn_conv.default, _cudnn_conv_args(node, arg)
                 )
-                self.cudnn_convs += 1
+                self.kernel_convs += 1
             else:
                 args = tuple(arg(value) for value in node.inputs)
                 result = graph.call_function(OPS[node.op].impl, args, dict(node.attrs))

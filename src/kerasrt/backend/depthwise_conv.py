@@ -1,0 +1,271 @@
+"""Depthwise convolutions with their bias, activation and zero padding in one Triton kernel.
+
+MobileNet/EfficientNet-style depthwise layers are memory-bound. An Inductor engine runs them
+as cuDNN's depthwise kernel, writes the result, reads it back in a Triton epilogue (bias +
+activation), and, where Keras pads asymmetrically before a strided depthwise conv
+(ZeroPadding2D), first writes a padded copy of the input. ``kerasrt::depthwise_conv`` reads
+the unpadded input once (the padding is a bounds mask) and writes the activated output once.
+
+Like ``kerasrt::cudnn_conv`` it is a torch custom op: Inductor calls it as an extern kernel,
+AOTInductor packages call it through the dispatcher. Its CPU kernel is the reference
+composition (the op's definition); the CUDA kernel launches a Triton program whose tile
+shape (a "config", chosen per signature by measured tactics, ``kerasrt.backend.tactics``)
+is set with ``choose_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+ACTIVATIONS = ("none", "relu", "clamp", "silu")
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+CONFIGS = ((32, 64, 4), (64, 64, 4), (16, 128, 4), (64, 32, 4), (128, 32, 8), (32, 128, 4))
+"""(output pixels per program, channels per program, warps): the tactics' candidates."""
+
+
+def output_hw(x_hw: Sequence[int], k: int, stride: Sequence[int], padding: Sequence[int]) -> list[int]:
+    """Output height and width for ``padding`` = [top, bottom, left, right]."""
+    return [
+        (x_hw[0] + padding[0] + padding[1] - k) // stride[0] + 1,
+        (x_hw[1] + padding[2] + padding[3] - k) // stride[1] + 1,
+    ]
+
+
+def _empty_output(
+    x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
+    oh, ow = output_hw(x.shape[2:], w.shape[-1], stride, padding)
+    return torch.empty(
+        (x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+
+
+def reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> torch.Tensor:
+    """What the op computes, in PyTorch ops: zero-pad, depthwise conv, bias, activation."""
+    top, bottom, left, right = padding
+    y = torch.nn.functional.pad(x, [left, right, top, bottom])
+    y = torch.convolution(y, w, bias, list(stride), [0, 0], [1, 1], False, [0, 0], x.shape[1])
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    if activation == "clamp":
+        return torch.clamp(y, clip[0], clip[1])
+    if activation != "none":
+        raise ValueError(f"kerasrt::depthwise_conv has no activation {activation!r}")
+    return y
+
+
+@torch.library.custom_op("kerasrt::depthwise_conv", mutates_args=())
+def depthwise_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    activation: str,
+    clip: list[float],
+) -> torch.Tensor:
+    """act(depthwise_conv2d(zero_pad(x, padding), w) + bias); padding = [top, bottom, left,
+    right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output."""
+    out = _empty_output(x, w, stride, padding)
+    out.copy_(reference(x, w, bias, stride, padding, activation, clip))
+    return out
+
+
+@depthwise_conv.register_fake
+def _(x, w, bias, stride, padding, activation, clip):
+    return _empty_output(x, w, stride, padding)
+
+
+@depthwise_conv.register_kernel("cuda")
+def _(x, w, bias, stride, padding, activation, clip):
+    out = _empty_output(x, w, stride, padding)
+    if x.dtype not in FUSED_DTYPES or kernel() is None:
+        out.copy_(reference(x, w, bias, stride, padding, activation, clip))
+        return out
+    config = CONFIGS[_CHOSEN.get(signature(x, w, bias, stride, padding, activation, clip), 0)]
+    launch(config, x, w, bias, out, stride, padding, activation, clip)
+    return out
+
+
+def signature(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> str:
+    """A stable text key of everything the kernel's speed depends on."""
+    parts = ["depthwise", str(x.dtype).replace("torch.", ""), activation + (str(list(clip)) if clip else "")]
+    parts += [list(stride), list(padding), f"X{list(x.shape)}/{list(x.stride())}", f"W{list(w.shape)}"]
+    parts.append("B" if bias is not None else "")
+    return " ".join(map(str, parts))
+
+
+_CHOSEN: dict[str, int] = {}
+
+
+def choose_config(key: str, index: int) -> None:
+    """Use ``CONFIGS[index]`` for signature ``key``."""
+    _CHOSEN[key] = index
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton depthwise kernel can run on ``device``."""
+    return device.type == "cuda" and kernel() is not None
+
+
+# -- the Triton kernel ---------------------------------------------------------------------------
+
+
+@functools.cache
+def kernel() -> Any:
+    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _depthwise(
+        x_ptr, w_ptr, b_ptr, y_ptr,
+        NP, C, H, W, OH, OW,
+        sxn, sxh, sxw, syn, syh, syw,
+        lo, hi,
+        K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+        PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p_ok, c_ok = p < NP, c < C
+        n = (p // (OH * OW)).to(tl.int64)
+        oh = (p // OW) % OH
+        ow = p % OW
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for kh in tl.static_range(K):
+            ih = oh * STRIDE_H - PAD_T + kh
+            for kw in tl.static_range(K):
+                iw = ow * STRIDE_W - PAD_L + kw
+                inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                rows = n * sxn + ih * sxh + iw * sxw
+                xv = tl.load(
+                    x_ptr + rows[:, None] + c[None, :], mask=inside[:, None] & c_ok[None, :], other=0.0
+                )
+                wv = tl.load(w_ptr + c * (K * K) + kh * K + kw, mask=c_ok, other=0.0)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        elif ACT == 2:
+            acc = tl.minimum(tl.maximum(acc, lo), hi)
+        elif ACT == 3:
+            acc = acc / (1.0 + tl.exp(-acc))
+        out = n * syn + oh * syh + ow * syw
+        tl.store(
+            y_ptr + out[:, None] + c[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=p_ok[:, None] & c_ok[None, :],
+        )
+
+    return _depthwise
+
+
+def launch(
+    config: tuple[int, int, int],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> None:
+    """Run the kernel with one tile config (x and out channels-last, w contiguous)."""
+    block_p, block_c, warps = config
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = w.contiguous()
+    n, c, h, wd = x.shape
+    oh, ow = out.shape[2:]
+    grid = ((n * oh * ow + block_p - 1) // block_p, (c + block_c - 1) // block_c)
+    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
+    kernel()[grid](
+        x, w, bias if bias is not None else w, out,
+        n * oh * ow, c, h, wd, oh, ow,
+        x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
+        lo, hi,
+        K=w.shape[-1], STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_T=padding[0], PAD_L=padding[2],
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+
+
+# -- IR nodes ------------------------------------------------------------------------------------
+
+
+def eligible(node: Any) -> bool:
+    """Whether an IR conv/conv_fused node is a depthwise conv this kernel runs: one filter per
+    channel, square kernel, no dilation or residual, a fusable activation, constant weights."""
+    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+        return False
+    c, per_group, kh, kw = node.inputs[1].shape
+    a = node.attrs
+    if per_group != 1 or a.get("groups", 1) != c or node.inputs[0].shape[1] != c or kh != kw:
+        return False
+    if list(a.get("dilation", [1, 1])) != [1, 1] or (node.op == "conv_fused" and a.get("has_residual")):
+        return False
+    act = a.get("activation") or "none"
+    bounds = a.get("activation_attrs") or {}
+    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+        return False
+    has_bias = len(node.inputs) > 2
+    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
+
+
+def ir_call(node: Any, segment: Sequence[Any]) -> tuple[Any, list[int]]:
+    """(input value, [top, bottom, left, right] padding) of the op call for an eligible node.
+    A zero pad of H/W computed in the same segment is folded in: the kernel reads its input
+    (the pad node stays for any other reader; unread, Inductor drops it)."""
+    x = node.inputs[0]
+    ph, pw = node.attrs["padding"]
+    padding = [ph, ph, pw, pw]
+    pad = x.producer
+    if (
+        pad is not None
+        and pad.op == "pad"
+        and any(n is pad for n in segment)
+        and pad.attrs.get("mode", "constant") == "constant"
+        and float(pad.attrs.get("value", 0.0)) == 0.0
+    ):
+        pads = list(pad.attrs["pads"])  # torch.nn.functional.pad order: W (left, right), H (top, bottom), ...
+        if len(pads) >= 4 and not any(pads[4:]) and min(pads[:4]) >= 0:
+            padding = [ph + pads[2], ph + pads[3], pw + pads[0], pw + pads[1]]
+            x = pad.inputs[0]
+    return x, padding
+
+
+def op_arguments(node: Any) -> tuple[list[int], str, list[float]]:
+    """stride, activation and clip of an eligible node, as the op takes them."""
+    act = node.attrs.get("activation") or "none"
+    bounds = node.attrs.get("activation_attrs") or {}
+    clip = [float(bounds["min"]), float(bounds["max"])] if act == "clamp" else []
+    return list(node.attrs["stride"]), act, clip
