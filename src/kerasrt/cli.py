@@ -383,8 +383,9 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         "--conv-kernels",
         default=d.conv_kernels,
         choices=CONV_KERNELS,
-        help="FP16/BF16 convolutions on CUDA: auto (default: time fused cuDNN kernels against "
-        "Inductor's per layer shape, keep the faster), cudnn, inductor",
+        help="FP16/BF16 convolutions on CUDA: auto (default: time kerasrt's fused cuDNN and "
+        "Triton depthwise kernels against Inductor's per layer shape, keep the faster), cudnn "
+        "(kerasrt's kernels wherever they run), inductor",
     )
     p.add_argument(
         "--batch-size",

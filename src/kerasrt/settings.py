@@ -45,11 +45,12 @@ class ConversionSettings:
     TensorRT picks tactics): slower builds, choices cached for the next build.
 
     ``conv_kernels``: how FP16/BF16 convolutions run on CUDA. "auto" times, per layer shape,
-    a fused cuDNN graph (conv + bias + residual + ReLU in one kernel; needs
-    nvidia-cudnn-frontend) against Inductor's convolution + epilogue and keeps the faster
-    (choices cached on disk, see ``kerasrt.backend.tactics``), in programs replayed as CUDA
-    graphs (cuDNN calls are launched from Python); "cudnn" takes cuDNN wherever it can run;
-    "inductor" never does.
+    kerasrt's kernels (a fused cuDNN graph, conv + residual + bias + activation in one
+    kernel, needs nvidia-cudnn-frontend; for depthwise convolutions a Triton kernel with the
+    bias, activation and zero padding folded in) against Inductor's convolution + epilogue
+    and keeps the faster (choices cached on disk, see ``kerasrt.backend.tactics``), in
+    programs replayed as CUDA graphs (the kernels are launched from Python); "cudnn" takes
+    kerasrt's kernels wherever they run; "inductor" never does.
     """
 
     precision_mode: str = "FP32"
