@@ -116,6 +116,10 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     (engine,) = program.compiled_engines.values()
     calls = [n for n in engine.module.graph.nodes if n.target is CUDNN_OP]
     assert len(calls) == 4 and engine.kernel_convs == 4
+    # the RGB input reaches cuDNN with a zero 4th channel, padded by the engine
+    (stem,) = [c for c in calls if c.args[0].target is torch.ops.aten.constant_pad_nd.default]
+    assert stem.args[0].args[1] == [0, 0, 0, 0, 0, 1]
+    assert getattr(engine.module, stem.args[1].target).shape[1] == 4
     assert set(cudnn_conv._CHOSEN.values()) == {1}  # the measured plan is the one run
     assert "4 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
 

@@ -132,8 +132,10 @@ def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
     cl = torch.channels_last
     dtype = torch_dtype(node.inputs[0].dtype)
     has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
-    x = torch.randn(node.inputs[0].shape, device=device, dtype=dtype).contiguous(memory_format=cl)
-    w = node.inputs[1].data.to(device).contiguous(memory_format=cl)
+    n, c, h, wd = node.inputs[0].shape
+    x = torch.randn((n, cudnn_conv.input_channels(c), h, wd), device=device, dtype=dtype)
+    x = x.contiguous(memory_format=cl)
+    w = cudnn_conv.op_weight(node.inputs[1].data.to(device))
     bias = node.inputs[2].data.to(device) if has_bias else None
     residual = None
     if has_residual:

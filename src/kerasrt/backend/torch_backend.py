@@ -116,12 +116,19 @@ def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
 
-def _cudnn_conv_args(node: Node, arg: Callable[..., torch.fx.Node]) -> tuple:
-    """The arguments of ``kerasrt::cudnn_conv`` for a conv or conv_fused node."""
+def _cudnn_conv_call(node: Node, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]) -> torch.fx.Node:
+    """``kerasrt::cudnn_conv`` for a conv or conv_fused node (input channels padded as the op
+    takes them, a pad Inductor fuses into the kernel that produces the input)."""
     has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     bias = arg(node.inputs[2]) if has_bias else None
     residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
-    return (arg(node.inputs[0]), arg(node.inputs[1], True), bias, residual, *cudnn_conv.op_arguments(node))
+    x = arg(node.inputs[0])
+    channels = node.inputs[0].shape[1]
+    if cudnn_conv.input_channels(channels) != channels:
+        extra = cudnn_conv.input_channels(channels) - channels
+        x = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra]))
+    args = (x, arg(node.inputs[1], True), bias, residual, *cudnn_conv.op_arguments(node))
+    return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
 
 class TorchEngine:
@@ -151,21 +158,21 @@ class TorchEngine:
         self.input_types = [(tuple(v.shape), v.dtype) for v in inputs]
         root = torch.nn.Module()
         graph = torch.fx.Graph()
-        env: dict[tuple[int, bool], torch.fx.Node] = {}  # (value, channels-last copy) -> fx node
+        env: dict[tuple[int, bool], torch.fx.Node] = {}  # (value, as a cuDNN weight) -> fx node
         for i, value in enumerate(inputs):
             env[(id(value), False)] = graph.placeholder(f"in{i}")
 
-        def arg(value: Value, channels_last: bool = False) -> torch.fx.Node:
-            """The fx node of ``value``; constants become buffers (channels-last copies for
-            cuDNN convolution weights)."""
-            key = (id(value), channels_last)
+        def arg(value: Value, cudnn_weight: bool = False) -> torch.fx.Node:
+            """The fx node of ``value``; constants become buffers (for cuDNN convolution
+            weights: as the op takes them, see ``cudnn_conv.op_weight``)."""
+            key = (id(value), cudnn_weight)
             if key not in env:
                 if not value.is_constant:
                     raise ValueError(f"segment reads {value.name} without it being an input")
-                name = _ident(value.name) + ("_cl" if channels_last else "")
+                name = _ident(value.name) + ("_cl" if cudnn_weight else "")
                 data = value.data.to(device)
-                if channels_last:
-                    data = data.contiguous(memory_format=torch.channels_last)
+                if cudnn_weight:
+                    data = cudnn_conv.op_weight(data)
                 root.register_buffer(name, data, persistent=False)
                 env[key] = graph.get_attr(name)
             return env[key]
@@ -182,9 +189,7 @@ class TorchEngine:
                 )
                 self.kernel_convs += 1
             elif id(node) in kernel_convs:
-                result = graph.call_function(
-                    torch.ops.kerasrt.cudnn_conv.default, _cudnn_conv_args(node, arg)
-                )
+                result = _cudnn_conv_call(node, graph, arg)
                 self.kernel_convs += 1
             else:
                 args = tuple(arg(value) for value in node.inputs)
