@@ -1,16 +1,18 @@
-"""Kernel tactics: per convolution, a fused cuDNN graph or Inductor's kernels, chosen by timing
+"""Kernel tactics: per convolution, one of kerasrt's kernels or Inductor's, chosen by timing
 both on the device, as TensorRT times its tactics; choices cached on disk by environment.
 
 For each eligible ``conv`` or ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no activation,
 ReLU, SiLU or a two-sided clamp such as ReLU6) the candidates are cuDNN's execution plans
-(up to ``MAX_PLANS``) for conv + residual + bias + activation in one kernel, against what Inductor runs: the same
-convolution followed by one memory-bound epilogue pass (timed as the bare convolution plus
-an elementwise pass of the same traffic). Times are device times of CUDA-graph replays (the
-programs that use cuDNN replay as CUDA graphs), so host overhead does not decide. A choice
-is keyed by the operands' shapes, strides and attributes and by the environment (GPU, torch,
-cuDNN), and kept in ``tactics-<env>.json`` under ``kerasrt.cache.cache_dir()``: a second
-build on the same machine measures nothing. Artifacts carry the choices of their engines
-(``remember``).
+(up to ``MAX_PLANS``) for conv + residual + bias + activation in one kernel, against what
+Inductor runs: the same convolution followed by one memory-bound epilogue pass (timed as the
+bare convolution plus an elementwise pass of the same traffic). For each depthwise conv the
+candidates are the Triton kernel's tile shapes (``depthwise_conv.CONFIGS``), against the
+zero padding materialized, cuDNN's depthwise conv and an epilogue pass. Times are device
+times of CUDA-graph replays (the programs that use these kernels replay as CUDA graphs), so
+host overhead does not decide. A choice is keyed by the operands' shapes, strides and
+attributes and by the environment (GPU, torch, cuDNN, graph version), and kept in
+``tactics-<env>.json`` under ``kerasrt.cache.cache_dir()``: a second build on the same
+machine measures nothing. Artifacts carry the choices of their engines (``remember``).
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ def depthwise_operands(node: Node, x: Value, padding: list[int], device: torch.d
 
 
 def depthwise_signature(node: Node, ops: cudnn_conv.Operands, padding: list[int]) -> str:
+    """The key of a depthwise op call, as the op computes it at run time."""
     stride, act, clip = depthwise_conv.op_arguments(node)
     return depthwise_conv.signature(ops.x, ops.w, ops.bias, stride, padding, act, clip)
 
@@ -268,9 +271,8 @@ def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], 
         if best is None or ms < best[1]:
             best = (index, ms)
     top, bottom, left, right = padding
-    z = torch.empty_like(ops.out)
-
     symmetric = top == bottom and left == right
+    z = torch.empty_like(ops.out)
 
     def unfused() -> None:
         x = ops.x if symmetric else torch.nn.functional.pad(ops.x, [left, right, top, bottom])
