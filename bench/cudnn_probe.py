@@ -318,35 +318,28 @@ def grouped_variants(batch: int) -> list[dict]:
     return rows
 
 
+def save(name: str, results: list) -> None:
+    """Write ``results`` to $OUT/name when $OUT is set (the GPU machine's result folder)."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def main() -> None:
     print("cudnn backend", cudnn.backend_version_string(), flush=True)
     batches = [int(b) for b in sys.argv[1:]] or [128, 1]
     if os.environ.get("BREAKDOWN_ONLY"):  # MODEL:BATCH,...
         specs = [spec.split(":") for spec in os.environ["BREAKDOWN_ONLY"].split(",")]
-        results = [breakdown(int(b), name) for name, b in specs]
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "breakdown.json"), "w") as f:
-                json.dump(results, f, indent=1)
-        return
-    if os.environ.get("GROUPED_ONLY") == "1":
-        results = [grouped_variants(b) for b in batches]
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "grouped_variants.json"), "w") as f:
-                json.dump(results, f, indent=1)
-        return
-    if os.environ.get("RESIDUAL_ONLY") == "1":
-        results = [residual_variants(b) for b in batches]
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "residual_variants.json"), "w") as f:
-                json.dump(results, f, indent=1)
-        return
-    results = [probe(b) for b in batches]
-    if os.environ.get("BREAKDOWN", "1") == "1":
-        results += [breakdown(b) for b in batches]
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "cudnn_probe.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        save("breakdown.json", [breakdown(int(b), name) for name, b in specs])
+    elif os.environ.get("GROUPED_ONLY") == "1":
+        save("grouped_variants.json", [grouped_variants(b) for b in batches])
+    elif os.environ.get("RESIDUAL_ONLY") == "1":
+        save("residual_variants.json", [residual_variants(b) for b in batches])
+    else:
+        results = [probe(b) for b in batches]
+        if os.environ.get("BREAKDOWN", "1") == "1":
+            results += [breakdown(b) for b in batches]
+        save("cudnn_probe.json", results)
 
 
 if __name__ == "__main__":

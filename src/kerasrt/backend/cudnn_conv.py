@@ -81,7 +81,7 @@ def output_shape(
     return [x[0], w[0], *spatial]
 
 
-def _empty_output(
+def empty_output(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> torch.Tensor:
     """The op's output, uninitialized: channels-last, x's dtype and device."""
@@ -105,14 +105,20 @@ def reference(
     y = torch.convolution(x, w, bias, list(stride), list(padding), list(dilation), False, [0, 0], 1)
     if residual is not None:
         y = y + residual
+    return activate(y, activation, clip)
+
+
+def activate(y: torch.Tensor, activation: str, clip: Sequence[float]) -> torch.Tensor:
+    """An epilogue activation of kerasrt's kernels ("none", "relu", "clamp" to ``clip``,
+    "silu"), in PyTorch ops."""
     if activation == "relu":
-        y = torch.relu(y)
-    elif activation == "silu":
-        y = torch.nn.functional.silu(y)
-    elif activation == "clamp":
-        y = torch.clamp(y, clip[0], clip[1])
-    elif activation != "none":
-        raise ValueError(f"kerasrt::cudnn_conv has no activation {activation!r}")
+        return torch.relu(y)
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    if activation == "clamp":
+        return torch.clamp(y, clip[0], clip[1])
+    if activation != "none":
+        raise ValueError(f"kerasrt's fused kernels have no activation {activation!r}")
     return y
 
 
@@ -129,19 +135,19 @@ def cudnn_conv(
     clip: list[float],
 ) -> torch.Tensor:
     """act(conv2d(x, w) + bias + residual), NCHW logical shapes, channels-last output."""
-    out = _empty_output(x, w, stride, padding, dilation)
+    out = empty_output(x, w, stride, padding, dilation)
     out.copy_(reference(x, w, bias, residual, stride, padding, dilation, activation, clip))
     return out
 
 
 @cudnn_conv.register_fake
 def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
-    return _empty_output(x, w, stride, padding, dilation)
+    return empty_output(x, w, stride, padding, dilation)
 
 
 @cudnn_conv.register_kernel("cuda")
 def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
-    out = _empty_output(x, w, stride, padding, dilation)
+    out = empty_output(x, w, stride, padding, dilation)
     tensors = Operands(x, w, bias, residual, out)
     fusable = x.dtype in FUSED_DTYPES
     plan = plan_for(tensors, stride, padding, dilation, activation, clip) if fusable else None

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-ACTIVATIONS = ("none", "relu", "clamp", "silu")
+from kerasrt.backend import cudnn_conv
+
+ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CONFIGS = ((32, 64, 4), (64, 64, 4), (16, 128, 4), (64, 32, 4), (128, 32, 8), (32, 128, 4))
 """(output pixels per program, channels per program, warps): the tactics' candidates."""
@@ -35,9 +37,10 @@ def output_hw(x_hw: Sequence[int], k: int, stride: Sequence[int], padding: Seque
     ]
 
 
-def _empty_output(
+def empty_output(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
 ) -> torch.Tensor:
+    """The op's output, uninitialized: channels-last, x's dtype and device."""
     oh, ow = output_hw(x.shape[2:], w.shape[-1], stride, padding)
     return torch.empty(
         (x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
@@ -57,15 +60,7 @@ def reference(
     top, bottom, left, right = padding
     y = torch.nn.functional.pad(x, [left, right, top, bottom])
     y = torch.convolution(y, w, bias, list(stride), [0, 0], [1, 1], False, [0, 0], x.shape[1])
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "silu":
-        return torch.nn.functional.silu(y)
-    if activation == "clamp":
-        return torch.clamp(y, clip[0], clip[1])
-    if activation != "none":
-        raise ValueError(f"kerasrt::depthwise_conv has no activation {activation!r}")
-    return y
+    return cudnn_conv.activate(y, activation, clip)
 
 
 @torch.library.custom_op("kerasrt::depthwise_conv", mutates_args=())
@@ -80,19 +75,19 @@ def depthwise_conv(
 ) -> torch.Tensor:
     """act(depthwise_conv2d(zero_pad(x, padding), w) + bias); padding = [top, bottom, left,
     right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output."""
-    out = _empty_output(x, w, stride, padding)
+    out = empty_output(x, w, stride, padding)
     out.copy_(reference(x, w, bias, stride, padding, activation, clip))
     return out
 
 
 @depthwise_conv.register_fake
 def _(x, w, bias, stride, padding, activation, clip):
-    return _empty_output(x, w, stride, padding)
+    return empty_output(x, w, stride, padding)
 
 
 @depthwise_conv.register_kernel("cuda")
 def _(x, w, bias, stride, padding, activation, clip):
-    out = _empty_output(x, w, stride, padding)
+    out = empty_output(x, w, stride, padding)
     if x.dtype not in FUSED_DTYPES or kernel() is None:
         out.copy_(reference(x, w, bias, stride, padding, activation, clip))
         return out

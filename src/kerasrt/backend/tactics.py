@@ -144,13 +144,7 @@ def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
         shape = node.inputs[2 + int(has_bias)].shape
         residual = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
     stride, padding, dilation, _, _ = cudnn_conv.op_arguments(node)
-    out = torch.empty(
-        cudnn_conv.output_shape(x.shape, w.shape, stride, padding, dilation),
-        device=device,
-        dtype=dtype,
-        memory_format=cl,
-    )
-    return cudnn_conv.Operands(x, w, bias, residual, out)
+    return cudnn_conv.Operands(x, w, bias, residual, cudnn_conv.empty_output(x, w, stride, padding, dilation))
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -240,11 +234,7 @@ def depthwise_operands(node: Node, x: Value, padding: list[int], device: torch.d
     w = node.inputs[1].data.to(device).contiguous()
     bias = node.inputs[2].data.to(device) if len(node.inputs) > 2 else None
     stride, _, _ = depthwise_conv.op_arguments(node)
-    oh, ow = depthwise_conv.output_hw(x.shape[2:], w.shape[-1], stride, padding)
-    out = torch.empty(
-        (x.shape[0], x.shape[1], oh, ow), device=device, dtype=dtype, memory_format=torch.channels_last
-    )
-    return cudnn_conv.Operands(xt, w, bias, None, out)
+    return cudnn_conv.Operands(xt, w, bias, None, depthwise_conv.empty_output(xt, w, stride, padding))
 
 
 def depthwise_signature(node: Node, ops: cudnn_conv.Operands, padding: list[int]) -> str:
