@@ -80,14 +80,10 @@ def probe(batch: int) -> dict:
     return {"summary": summary, "rows": rows}
 
 
-def time_plans(n, ops, heuristics: tuple[str, ...], residual_first: bool = True) -> dict:
-    """Device time (CUDA-graph replay) of every plan cuDNN lists for one heuristic set."""
-    begin = time.perf_counter()
-    g, uids, handle = cudnn_conv.build_graph(
-        ops, *cudnn_conv.op_arguments(n), heuristics=heuristics, residual_first=residual_first
-    )
+def plan_times(g, uids, handle, ops) -> list[float]:
+    """Device time (CUDA-graph replay) of every listed plan of a cuDNN graph; inf for a plan
+    that does not build or run."""
     g.build_plans(cudnn.build_plan_policy.ALL)
-    build_s = time.perf_counter() - begin
     pack = ops.pack(uids)
     times = []
     for i in range(g.get_execution_plan_count()):
@@ -101,10 +97,26 @@ def time_plans(n, ops, heuristics: tuple[str, ...], residual_first: bool = True)
             times.append(round(tactics.device_ms(run), 4))
         except Exception:  # a plan that did not build or run is no candidate
             times.append(float("inf"))
+    return times
+
+
+def run_plan(g, uids, handle, ops, index: int) -> None:
+    """Execute plan ``index`` once (its output lands in ``ops.out``)."""
+    ws = torch.empty(max(g.get_workspace_size_plan_at_index(index), 1), device=DEV, dtype=torch.uint8)
+    g.execute_plan_at_index(ops.pack(uids), ws, index, handle=handle)
+
+
+def time_plans(n, ops, heuristics: tuple[str, ...], residual_first: bool = True) -> dict:
+    """Device time (CUDA-graph replay) of every plan cuDNN lists for one heuristic set."""
+    begin = time.perf_counter()
+    g, uids, handle = cudnn_conv.build_graph(
+        ops, *cudnn_conv.op_arguments(n), heuristics=heuristics, residual_first=residual_first
+    )
+    times = plan_times(g, uids, handle, ops)
+    build_s = time.perf_counter() - begin
     best = min(range(len(times)), key=times.__getitem__) if times else None
     if best is not None:  # the best plan's output against the reference composition
-        ws = torch.empty(max(g.get_workspace_size_plan_at_index(best), 1), device=DEV, dtype=torch.uint8)
-        g.execute_plan_at_index(pack, ws, best, handle=handle)
+        run_plan(g, uids, handle, ops, best)
         ref = OPS["conv_fused"].impl(*[ops_tensor for ops_tensor in ops_inputs(n, ops)], **conv_attrs(n))
         err = (ops.out.float() - ref.float()).abs().max() / ref.float().abs().max()
         return {
@@ -318,6 +330,65 @@ def grouped_variants(batch: int) -> list[dict]:
     return rows
 
 
+def space_to_depth_weight(w: torch.Tensor) -> torch.Tensor:
+    """A (K, C, 7, 7) stride-2 weight as the (K, 4C, 4, 4) stride-1 weight over a 2x2
+    space-to-depth input (channel order dy, dx, c)."""
+    k, c = w.shape[:2]
+    w8 = torch.nn.functional.pad(w, [0, 1, 0, 1])  # (K, C, 8, 8)
+    w8 = w8.reshape(k, c, 4, 2, 4, 2).permute(0, 3, 5, 1, 2, 4)  # K, dy, dx, C, a, b
+    return w8.reshape(k, 4 * c, 4, 4).contiguous(memory_format=torch.channels_last)
+
+
+def stem_variants(batch: int) -> dict:
+    """ResNet50's stem (7x7/2 conv + bias + ReLU on a 3-channel image padded to 4) as cuDNN
+    runs it now, against a 2x2 space-to-depth form (4x4/1 conv on 16 channels); each with
+    the Inductor kernel that prepares its input from the float32 NHWC image."""
+    torch.manual_seed(0)
+    img = torch.randn(batch, 224, 224, 3, device=DEV)
+    w3 = torch.randn(64, 3, 7, 7, device=DEV).half() * 0.1
+    bias = torch.randn(64, device=DEV).half()
+    w4 = cudnn_conv.op_weight(w3)
+
+    def prep_direct(x):
+        x = x.half().permute(0, 3, 1, 2)
+        return torch.nn.functional.pad(x, [0, 0, 0, 0, 0, 1]).contiguous(memory_format=torch.channels_last)
+
+    def prep_s2d(x):
+        x = torch.nn.functional.pad(x.half(), [0, 1, 3, 3, 3, 3])  # N, 230, 230, 4
+        n = x.shape[0]
+        x = x.reshape(n, 115, 2, 115, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(n, 115, 115, 16)
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    row = {"batch": batch}
+    direct, y_direct = stem_variant(img, prep_direct, w4, bias, [2, 2], [3, 3])
+    s2d, y_s2d = stem_variant(img, prep_s2d, space_to_depth_weight(w4), bias, [1, 1], [0, 0])
+    row.update({f"direct_{k}": v for k, v in direct.items()})
+    row.update({f"s2d_{k}": v for k, v in s2d.items()})
+    row["s2d_vs_direct_err"] = float(
+        (y_s2d.float() - y_direct.float()).abs().max() / y_direct.float().abs().max()
+    )
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def stem_variant(img, prep, w, bias, stride, padding) -> tuple[dict, torch.Tensor]:
+    """Timings of one stem form: its input preparation (compiled), the bare convolution, and
+    every cuDNN plan of the fused conv + bias + ReLU; and the best plan's output."""
+    compiled = torch.compile(prep)
+    x = compiled(img)
+    row = {"prep_ms": tactics.device_ms(lambda: compiled(img)), "x": [list(x.shape), list(x.stride())]}
+    row["aten_ms"] = tactics.device_ms(
+        lambda: torch.convolution(x, w, None, stride, padding, [1, 1], False, [0, 0], 1)
+    )
+    ops = cudnn_conv.Operands(x, w, bias, None, cudnn_conv.empty_output(x, w, stride, padding, [1, 1]))
+    g, uids, handle = cudnn_conv.build_graph(ops, stride, padding, [1, 1], "relu", [])
+    times = plan_times(g, uids, handle, ops)
+    best = min(range(len(times)), key=times.__getitem__)
+    run_plan(g, uids, handle, ops, best)
+    row.update({"plans_ms": times, "best_ms": times[best]})
+    return row, ops.out
+
+
 def save(name: str, results: list) -> None:
     """Write ``results`` to $OUT/name when $OUT is set (the GPU machine's result folder)."""
     if os.environ.get("OUT"):
@@ -331,6 +402,8 @@ def main() -> None:
     if os.environ.get("BREAKDOWN_ONLY"):  # MODEL:BATCH,...
         specs = [spec.split(":") for spec in os.environ["BREAKDOWN_ONLY"].split(",")]
         save("breakdown.json", [breakdown(int(b), name) for name, b in specs])
+    elif os.environ.get("STEM_ONLY") == "1":
+        save("stem_variants.json", [stem_variants(b) for b in batches])
     elif os.environ.get("GROUPED_ONLY") == "1":
         save("grouped_variants.json", [grouped_variants(b) for b in batches])
     elif os.environ.get("RESIDUAL_ONLY") == "1":

@@ -3,7 +3,8 @@
 1. ``kerasrt::cudnn_conv`` on CUDA against float32 math on the same inputs, FP16 and BF16,
    with every epilogue kerasrt fuses, called directly and replayed in a CUDA graph: fails
    (exit 1) when an error is outside the precision's tolerance.
-   ``kerasrt::depthwise_conv``'s Triton kernel the same way, every tile config.
+   ``kerasrt::depthwise_conv``'s and ``kerasrt::pointwise_conv``'s Triton kernels the same
+   way, every config.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv, depthwise_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
 from kerasrt.bench import latency_stats, relative_error, sample_latencies
 from kerasrt.settings import PRECISION_RTOL
 
@@ -58,35 +59,98 @@ DEPTHWISE_CASES = [  # (N, C, H, W), K, stride, [top, bottom, left, right], acti
 ]
 
 
+POINTWISE_CASES = [  # (N, C, H, W), K, bias, residual, activation, clip
+    ((8, 16, 112, 112), 96, True, False, "clamp", [0.0, 6.0]),
+    ((8, 24, 56, 56), 144, True, False, "clamp", [0.0, 6.0]),
+    ((8, 144, 28, 28), 32, True, True, "none", []),
+    ((8, 40, 28, 28), 240, True, False, "silu", []),
+    ((8, 64, 56, 56), 256, True, True, "relu", []),
+    ((3, 5, 9, 7), 12, False, False, "relu", []),
+]
+
+
+def replay_error(call, x: torch.Tensor, reference) -> float:
+    """Relative error of ``call()`` captured in a CUDA graph and replayed on new data in
+    ``x`` (the captured input), against ``reference()`` on that data."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = call()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = reference()
+    torch.cuda.synchronize()
+    return float((replayed.float() - expected).abs().max() / expected.abs().max())
+
+
+def report(ok: bool, errors: list[float], tol: float, row: dict) -> bool:
+    passed = max(errors) <= tol
+    print(json.dumps({**row, "max_err": max(errors), "tol": tol, "passed": passed}), flush=True)
+    return ok and passed
+
+
 def check_depthwise() -> bool:
-    """kerasrt::depthwise_conv's Triton kernel, every tile config, against float32 math."""
+    """kerasrt::depthwise_conv's Triton kernels, every config, against float32 math."""
     ok = True
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
         for xs, k, stride, padding, act, clip in DEPTHWISE_CASES:
             x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
             w = (torch.randn(xs[1], 1, k, k, device=DEV) / k).to(dtype)
             b = torch.randn(xs[1], device=DEV).to(dtype)
-            ref = depthwise_conv.reference(x.float(), w.float(), b.float(), stride, padding, act, clip)
+
+            def reference(x=x, w=w, b=b, stride=stride, padding=padding, act=act, clip=clip):
+                return depthwise_conv.reference(x.float(), w.float(), b.float(), stride, padding, act, clip)
+
+            ref = reference()
             errors = []
             for config in depthwise_conv.CONFIGS:
                 out = torch.empty_like(ref, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 depthwise_conv.launch(config, x, w, b, out, stride, padding, act, clip)
                 errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
             args = (x, w, b, stride, padding, act, clip)
-            graph = torch.cuda.CUDAGraph()
-            torch.ops.kerasrt.depthwise_conv(*args)
-            with torch.cuda.graph(graph):
-                replayed = torch.ops.kerasrt.depthwise_conv(*args)
-            x.copy_(torch.randn_like(x))
-            graph.replay()
-            ref2 = depthwise_conv.reference(x.float(), w.float(), b.float(), stride, padding, act, clip)
-            torch.cuda.synchronize()
-            errors.append(float((replayed.float() - ref2).abs().max() / ref2.abs().max()))
-            passed = max(errors) <= tol
-            ok &= passed
+            errors.append(
+                replay_error(lambda args=args: torch.ops.kerasrt.depthwise_conv(*args), x, reference)
+            )
             row = {"check": "depthwise op", "dtype": str(dtype), "x": xs, "k": k, "stride": stride}
-            row.update(padding=padding, activation=act, max_err=max(errors), tol=tol, passed=passed)
-            print(json.dumps(row), flush=True)
+            ok = report(ok, errors, tol, {**row, "padding": padding, "activation": act})
+    return ok
+
+
+def check_pointwise() -> bool:
+    """kerasrt::pointwise_conv's Triton kernel, every config, against float32 math."""
+    ok = True
+    cl = torch.channels_last
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, k, has_b, has_r, act, clip in POINTWISE_CASES:
+            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
+            w = (
+                (torch.randn(k, xs[1], 1, 1, device=DEV) / xs[1] ** 0.5)
+                .to(dtype)
+                .contiguous(memory_format=cl)
+            )
+            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
+            r = (
+                torch.randn(xs[0], k, *xs[2:], device=DEV).to(dtype).contiguous(memory_format=cl)
+                if has_r
+                else None
+            )
+
+            def reference(x=x, w=w, b=b, r=r, act=act, clip=clip):
+                f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
+                return pointwise_conv.reference(*f32, act, clip)
+
+            ref = reference()
+            errors = []
+            for config in pointwise_conv.CONFIGS:
+                out = pointwise_conv.empty_output(x, w)
+                pointwise_conv.launch(config, x, w, b, r, out, act, clip)
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+            args = (x, w, b, r, act, clip)
+            errors.append(
+                replay_error(lambda args=args: torch.ops.kerasrt.pointwise_conv(*args), x, reference)
+            )
+            row = {"check": "pointwise op", "dtype": str(dtype), "x": xs, "k": k, "residual": has_r}
+            ok = report(ok, errors, tol, {**row, "activation": act})
     return ok
 
 
@@ -195,7 +259,7 @@ def main() -> None:
     parser.add_argument("--skip-op", action="store_true")
     args = parser.parse_args()
     print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
-    ok = True if args.skip_op else check_op() & check_depthwise()
+    ok = True if args.skip_op else check_op() & check_depthwise() & check_pointwise()
     for name in filter(None, args.models.split(",")):
         for batch in map(int, args.batches.split(",")):
             model_ab(name, batch)

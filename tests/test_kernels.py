@@ -15,7 +15,8 @@ import torch
 
 import kerasrt
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv, tactics
+from kerasrt.artifact import _kernel_convs
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, tactics
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -125,7 +126,7 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
-    assert sorted(entry["compiled"]["kernel_convs"]) == sorted(program.kernel_convs)
+    assert entry["compiled"]["kernel_convs"] == program.kernel_convs
     assert {c["kernel"] for c in entry["tactics"]["choices"].values()} == {"cudnn"}
 
     # a fresh process, without the fake: the packages call the op as they were built to
@@ -273,16 +274,24 @@ def mobile_block() -> keras.Model:
     return randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
 
 
-def test_depthwise_convs_fold_their_padding_into_the_op(tmp_path: Path, fake_cudnn, monkeypatch) -> None:
+def test_mobile_blocks_run_on_the_triton_kernels(tmp_path: Path, fake_cudnn, monkeypatch) -> None:
+    """Depthwise convs fold their padding into the depthwise op; 1x1 convs where the pointwise
+    kernel timed faster than cuDNN call the pointwise op; artifacts keep which is which."""
     timed: list[str] = []
 
-    def measure(node, ops, padding, mode):
+    def measure_depthwise(node, ops, padding, mode):
         timed.append(node.outputs[0].name)
-        return tactics.Choice("triton", 1, None, 1.0 if mode == "auto" else None, 0, 0.5)
+        return tactics.Choice("triton", inductor_ms=1.0 if mode == "auto" else None, triton_ms=0.5, config=1)
+
+    def measure(node, ops, sig, mode):  # the pointwise kernel beats cuDNN on 1x1 convs
+        fast = 0.4 if pointwise_conv.eligible(node) else None
+        return tactics.Choice("cudnn", plan=3, cudnn_ms=0.6, triton_ms=fast, config=2)
 
     monkeypatch.setattr(depthwise_conv, "available", lambda device: True)
-    monkeypatch.setattr(tactics, "measure_depthwise", measure)
+    monkeypatch.setattr(tactics, "measure_depthwise", measure_depthwise)
+    monkeypatch.setattr(tactics, "_measure", measure)
     monkeypatch.setattr(depthwise_conv, "_CHOSEN", {})
+    monkeypatch.setattr(pointwise_conv, "_CHOSEN", {})
     model = mobile_block()
     graph = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert().primary_graph()
     depthwise = [n for n in graph.nodes if depthwise_conv.eligible(n)]
@@ -301,12 +310,122 @@ def test_depthwise_convs_fold_their_padding_into_the_op(tmp_path: Path, fake_cud
     (expected,) = keras_reference(model, [x])
     got = optimized(x)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
-    (engine,) = optimized.program(optimized.engine_shapes[0]).compiled_engines.values()
+    program = optimized.program(optimized.engine_shapes[0])
+    (engine,) = program.compiled_engines.values()
     calls = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.depthwise_conv.default]
     assert sorted(c.args[4] for c in calls) == [[0, 1, 0, 1], [1, 1, 1, 1]]
-    assert set(depthwise_conv._CHOSEN.values()) == {1}
-    assert "2 on the Triton depthwise kernel" in conv.summary(print_fn=None)
+    pointwise = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.pointwise_conv.default]
+    assert len(pointwise) == 2 and sorted(c.args[4] for c in pointwise) == ["clamp", "none"]
+    assert set(depthwise_conv._CHOSEN.values()) == {1} and set(pointwise_conv._CHOSEN.values()) == {2}
+    assert sorted(program.kernel_convs.values()) == ["triton"] * 4
+    assert "0 on fused cuDNN kernels, 0 on Inductor's, 4 on kerasrt's Triton kernels" in conv.summary(
+        print_fn=None
+    )
 
     path = conv.save(tmp_path / "art")
+    entry = json.loads((path / "manifest.json").read_text())["engines"][0]
+    assert entry["compiled"]["kernel_convs"] == program.kernel_convs
     fresh = run_packages_in_fresh_process(path, x, tmp_path)
     np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())
+
+
+@pytest.mark.parametrize(
+    "has_bias, has_residual, activation, clip, channels",
+    [
+        (True, False, "clamp", [0.0, 6.0], 16),
+        (True, True, "none", [], 24),
+        (False, False, "silu", [], 5),
+        (True, True, "relu", [], 40),
+    ],
+)
+def test_the_pointwise_op_computes_the_ir_1x1_conv_fused(
+    has_bias, has_residual, activation, clip, channels
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, channels, 1, 1, generator=gen)
+    bias = torch.randn(12, generator=gen) if has_bias else None
+    residual = torch.randn(2, 12, 5, 7, generator=gen) if has_residual else None
+    args = (x, w, bias, residual, activation, clip)
+    got = torch.ops.kerasrt.pointwise_conv.default(*args)
+    assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == [2, 12, 5, 7]
+    expected = OPS["conv_fused"].impl(
+        x,
+        w,
+        *[t for t in (bias, residual) if t is not None],
+        stride=[1, 1],
+        padding=[0, 0],
+        dilation=[1, 1],
+        has_bias=has_bias,
+        has_residual=has_residual,
+        activation=None if activation == "none" else activation,
+        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.kerasrt.pointwise_conv.default, args)
+    # keyed like the cuDNN graph of the same convolution: one tactic entry names either kernel
+    out = pointwise_conv.empty_output(x, w)
+    operands = cudnn_conv.Operands(x, w, bias, residual, out)
+    assert pointwise_conv.signature(x, w, bias, residual, out, activation, clip) == cudnn_conv.signature(
+        operands, [1, 1], [0, 0], [1, 1], activation, clip
+    )
+
+
+def test_which_convolutions_the_pointwise_kernel_takes() -> None:
+    inp = keras.Input((6, 6, 8))
+    outs = [
+        L.Conv2D(4, 1, activation="relu6")(inp),  # yes
+        L.Conv2D(4, 1, strides=2)(inp),  # strided: no
+        L.Conv2D(4, 3, padding="same")(inp),  # 3x3: no
+        L.DepthwiseConv2D(1)(inp),  # grouped: no
+        L.Conv2D(4, 1, activation="sigmoid")(inp),  # an activation the kernel has not: no
+    ]
+    model = keras.Model(inp, outs)
+    graph = kerasrt.Converter(model, precision_mode="FP16").convert().primary_graph()
+    found = sorted(
+        (n.inputs[1].shape[2], n.attrs["stride"][0], n.attrs.get("groups", 1), pointwise_conv.eligible(n))
+        for n in graph.nodes
+        if n.op.startswith("conv")
+    )
+    assert found == [(1, 1, 1, False), (1, 1, 1, True), (1, 1, 8, False), (1, 2, 1, False), (3, 1, 1, False)]
+    fp32 = kerasrt.Converter(model).convert().primary_graph()
+    assert not any(pointwise_conv.eligible(n) for n in fp32.nodes)
+
+
+def test_the_fastest_of_three_kernels_wins(fake_cudnn, monkeypatch) -> None:
+    inp = keras.Input((6, 6, 8))
+    graph = kerasrt.Converter(
+        keras.Model(inp, L.Conv2D(16, 1, activation="relu6")(inp)), precision_mode="FP16"
+    )
+    (node,) = [n for n in graph.convert().primary_graph().nodes if n.op.startswith("conv")]
+    ops = tactics.example_operands(node, torch.device("cpu"))
+    plan = cudnn_conv.Plan(graph=None, uids={}, workspace=0, handle=None)
+    monkeypatch.setattr(pointwise_conv, "available", lambda device: True)
+    monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
+    for cudnn_ms, triton_ms, inductor_ms, kernel in [
+        (0.5, 0.3, 1.0, "triton"),
+        (0.5, 0.7, 1.0, "cudnn"),
+        (0.5, 0.7, 0.4, "inductor"),
+        (None, 0.7, 0.4, "inductor"),
+    ]:
+        found = None if cudnn_ms is None else (3, cudnn_ms, plan)
+        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, f=found: f)
+        monkeypatch.setattr(tactics, "best_config", lambda configs, run, what, ms=triton_ms: (5, ms))
+        monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o, ms=inductor_ms: ms)
+        choice = tactics._measure(node, ops, "sig", "auto")
+        assert (choice.kernel, choice.cudnn_ms, choice.triton_ms, choice.config) == (
+            kernel,
+            cudnn_ms,
+            triton_ms,
+            5,
+        )
+        # "cudnn" (kerasrt's kernels wherever they run): the faster of its own two
+        own = choice.own_kernel().kernel
+        assert own == ("triton" if cudnn_ms is None or triton_ms < cudnn_ms else "cudnn")
+
+
+def test_artifacts_from_before_the_pointwise_kernel_still_name_their_kernels() -> None:
+    assert _kernel_convs({"cudnn_convs": ["a", "b"]}) == {"a": "cudnn", "b": "cudnn"}
+    assert _kernel_convs({"kernel_convs": ["a"]}) == {"a": "cudnn"}
+    assert _kernel_convs({"kernel_convs": {"a": "triton"}}) == {"a": "triton"}
+    assert _kernel_convs({}) == {}

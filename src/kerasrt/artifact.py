@@ -86,7 +86,7 @@ def save(
                 entry["compiled"] = {
                     "environment": engine_environment(model.device),
                     "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
-                    "kernel_convs": sorted(program.kernel_convs),
+                    "kernel_convs": dict(sorted(program.kernel_convs.items())),
                 }
             engines.append(entry)
         manifest = {
@@ -199,7 +199,7 @@ def load(
             if compiled.get("environment") == here:
                 packages[key] = CompiledEngines(
                     {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
-                    frozenset(compiled.get("kernel_convs", compiled.get("cudnn_convs", ()))),
+                    _kernel_convs(compiled),
                     {s: tactics.Choice(**c) for s, c in (measured or {}).get("choices", {}).items()},
                 )
             else:
@@ -237,3 +237,11 @@ def _inside(root: Path, relative: str) -> Path:
     if root.resolve() not in path.parents or not path.is_file():
         raise ArtifactError(f"{root}: compiled engine file {relative!r} is missing or outside the artifact")
     return path
+
+
+def _kernel_convs(compiled: dict[str, Any]) -> dict[str, str]:
+    """Output name -> kernel of the convolutions a compiled engine runs on kerasrt's kernels.
+    Artifacts before the pointwise kernel listed names only (as "cudnn_convs", later
+    "kernel_convs"): those ran on cuDNN, or on the depthwise kernel where eligible."""
+    listed = compiled.get("kernel_convs", compiled.get("cudnn_convs", ()))
+    return dict(listed) if isinstance(listed, dict) else {name: "cudnn" for name in listed}

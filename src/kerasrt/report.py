@@ -102,10 +102,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"engines: compiler {report['compiler']}, {graph}")
     if report.get("conv_kernels"):
         kernels = report["conv_kernels"]
-        depthwise = f", {kernels['triton']} on the Triton depthwise kernel" if kernels.get("triton") else ""
+        triton = f", {kernels['triton']} on kerasrt's Triton kernels" if kernels.get("triton") else ""
         lines.append(
             f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
-            f"{kernels.get('inductor', 0)} on Inductor's{depthwise}"
+            f"{kernels.get('inductor', 0)} on Inductor's{triton}"
         )
     lines.append("")
     for seg in report["segments"]:

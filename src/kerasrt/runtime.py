@@ -100,7 +100,7 @@ class CompiledEngines:
     choices (by signature) they were built with."""
 
     files: dict[int, Path]
-    kernel_convs: frozenset[str] = frozenset()
+    kernel_convs: dict[str, str] = field(default_factory=dict)
     choices: dict[str, tactics.Choice] = field(default_factory=dict)
 
 
@@ -146,7 +146,7 @@ class Program:
         self.constant_outputs = {i: v.data.to(device) for i, v in enumerate(graph.outputs) if v.is_constant}
         self.steps: list[tuple[Callable[..., Sequence[torch.Tensor]], list[int], list[int]]] = []
         self.kernel_choices: dict[str, tactics.Choice] = {}  # conv signature -> kernel, of this program
-        self.kernel_convs: set[str] = set()  # output names of the convs on kerasrt's kernels
+        self.kernel_convs: dict[str, str] = {}  # output name -> kernel, of the convs on kerasrt's kernels
         if compiled is not None:
             self.kernel_choices.update(compiled.choices)
             tactics.adopt(compiled.choices)
@@ -159,9 +159,13 @@ class Program:
                 compiler = settings.compiler_for(device.type) if seg.kind == "engine" else "eager"
                 package = compiled.files.get(seg.index) if compiled and seg.kind == "engine" else None
                 if package is not None:  # built with these kernels: take them as they are
-                    own = {id(n) for n in seg.nodes if n.outputs[0].name in compiled.kernel_convs}
+                    own = {
+                        id(n): compiled.kernel_convs[n.outputs[0].name]
+                        for n in seg.nodes
+                        if n.outputs[0].name in compiled.kernel_convs
+                    }
                 else:
-                    own = self._choose_kernels(seg, settings) if seg.kind == "engine" else set()
+                    own = self._choose_kernels(seg, settings) if seg.kind == "engine" else {}
                 args = (seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
                 try:
                     engine = TorchEngine(*args, package=package, kernel_convs=own)
@@ -175,12 +179,14 @@ class Program:
                     engine = TorchEngine(*args, kernel_convs=own)
                 self.steps.append((engine, ins, outs))
                 if engine.kernel_convs:
-                    self.kernel_convs.update(n.outputs[0].name for n in seg.nodes if id(n) in own)
+                    self.kernel_convs.update(
+                        (n.outputs[0].name, own[id(n)]) for n in seg.nodes if id(n) in own
+                    )
         self._graph: CudaGraphRunner | None = None
 
-    def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> set[int]:
-        """The convolutions of an engine segment to run on kerasrt's kernels (ids: cuDNN
-        graphs, Triton depthwise), by measured tactics. "auto" considers them only for
+    def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> dict[int, str]:
+        """The convolutions of an engine segment to run on kerasrt's kernels (node id ->
+        "cudnn" or "triton"), by measured tactics. "auto" considers them only for
         programs replayed as CUDA graphs: each call is launched from Python, host work that
         only a graph replay hides."""
         mode = settings.conv_kernels
@@ -188,7 +194,7 @@ class Program:
             mode = "inductor"
         choices = tactics.choose(seg.nodes, self.device, mode)
         self.kernel_choices.update(choices.values())
-        return {node for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
+        return {node: choice.kernel for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
 
     @property
     def captured(self) -> bool:

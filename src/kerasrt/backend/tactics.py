@@ -22,12 +22,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
 from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
@@ -35,6 +35,9 @@ from kerasrt.ir.graph import Node, Value, torch_dtype
 log = logging.getLogger(__name__)
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
+CANDIDATES_VERSION = 2
+"""Bumped whenever the candidate kernels or config lists change (indices measured for
+another set are void)."""
 PLAN_BUILD_BUDGET_S = 2.0
 """Stop trying further plans of one convolution once building its plans took this long:
 precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
@@ -42,8 +45,10 @@ precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s 
 
 @dataclass
 class Choice:
-    """The kernel for one convolution signature: "cudnn" (with its plan index), "triton" (a
-    depthwise tile config index) or "inductor"."""
+    """The kernel for one convolution signature: "cudnn", "triton" (the depthwise or, for 1x1
+    convolutions, the pointwise Triton kernel) or "inductor"; with what the timing found: the
+    best cuDNN plan (index in cuDNN's list, its workspace) and the best Triton config (index
+    in the kernel's ``CONFIGS``), whichever kernel won."""
 
     kernel: str
     plan: int = 0
@@ -51,6 +56,14 @@ class Choice:
     inductor_ms: float | None = None
     workspace_bytes: int = 0
     triton_ms: float | None = None
+    config: int = 0
+
+    def own_kernel(self) -> Choice:
+        """This choice with the faster of kerasrt's own kernels (``conv_kernels="cudnn"``)."""
+        own = {k: ms for k, ms in (("cudnn", self.cudnn_ms), ("triton", self.triton_ms)) if ms is not None}
+        if not own:
+            return self
+        return replace(self, kernel=min(own, key=own.__getitem__))
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -59,6 +72,7 @@ def environment(device: torch.device) -> dict[str, str]:
         **engine_environment(device),
         "cudnn": cudnn_conv.cudnn_version(),
         "cudnn_graph": str(cudnn_conv.GRAPH_VERSION),
+        "candidates": str(CANDIDATES_VERSION),
     }
 
 
@@ -103,11 +117,13 @@ def adopt(choices: dict[str, Choice]) -> None:
 
 
 def _select(sig: str, choice: Choice) -> None:
-    """Make the op of ``choice.kernel`` run plan/config ``choice.plan`` for ``sig``."""
+    """Make the op of ``choice.kernel`` run its plan/config for ``sig``."""
     if choice.kernel == "cudnn":
         cudnn_conv.choose_plan(sig, choice.plan)
-    elif choice.kernel == "triton":
-        depthwise_conv.choose_config(sig, choice.plan)
+    elif choice.kernel == "triton" and sig.startswith("depthwise"):
+        depthwise_conv.choose_config(sig, choice.config)
+    elif choice.kernel == "triton":  # a 1x1 convolution: keyed like its cuDNN graph
+        pointwise_conv.choose_config(sig, choice.config)
 
 
 # -- which nodes ----------------------------------------------------------------------------------
@@ -190,6 +206,23 @@ def inductor_estimate_ms(node: Node, ops: cudnn_conv.Operands) -> float:
     return device_ms(run)
 
 
+def best_config(
+    configs: Sequence[tuple], run: Callable[[tuple], None], what: object
+) -> tuple[int, float] | None:
+    """(index, device ms) of the fastest of ``configs`` run as ``run(config)``, or None when
+    none compiles and runs."""
+    best: tuple[int, float] | None = None
+    for index, config in enumerate(configs):
+        try:
+            ms = device_ms(lambda config=config: run(config))
+        except Exception as exc:  # a config that does not compile or run is no candidate
+            log.debug("Triton config %s of %s failed: %s", config, what, exc)
+            continue
+        if best is None or ms < best[1]:
+            best = (index, ms)
+    return best
+
+
 def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) over cuDNN's listed plans (up to
     MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
@@ -247,19 +280,13 @@ def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], 
     """The fastest Triton tile config and, in "auto", Inductor's way: materialize the zero
     padding, cuDNN's depthwise conv, one epilogue pass (bias + activation)."""
     stride, act, clip = depthwise_conv.op_arguments(node)
-    best: tuple[int, float] | None = None
-    for index, config in enumerate(depthwise_conv.CONFIGS):
-        try:
-            ms = device_ms(
-                lambda config=config: depthwise_conv.launch(
-                    config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip
-                )
-            )
-        except Exception as exc:  # a config that does not compile or run is no candidate
-            log.debug("depthwise config %s of %s failed: %s", config, node, exc)
-            continue
-        if best is None or ms < best[1]:
-            best = (index, ms)
+    best = best_config(
+        depthwise_conv.CONFIGS,
+        lambda config: depthwise_conv.launch(
+            config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip
+        ),
+        node,
+    )
     top, bottom, left, right = padding
     symmetric = top == bottom and left == right
     z = torch.empty_like(ops.out)
@@ -274,7 +301,12 @@ def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], 
     if best is None:
         return Choice("inductor", inductor_ms=inductor_ms)
     faster = inductor_ms is None or best[1] < inductor_ms
-    return Choice("triton" if faster else "inductor", best[0], None, inductor_ms, 0, round(best[1], 5))
+    return Choice(
+        "triton" if faster else "inductor",
+        inductor_ms=inductor_ms,
+        triton_ms=round(best[1], 5),
+        config=best[0],
+    )
 
 
 # -- choosing -------------------------------------------------------------------------------------
@@ -312,8 +344,8 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
             choice = _measure(node, example_operands(node, device), sig, mode)
             table[sig] = choice
             measured += 1
-        if mode == "cudnn" and choice.cudnn_ms is not None:
-            choice = Choice("cudnn", choice.plan, choice.cudnn_ms, choice.inductor_ms)
+        if mode == "cudnn":
+            choice = choice.own_kernel()
         _select(sig, choice)
         chosen[id(node)] = (sig, choice)
     for node in depthwise:
@@ -324,8 +356,8 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
             choice = measure_depthwise(node, depthwise_operands(node, x, padding, device), padding, mode)
             table[sig] = choice
             measured += 1
-        if mode == "cudnn" and choice.triton_ms is not None:
-            choice = Choice("triton", choice.plan, None, choice.inductor_ms, 0, choice.triton_ms)
+        if mode == "cudnn":
+            choice = choice.own_kernel()
         _select(sig, choice)
         chosen[id(node)] = (sig, choice)
     if measured:
@@ -335,17 +367,38 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
 
 
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
+    """cuDNN's best plan, for 1x1 convolutions the pointwise Triton kernel's best config, and
+    in "auto" Inductor's estimate: the fastest wins."""
     found = measure_cudnn(node, ops)
+    cudnn_ms = None
+    if found is not None:
+        index, cudnn_ms, plan = found
+        cudnn_conv.adopt_plan(sig, index, plan)
+    triton = None
+    if pointwise_conv.eligible(node) and pointwise_conv.available(ops.x.device):
+        act, clip = cudnn_conv.op_arguments(node)[3:]
+        triton = best_config(
+            pointwise_conv.CONFIGS,
+            lambda config: pointwise_conv.launch(
+                config, ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip
+            ),
+            node,
+        )
     inductor_ms = inductor_estimate_ms(node, ops) if mode == "auto" else None
-    if found is None:
-        return Choice("inductor", inductor_ms=inductor_ms)
-    index, ms, plan = found
-    cudnn_conv.adopt_plan(sig, index, plan)
-    faster = inductor_ms is None or ms < inductor_ms
+    timings = {
+        "cudnn": cudnn_ms,
+        "triton": triton and triton[1],
+        "inductor": inductor_ms,
+    }
+    kernel = min(
+        (k for k, ms in timings.items() if ms is not None), key=timings.__getitem__, default="inductor"
+    )
     return Choice(
-        "cudnn" if faster else "inductor",
-        index,
-        round(ms, 5),
+        kernel,
+        found[0] if found is not None else 0,
+        cudnn_ms and round(cudnn_ms, 5),
         inductor_ms and round(inductor_ms, 5),
-        plan.workspace,
+        found[2].workspace if found is not None else 0,
+        triton and round(triton[1], 5),
+        triton[0] if triton is not None else 0,
     )

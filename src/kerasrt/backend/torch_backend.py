@@ -14,14 +14,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.fx
 
 from kerasrt import __version__, cache
-from kerasrt.backend import cudnn_conv, depthwise_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv  # noqa: F401 (registers the op)
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -69,7 +69,7 @@ def engine_environment(device: torch.device) -> dict[str, str]:
 
 
 _PROBE = """
-import sys, torch, kerasrt.backend.cudnn_conv, kerasrt.backend.depthwise_conv
+import sys, torch, kerasrt.backend.cudnn_conv, kerasrt.backend.depthwise_conv, kerasrt.backend.pointwise_conv
 if sys.argv[2] == "cuda":
     torch.zeros(1, device="cuda")  # a CUDA context first, as in the process that will load it
 torch._inductor.aoti_load_package(sys.argv[1])
@@ -116,9 +116,12 @@ def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
 
-def _cudnn_conv_call(node: Node, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]) -> torch.fx.Node:
-    """``kerasrt::cudnn_conv`` for a conv or conv_fused node (input channels padded as the op
-    takes them, a pad Inductor fuses into the kernel that produces the input)."""
+def _fused_conv_call(
+    node: Node, kernel: str, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]
+) -> torch.fx.Node:
+    """The op call of a conv or conv_fused node on kerasrt's cuDNN graphs (``kernel`` "cudnn")
+    or, for a 1x1 convolution, the pointwise Triton kernel ("triton"). Input channels are
+    padded as the ops take them: a pad Inductor fuses into the kernel producing the input."""
     has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     bias = arg(node.inputs[2]) if has_bias else None
     residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
@@ -127,7 +130,13 @@ def _cudnn_conv_call(node: Node, graph: torch.fx.Graph, arg: Callable[..., torch
     if cudnn_conv.input_channels(channels) != channels:
         extra = cudnn_conv.input_channels(channels) - channels
         x = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra]))
-    args = (x, arg(node.inputs[1], True), bias, residual, *cudnn_conv.op_arguments(node))
+    stride, padding, dilation, act, clip = cudnn_conv.op_arguments(node)
+    w = arg(node.inputs[1], True)
+    if kernel == "triton":
+        return graph.call_function(
+            torch.ops.kerasrt.pointwise_conv.default, (x, w, bias, residual, act, clip)
+        )
+    args = (x, w, bias, residual, stride, padding, dilation, act, clip)
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
 
@@ -148,10 +157,12 @@ class TorchEngine:
         compiler: str = "eager",
         autotune: bool = False,
         package: Path | None = None,
-        kernel_convs: Collection[int] = (),
+        kernel_convs: Mapping[int, str] | None = None,
     ):
-        """``kernel_convs``: ids of the convolutions to run on kerasrt's own kernels (fused cuDNN
-        graphs; depthwise convolutions on the Triton kernel)."""
+        """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
+        (fused cuDNN graphs) or "triton" (the pointwise kernel for 1x1 convolutions); a
+        depthwise convolution listed runs on the depthwise Triton kernel."""
+        kernel_convs = kernel_convs or {}
         self.device = device
         self.compiler = compiler
         self.autotune = autotune
@@ -179,7 +190,8 @@ class TorchEngine:
 
         self.kernel_convs = 0
         for node in nodes:
-            if id(node) in kernel_convs and depthwise_conv.eligible(node):
+            kernel = kernel_convs.get(id(node))
+            if kernel is not None and depthwise_conv.eligible(node):
                 x, padding = depthwise_conv.ir_call(node, nodes)
                 stride, act, clip = depthwise_conv.op_arguments(node)
                 bias = arg(node.inputs[2]) if len(node.inputs) > 2 else None
@@ -188,8 +200,8 @@ class TorchEngine:
                     (arg(x), arg(node.inputs[1]), bias, stride, padding, act, clip),
                 )
                 self.kernel_convs += 1
-            elif id(node) in kernel_convs:
-                result = _cudnn_conv_call(node, graph, arg)
+            elif kernel is not None:
+                result = _fused_conv_call(node, kernel, graph, arg)
                 self.kernel_convs += 1
             else:
                 args = tuple(arg(value) for value in node.inputs)

@@ -1,0 +1,225 @@
+"""1x1 convolutions with their bias, residual add and activation in one Triton GEMM kernel.
+
+A 1x1, stride-1 convolution over channels-last activations is a matrix product: (pixels x C)
+times (C x K). In MobileNet/EfficientNet-style blocks these products are thin (C of 16 to 960)
+and memory-bound: what matters is writing the activated output once. cuDNN fuses ReLU6 and
+SiLU epilogues only with runtime-compiled kernels (slow to build, 2.7-3.8x their traffic
+floor on an H200 at MobileNetV2 batch 128) and Inductor writes the product, then reads it
+back for the epilogue. ``kerasrt::pointwise_conv`` computes the product tile by tile and
+applies bias, residual and activation before its single store.
+
+Like the other kerasrt ops it is a torch custom op with the reference composition as its
+CPU kernel (the op's definition); the CUDA kernel's tile shape (a "config") is chosen per
+signature by measured tactics (``kerasrt.backend.tactics``) and set with ``choose_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kerasrt.backend import cudnn_conv
+
+ACTIVATIONS = cudnn_conv.ACTIVATIONS
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+CONFIGS = (
+    (128, 64, 32, 4, 3),
+    (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 3),
+    (256, 64, 32, 8, 3),
+    (128, 32, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+)
+"""(pixels per program, output channels per program, reduction step, warps, pipeline stages):
+the tactics' candidates. The reduction step shrinks to the input channels (at least 16)."""
+
+
+def reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    clip: Sequence[float],
+) -> torch.Tensor:
+    """What the op computes, in PyTorch ops: act(conv1x1(x, w) + residual + bias)."""
+    return cudnn_conv.reference(x, w, bias, residual, [1, 1], [0, 0], [1, 1], activation, clip)
+
+
+def empty_output(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The op's output, uninitialized: channels-last, x's dtype and device."""
+    return cudnn_conv.empty_output(x, w, [1, 1], [0, 0], [1, 1])
+
+
+@torch.library.custom_op("kerasrt::pointwise_conv", mutates_args=())
+def pointwise_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    clip: list[float],
+) -> torch.Tensor:
+    """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
+    NCHW logical shapes, channels-last output."""
+    out = empty_output(x, w)
+    out.copy_(reference(x, w, bias, residual, activation, clip))
+    return out
+
+
+@pointwise_conv.register_fake
+def _(x, w, bias, residual, activation, clip):
+    return empty_output(x, w)
+
+
+@pointwise_conv.register_kernel("cuda")
+def _(x, w, bias, residual, activation, clip):
+    out = empty_output(x, w)
+    if x.dtype not in FUSED_DTYPES or kernel() is None:
+        out.copy_(reference(x, w, bias, residual, activation, clip))
+        return out
+    config = CONFIGS[_CHOSEN.get(signature(x, w, bias, residual, out, activation, clip), 0)]
+    launch(config, x, w, bias, residual, out, activation, clip)
+    return out
+
+
+def signature(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    activation: str,
+    clip: Sequence[float],
+) -> str:
+    """The key of a call: the key ``kerasrt::cudnn_conv`` has for the same convolution, so one
+    tactic table entry names either kernel."""
+    operands = cudnn_conv.Operands(x, w, bias, residual, out)
+    return cudnn_conv.signature(operands, [1, 1], [0, 0], [1, 1], activation, clip)
+
+
+_CHOSEN: dict[str, int] = {}
+
+
+def choose_config(key: str, index: int) -> None:
+    """Use ``CONFIGS[index]`` for signature ``key``."""
+    _CHOSEN[key] = index
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton pointwise kernel can run on ``device``."""
+    return device.type == "cuda" and kernel() is not None
+
+
+# -- the Triton kernel ---------------------------------------------------------------------------
+
+
+@functools.cache
+def kernel() -> Any:
+    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _pointwise(
+        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+        M, N, K, lo, hi,  # the product (M x K) @ (K x N): pixels, output channels, input channels
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        # programs walk GROUP_M row blocks per column block, so the x rows they share stay in L2
+        pid = tl.program_id(0)
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * blocks_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = min(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        rows = rm.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            a = tl.load(
+                x_ptr + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+        out = rows[:, None] * N + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        elif ACT == 2:
+            acc = tl.minimum(tl.maximum(acc, lo), hi)
+        elif ACT == 3:
+            acc = acc / (1.0 + tl.exp(-acc))
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    return _pointwise
+
+
+def launch(
+    config: tuple[int, int, int, int, int],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    activation: str,
+    clip: Sequence[float],
+) -> None:
+    """Run the kernel with one tile config (x, residual and out channels-last)."""
+    block_m, block_n, block_k, warps, stages = config
+    x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    w = w.reshape(w.shape[0], -1).contiguous()
+    n, c, h, wd = x.shape
+    pixels, channels_out = n * h * wd, w.shape[0]
+    block_k = min(block_k, max(16, 1 << (c - 1).bit_length()))
+    grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
+    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
+    kernel()[grid](
+        x, w, bias if bias is not None else w, residual if residual is not None else x, out,
+        pixels, channels_out, c, lo, hi,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+# -- IR nodes ------------------------------------------------------------------------------------
+
+
+def eligible(node: Any) -> bool:
+    """Whether an IR conv/conv_fused node is a 1x1, stride-1, unpadded, ungrouped convolution
+    this kernel runs: a fusable activation, constant weights, FP16/BF16."""
+    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+        return False
+    a = node.attrs
+    if tuple(node.inputs[1].shape[2:]) != (1, 1) or a.get("groups", 1) != 1:
+        return False
+    if list(a["stride"]) != [1, 1] or list(a["padding"]) != [0, 0] or list(a["dilation"]) != [1, 1]:
+        return False
+    act = a.get("activation") or "none"
+    bounds = a.get("activation_attrs") or {}
+    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+        return False
+    has_bias, _ = cudnn_conv.epilogue_inputs(node)
+    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
