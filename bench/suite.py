@@ -178,9 +178,13 @@ def main() -> None:
                 print(json.dumps(r.to_json()), flush=True)
             results += rows
             torch.cuda.empty_cache()
-    with open(args.out, "w") as fh:
-        json.dump({"schema": 1, **env, "results": [r.to_json() for r in results]}, fh, indent=1)
+            save(args.out, env, results)  # after every batch: a run cut short keeps what it measured
     print(markdown(results, env))
+
+
+def save(path: str, env: dict, results: list[Result]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"schema": 1, **env, "results": [r.to_json() for r in results]}, fh, indent=1)
 
 
 if __name__ == "__main__":
