@@ -46,9 +46,10 @@ class ConversionSettings:
 
     ``conv_kernels``: how FP16/BF16 convolutions run on CUDA. "auto" times, per layer shape,
     kerasrt's kernels (a fused cuDNN graph, conv + residual + bias + activation in one
-    kernel, needs nvidia-cudnn-frontend; for depthwise convolutions a Triton kernel with the
-    bias, activation and zero padding folded in) against Inductor's convolution + epilogue
-    and keeps the faster (choices cached on disk, see ``kerasrt.backend.tactics``), in
+    kernel, needs nvidia-cudnn-frontend; for 1x1 convolutions also a Triton GEMM with that
+    epilogue; for depthwise convolutions a Triton kernel with the bias, activation and zero
+    padding folded in) against Inductor's convolution + epilogue and keeps the fastest
+    (choices cached on disk, see ``kerasrt.backend.tactics``), in
     programs replayed as CUDA graphs (the kernels are launched from Python); "cudnn" takes
     kerasrt's kernels wherever they run; "inductor" never does.
     """

@@ -5,12 +5,14 @@ For each eligible ``conv`` or ``conv_fused`` node (2-D, ungrouped, FP16/BF16; no
 ReLU, SiLU or a two-sided clamp such as ReLU6) the candidates are cuDNN's execution plans
 (up to ``MAX_PLANS``) for conv + residual + bias + activation in one kernel, against what
 Inductor runs: the same convolution followed by one memory-bound epilogue pass (timed as the
-bare convolution plus an elementwise pass of the same traffic). For each depthwise conv the
+bare convolution plus an elementwise pass of the same traffic); 1x1 stride-1 convolutions
+also have the pointwise Triton kernel's tile shapes (``pointwise_conv.CONFIGS``), which win
+where cuDNN only has runtime-compiled kernels (ReLU6, SiLU). For each depthwise conv the
 candidates are the Triton kernel's tile shapes (``depthwise_conv.CONFIGS``), against the
 zero padding materialized, cuDNN's depthwise conv and an epilogue pass. Times are device
 times of CUDA-graph replays (the programs that use these kernels replay as CUDA graphs), so
 host overhead does not decide. A choice is keyed by the operands' shapes, strides and
-attributes and by the environment (GPU, torch, cuDNN, graph version), and kept in
+attributes and by the environment (GPU, torch, Triton, cuDNN, graph and candidate versions), and kept in
 ``tactics-<env>.json`` under ``kerasrt.cache.cache_dir()``: a second build on the same
 machine measures nothing. Artifacts carry the choices of their engines (``remember``).
 """
@@ -315,8 +317,8 @@ def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], 
 def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, tuple[str, Choice]]:
     """Kernel choices for the eligible convolutions among ``nodes``, by ``id(node)``:
     (signature, choice). "inductor" chooses nothing; "cudnn" takes kerasrt's kernels (fused
-    cuDNN graphs, the Triton depthwise kernel) wherever they run; "auto" times them against
-    Inductor's way and takes the faster."""
+    cuDNN graphs, the Triton pointwise and depthwise kernels; the faster of two) wherever
+    they run; "auto" times them against Inductor's way and takes the fastest."""
     if mode == "inductor":
         return {}
     convs = [n for n in nodes if eligible(n)]
