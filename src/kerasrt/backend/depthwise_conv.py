@@ -1,4 +1,5 @@
-"""Depthwise convolutions with their bias, activation and zero padding in one Triton kernel.
+"""Depthwise convolutions with their bias, activation and zero padding in one Triton kernel
+(of two designs: pixel tiles or image rows, whichever the tactics time faster).
 
 MobileNet/EfficientNet-style depthwise layers are memory-bound. An Inductor engine runs them
 as cuDNN's depthwise kernel, writes the result, reads it back in a Triton epilogue (bias +
@@ -8,9 +9,9 @@ the unpadded input once (the padding is a bounds mask) and writes the activated 
 
 Like ``kerasrt::cudnn_conv`` it is a torch custom op: Inductor calls it as an extern kernel,
 AOTInductor packages call it through the dispatcher. Its CPU kernel is the reference
-composition (the op's definition); the CUDA kernel launches a Triton program whose tile
-shape (a "config", chosen per signature by measured tactics, ``kerasrt.backend.tactics``)
-is set with ``choose_config``.
+composition (the op's definition); the CUDA kernel launches a Triton program whose design
+and tile shape (a "config", chosen per signature by measured tactics,
+``kerasrt.backend.tactics``) is set with ``choose_config``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CONFIGS = (
 """The tactics' candidates: ("tiles", output pixels per program, channels per program, warps)
 for the pixel-tile kernel, ("rows", output rows per program, (column, channel) elements per
 program, warps) for the row-tiled one. Neither wins everywhere: on an H200 the row-tiled
-kernel was 10-25% faster on every MobileNetV2/EfficientNetB0 layer at batch 1, the
+kernel was 1-25% faster on every MobileNetV2/EfficientNetB0 layer at batch 1, the
 pixel-tile kernel up to 30% faster on some 5x5 layers at batch 128
 (``bench/depthwise_probe.py``)."""
 
@@ -142,7 +143,7 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and tiles_kernel() is not None
 
 
-# -- the Triton kernel ---------------------------------------------------------------------------
+# -- the Triton kernels --------------------------------------------------------------------------
 
 
 @functools.cache
