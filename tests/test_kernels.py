@@ -424,6 +424,25 @@ def test_the_fastest_of_three_kernels_wins(fake_cudnn, monkeypatch) -> None:
         assert own == ("triton" if cudnn_ms is None or triton_ms < cudnn_ms else "cudnn")
 
 
+def test_without_cudnn_graphs_1x1_convolutions_still_get_the_pointwise_kernel(monkeypatch, tmp_path) -> None:
+    inp = keras.Input((6, 6, 8))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    model = keras.Model(inp, L.Conv2D(16, 1, activation="relu6")(x))
+    nodes = kerasrt.Converter(model, precision_mode="FP16").convert().primary_graph().nodes
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tactics, "_TABLES", {})
+    monkeypatch.setattr(pointwise_conv, "_CHOSEN", {})
+    monkeypatch.setattr(cudnn_conv, "available", lambda device: False)
+    monkeypatch.setattr(pointwise_conv, "available", lambda device: True)
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: pytest.fail("cuDNN timed without cuDNN"))
+    monkeypatch.setattr(tactics, "best_config", lambda configs, run, what: (4, 0.2))
+    monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 0.5)
+    chosen = tactics.choose(nodes, torch.device("cpu"), "auto")
+    ((sig, choice),) = chosen.values()  # the 3x3 conv is left to Inductor
+    assert (choice.kernel, choice.config, choice.cudnn_ms) == ("triton", 4, None)
+    assert pointwise_conv._CHOSEN == {sig: 4}
+
+
 def test_artifacts_from_before_the_pointwise_kernel_still_name_their_kernels() -> None:
     assert _kernel_convs({"cudnn_convs": ["a", "b"]}) == {"a": "cudnn", "b": "cudnn"}
     assert _kernel_convs({"kernel_convs": ["a"]}) == {"a": "cudnn"}

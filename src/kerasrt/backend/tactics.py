@@ -329,7 +329,8 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
                 "conv_kernels='cudnn' needs a CUDA device and the nvidia-cudnn-frontend package "
                 "(pip install 'kerasrt[cuda]')"
             )
-        convs = []
+        # without cuDNN graphs the 1x1 convolutions still have the pointwise Triton kernel
+        convs = [n for n in convs if pointwise_conv.eligible(n) and pointwise_conv.available(device)]
     if not (convs or depthwise):
         return {}
     env = environment(device)
@@ -371,7 +372,7 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
     """cuDNN's best plan, for 1x1 convolutions the pointwise Triton kernel's best config, and
     in "auto" Inductor's estimate: the fastest wins."""
-    found = measure_cudnn(node, ops)
+    found = measure_cudnn(node, ops) if cudnn_conv.available(ops.x.device) else None
     cudnn_ms = None
     if found is not None:
         index, cudnn_ms, plan = found
