@@ -64,14 +64,13 @@ def probe(batch: int, bandwidth: float) -> list[dict]:
             row["inductor_ms"] = choice.inductor_ms
             for label in ("tiles", "rows"):
                 configs = [c for c in depthwise_conv.CONFIGS if c[0] == label]
-                run = depthwise_conv.launch
                 times, worst = {}, 0.0
                 for config in configs:
                     try:
                         times[str(config)] = round(
-                            tactics.device_ms(lambda c=config, f=run, a=args: f(c, *a)), 5
+                            tactics.device_ms(lambda c=config, a=args: depthwise_conv.launch(c, *a)), 5
                         )
-                        run(config, *args)
+                        depthwise_conv.launch(config, *args)
                         worst = max(worst, (ops.out.float() - ref).abs().max().item() / scale)
                     except Exception as exc:
                         times[str(config)] = f"{type(exc).__name__}: {str(exc)[:120]}"

@@ -21,14 +21,8 @@ import torch
 import kerasrt
 from kerasrt.backend import cudnn_conv, pointwise_conv, tactics
 
-DEV = torch.device("cuda")
-
-
-def copy_bandwidth() -> float:
-    """Bytes per ms of a large device-to-device copy (read + write counted)."""
-    a = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / tactics.device_ms(lambda: b.copy_(a))
+sys.path.insert(0, os.path.dirname(__file__))
+from depthwise_probe import DEV, copy_bandwidth  # the same traffic floor for both probes
 
 
 def probe(name: str, batch: int, bandwidth: float) -> dict:

@@ -16,7 +16,7 @@ import torch
 import kerasrt
 from kerasrt import cache
 from kerasrt.artifact import _kernel_convs
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, tactics
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, tactics, triton_configs
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -25,6 +25,23 @@ from test_artifact import run_packages_in_fresh_process
 L = keras.layers
 CUDNN_OP = torch.ops.kerasrt.cudnn_conv.default
 REAL_MEASURE = tactics._measure
+
+
+def ir_conv_fused(x, w, bias, residual, stride, padding, activation, clip, groups=1) -> torch.Tensor:
+    """The IR's conv_fused on the ops' arguments: the definition each kerasrt kernel must match."""
+    return OPS["conv_fused"].impl(
+        x,
+        w,
+        *[t for t in (bias, residual) if t is not None],
+        stride=stride,
+        padding=padding,
+        dilation=[1, 1],
+        groups=groups,
+        has_bias=bias is not None,
+        has_residual=residual is not None,
+        activation=None if activation == "none" else activation,
+        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,19 +65,7 @@ def test_the_op_computes_the_ir_conv_fused(has_bias, has_residual, activation, c
     args = (x, w, bias, residual, stride, padding, [1, 1], activation, clip)
     got = CUDNN_OP(*args)
     assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == out_shape
-    rest = [t for t in (bias, residual) if t is not None]
-    expected = OPS["conv_fused"].impl(
-        x,
-        w,
-        *rest,
-        stride=stride,
-        padding=padding,
-        dilation=[1, 1],
-        has_bias=has_bias,
-        has_residual=has_residual,
-        activation=None if activation == "none" else activation,
-        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
-    )
+    expected = ir_conv_fused(x, w, bias, residual, stride, padding, activation, clip)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(CUDNN_OP, args)  # schema, fake (meta) kernel and dispatch agree
 
@@ -245,18 +250,7 @@ def test_the_depthwise_op_computes_the_ir_pad_and_depthwise_conv(
     got = torch.ops.kerasrt.depthwise_conv.default(*args)
     top, bottom, left, right = padding
     padded = OPS["pad"].impl(x, pads=[left, right, top, bottom, 0, 0], mode="constant", value=0.0)
-    expected = OPS["conv_fused"].impl(
-        padded,
-        w,
-        b,
-        stride=stride,
-        padding=[0, 0],
-        dilation=[1, 1],
-        groups=c,
-        has_bias=True,
-        activation=None if activation == "none" else activation,
-        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
-    )
+    expected = ir_conv_fused(padded, w, b, None, stride, [0, 0], activation, clip, groups=c)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.kerasrt.depthwise_conv.default, args)
@@ -290,8 +284,7 @@ def test_mobile_blocks_run_on_the_triton_kernels(tmp_path: Path, fake_cudnn, mon
     monkeypatch.setattr(depthwise_conv, "available", lambda device: True)
     monkeypatch.setattr(tactics, "measure_depthwise", measure_depthwise)
     monkeypatch.setattr(tactics, "_measure", measure)
-    monkeypatch.setattr(depthwise_conv, "_CHOSEN", {})
-    monkeypatch.setattr(pointwise_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_configs, "_CHOSEN", {})
     model = mobile_block()
     graph = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert().primary_graph()
     depthwise = [n for n in graph.nodes if depthwise_conv.eligible(n)]
@@ -316,7 +309,9 @@ def test_mobile_blocks_run_on_the_triton_kernels(tmp_path: Path, fake_cudnn, mon
     assert sorted(c.args[4] for c in calls) == [[0, 1, 0, 1], [1, 1, 1, 1]]
     pointwise = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.pointwise_conv.default]
     assert len(pointwise) == 2 and sorted(c.args[4] for c in pointwise) == ["clamp", "none"]
-    assert set(depthwise_conv._CHOSEN.values()) == {1} and set(pointwise_conv._CHOSEN.values()) == {2}
+    configs = triton_configs._CHOSEN
+    assert {v for k, v in configs.items() if k.startswith("depthwise")} == {1}
+    assert {v for k, v in configs.items() if not k.startswith("depthwise")} == {2}
     assert sorted(program.kernel_convs.values()) == ["triton"] * 4
     assert "0 on fused cuDNN kernels, 0 on Inductor's, 4 on kerasrt's Triton kernels" in conv.summary(
         print_fn=None
@@ -349,18 +344,7 @@ def test_the_pointwise_op_computes_the_ir_1x1_conv_fused(
     args = (x, w, bias, residual, activation, clip)
     got = torch.ops.kerasrt.pointwise_conv.default(*args)
     assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == [2, 12, 5, 7]
-    expected = OPS["conv_fused"].impl(
-        x,
-        w,
-        *[t for t in (bias, residual) if t is not None],
-        stride=[1, 1],
-        padding=[0, 0],
-        dilation=[1, 1],
-        has_bias=has_bias,
-        has_residual=has_residual,
-        activation=None if activation == "none" else activation,
-        activation_attrs={"min": clip[0], "max": clip[1]} if clip else None,
-    )
+    expected = ir_conv_fused(x, w, bias, residual, [1, 1], [0, 0], activation, clip)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.kerasrt.pointwise_conv.default, args)
     # keyed like the cuDNN graph of the same convolution: one tactic entry names either kernel
@@ -431,7 +415,7 @@ def test_without_cudnn_graphs_1x1_convolutions_still_get_the_pointwise_kernel(mo
     nodes = kerasrt.Converter(model, precision_mode="FP16").convert().primary_graph().nodes
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tactics, "_TABLES", {})
-    monkeypatch.setattr(pointwise_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_configs, "_CHOSEN", {})
     monkeypatch.setattr(cudnn_conv, "available", lambda device: False)
     monkeypatch.setattr(pointwise_conv, "available", lambda device: True)
     monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: pytest.fail("cuDNN timed without cuDNN"))
@@ -440,7 +424,7 @@ def test_without_cudnn_graphs_1x1_convolutions_still_get_the_pointwise_kernel(mo
     chosen = tactics.choose(nodes, torch.device("cpu"), "auto")
     ((sig, choice),) = chosen.values()  # the 3x3 conv is left to Inductor
     assert (choice.kernel, choice.config, choice.cudnn_ms) == ("triton", 4, None)
-    assert pointwise_conv._CHOSEN == {sig: 4}
+    assert triton_configs._CHOSEN == {sig: 4}
 
 
 def test_artifacts_from_before_the_pointwise_kernel_still_name_their_kernels() -> None:

@@ -11,7 +11,7 @@ Like ``kerasrt::cudnn_conv`` it is a torch custom op: Inductor calls it as an ex
 AOTInductor packages call it through the dispatcher. Its CPU kernel is the reference
 composition (the op's definition); the CUDA kernel launches a Triton program whose design
 and tile shape (a "config", chosen per signature by measured tactics,
-``kerasrt.backend.tactics``) is set with ``choose_config``.
+``kerasrt.backend.tactics``) is kept in ``triton_configs``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -109,7 +109,7 @@ def _(x, w, bias, stride, padding, activation, clip):
     if x.dtype not in FUSED_DTYPES or tiles_kernel() is None:
         out.copy_(reference(x, w, bias, stride, padding, activation, clip))
         return out
-    config = CONFIGS[_CHOSEN.get(signature(x, w, bias, stride, padding, activation, clip), 0)]
+    config = CONFIGS[triton_configs.chosen(signature(x, w, bias, stride, padding, activation, clip))]
     launch(config, x, w, bias, out, stride, padding, activation, clip)
     return out
 
@@ -128,14 +128,6 @@ def signature(
     parts += [list(stride), list(padding), f"X{list(x.shape)}/{list(x.stride())}", f"W{list(w.shape)}"]
     parts.append("B" if bias is not None else "")
     return " ".join(map(str, parts))
-
-
-_CHOSEN: dict[str, int] = {}
-
-
-def choose_config(key: str, index: int) -> None:
-    """Use ``CONFIGS[index]`` for signature ``key``."""
-    _CHOSEN[key] = index
 
 
 def available(device: torch.device) -> bool:

@@ -10,7 +10,7 @@ applies bias, residual and activation before its single store.
 
 Like the other kerasrt ops it is a torch custom op with the reference composition as its
 CPU kernel (the op's definition); the CUDA kernel's tile shape (a "config") is chosen per
-signature by measured tactics (``kerasrt.backend.tactics``) and set with ``choose_config``.
+signature by measured tactics (``kerasrt.backend.tactics``) and kept in ``triton_configs``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv
+from kerasrt.backend import cudnn_conv, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -83,7 +83,7 @@ def _(x, w, bias, residual, activation, clip):
     if x.dtype not in FUSED_DTYPES or kernel() is None:
         out.copy_(reference(x, w, bias, residual, activation, clip))
         return out
-    config = CONFIGS[_CHOSEN.get(signature(x, w, bias, residual, out, activation, clip), 0)]
+    config = CONFIGS[triton_configs.chosen(signature(x, w, bias, residual, out, activation, clip))]
     launch(config, x, w, bias, residual, out, activation, clip)
     return out
 
@@ -101,14 +101,6 @@ def signature(
     tactic table entry names either kernel."""
     operands = cudnn_conv.Operands(x, w, bias, residual, out)
     return cudnn_conv.signature(operands, [1, 1], [0, 0], [1, 1], activation, clip)
-
-
-_CHOSEN: dict[str, int] = {}
-
-
-def choose_config(key: str, index: int) -> None:
-    """Use ``CONFIGS[index]`` for signature ``key``."""
-    _CHOSEN[key] = index
 
 
 def available(device: torch.device) -> bool:

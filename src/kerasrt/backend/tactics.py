@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, triton_configs
 from kerasrt.backend.torch_backend import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
@@ -122,10 +122,8 @@ def _select(sig: str, choice: Choice) -> None:
     """Make the op of ``choice.kernel`` run its plan/config for ``sig``."""
     if choice.kernel == "cudnn":
         cudnn_conv.choose_plan(sig, choice.plan)
-    elif choice.kernel == "triton" and sig.startswith("depthwise"):
-        depthwise_conv.choose_config(sig, choice.config)
-    elif choice.kernel == "triton":  # a 1x1 convolution: keyed like its cuDNN graph
-        pointwise_conv.choose_config(sig, choice.config)
+    elif choice.kernel == "triton":  # the depthwise or the pointwise kernel, by its key
+        triton_configs.choose(sig, choice.config)
 
 
 # -- which nodes ----------------------------------------------------------------------------------
