@@ -2,6 +2,9 @@
 first inference, and does the loaded model run at the compiled model's speed?
 
     source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
+
+With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
+and first inference.
 """
 
 from __future__ import annotations
@@ -16,24 +19,59 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 LOAD = """
-import dataclasses, time, sys, json
+import cProfile, dataclasses, logging, os, pstats, time, sys, json
+logging.basicConfig(level=logging.WARNING)  # kerasrt's warnings (e.g. a failed CUDA-graph capture)
 t0 = time.perf_counter()
 import torch, numpy as np, kerasrt
 from kerasrt.bench import sample_latencies, latency_stats
 t1 = time.perf_counter()
+profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") else None
+spent = {}
+if profile:  # time kerasrt's first-call work per function, next to the profile
+    from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
+    def timed(module, name):
+        fn = getattr(module, name)
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                n, total = spent.get(name, (0, 0.0))
+                spent[name] = (n + 1, total + time.perf_counter() - t)
+        setattr(module, name, wrapper)
+    from kerasrt.backend import torch_backend
+    import subprocess, torch._inductor
+    for module, name in ((cudnn_conv, "plan_for"), (cudnn_conv, "build_graph"),
+                         (pointwise_conv, "launch"), (depthwise_conv, "launch"),
+                         (torch_backend, "package_problem"), (torch._inductor, "aoti_load_package")):
+        timed(module, name)
+    popen_init = subprocess.Popen.__init__
+    def logged_popen(self, args, *a, **k):  # which child processes the load starts
+        spent.setdefault("subprocesses", []).append(str(args)[:160])
+        popen_init(self, args, *a, **k)
+    subprocess.Popen.__init__ = logged_popen
+    profile.enable()
 model = kerasrt.load(sys.argv[1])
 if sys.argv[4] == "no-cuda-graph":
     model.settings = dataclasses.replace(model.settings, cuda_graphs=False)
+t_load = time.perf_counter()
 print("loaded", file=sys.stderr, flush=True)
 x = torch.from_numpy(np.load(sys.argv[2])).cuda()
 y = model(x); torch.cuda.synchronize()
 t2 = time.perf_counter()
+if profile:
+    profile.disable()
+    print("PROFILE", json.dumps(spent), file=sys.stderr)
+    stats = pstats.Stats(profile, stream=sys.stderr)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats("kerasrt", 30)
+    stats.print_callers("check_call|waitpid")
 print("first inference done", file=sys.stderr, flush=True)
 program = model.program(model.engine_shapes[0])
 kinds = sorted(e.compiler for e in program.compiled_engines.values())
 stats = latency_stats(sample_latencies(lambda: model(x), torch.device("cuda"), 10, 50))
 np.save(sys.argv[3], y.float().cpu().numpy())
-print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_inference_s": t2 - t1,
+print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_inference_s": t2 - t1, "load_s": t_load - t1,
                   "engines": kinds, "cuda_graph": program.captured, "latency_ms": stats}))
 """
 
@@ -88,6 +126,10 @@ def main() -> None:
             if proc.returncode:
                 print(f"{mode}: the loading process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
                 continue
+            notes = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "Warning: " in ln]
+            print("\n".join(notes[-10:]), flush=True)
+            if os.environ.get("KERASRT_PROFILE_LOAD"):
+                print(proc.stderr[max(proc.stderr.find("PROFILE"), 0) :][:30000], flush=True)
             print(proc.stdout.strip().splitlines()[-1], flush=True)
             ref = optimized(torch.from_numpy(x).cuda()).float().cpu().numpy()
             got = np.load(out)

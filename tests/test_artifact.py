@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -138,6 +139,8 @@ class ForbiddenUnpickler(pickle.Unpickler):  # a class: torch subclasses it at i
 
 pickle.load, pickle.loads, pickle.Unpickler = forbidden, forbidden, ForbiddenUnpickler
 torch.compile = forbidden  # the engines must come from their packages, not be compiled again
+import torch._inductor.cpu_vec_isa  # nor probe the CPU's vector ISAs (38 s a load on torch 2.11)
+torch._inductor.cpu_vec_isa.pick_vec_isa = forbidden
 model = kerasrt.load(sys.argv[1])
 x = np.load(sys.argv[2])
 np.save(sys.argv[3], model(x))
@@ -210,6 +213,44 @@ def _small_compiled_artifact(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarr
     return conv.save(tmp_path / "art"), x, expected
 
 
+STATIC_RUNTIME_CXX = """#!/bin/sh
+case "$*" in *-shared*) exec g++ -static-libstdc++ "$@";; esac
+exec g++ "$@"
+"""
+"""A C++ compiler that links a static copy of the C++ runtime into shared libraries (as the
+GCC wrapper set as $CXX on the GPU machine does: its search path has only libstdc++.a)."""
+
+
+@pytest.mark.slow
+def test_packages_are_not_compiled_by_a_compiler_that_links_the_cxx_runtime_statically(
+    tmp_path: Path,
+) -> None:
+    """Packages built by such a compiler do not load (the GPU machine: SIGSEGV in every CUDA
+    package); kerasrt compiles them with a compiler that links the runtime shared, and says so."""
+    from torch._inductor import config as inductor_config
+
+    from kerasrt.backend.torch_backend import links_shared_cxx_runtime
+
+    static = tmp_path / "static-runtime-g++"
+    static.write_text(STATIC_RUNTIME_CXX)
+    static.chmod(0o755)
+    assert not links_shared_cxx_runtime(str(static))
+    assert links_shared_cxx_runtime(shutil.which("g++"))
+
+    inp = keras.Input((4, 4, 2))
+    model = randomize(keras.Model(inp, L.Conv2D(3, 3, padding="same", activation="relu")(inp)))
+    conv = kerasrt.Converter(model, batch_size=1, compiler="inductor")
+    x = random_input((1, 4, 4, 2))
+    expected = conv.convert()(x)
+    with (
+        inductor_config.patch({"cpp.cxx": (None, str(static))}),
+        pytest.warns(UserWarning, match=r"links the C\+\+ runtime statically.*compiling them with"),
+    ):
+        path = conv.save(tmp_path / "art")
+    got = run_packages_in_fresh_process(path, x, tmp_path)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) -> None:
     path, x, expected = _small_compiled_artifact(tmp_path)
     (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()
@@ -222,8 +263,8 @@ def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) 
 def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompiled(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """A loader that segfaults (as torch 2.11+cu130's does for CUDA packages on the H100
-    machine) must not take the user's process down: the verdict comes from a test process."""
+    """A loader that segfaults (as it did on the GPU machine for packages with a static C++
+    runtime) must not take the user's process down: the verdict comes from a test process."""
     from kerasrt import cache
     from kerasrt.backend import torch_backend
 

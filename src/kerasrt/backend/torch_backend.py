@@ -7,15 +7,20 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
@@ -68,22 +73,98 @@ def engine_environment(device: torch.device) -> dict[str, str]:
     return env
 
 
+def load_aoti_package(path: Path, device: torch.device) -> Any:
+    """The AOTInductor package at ``path`` as a callable model on ``device``.
+
+    Run single-threaded: the container's run() otherwise polls an event of the previous run
+    (cudaEventQuery), which breaks CUDA-graph capture; kerasrt calls an engine from one thread
+    at a time (a captured graph's buffers are shared anyway). Built from torch's loader
+    directly: ``torch._inductor.aoti_load_package`` first compares the package's device
+    metadata with this machine's (kerasrt's manifest already has), and that probes the CPU's
+    vector ISAs by compiling test libraries and loading each in a child process that imports
+    torch: 38 s on the GPU machine (torch 2.11). Falls back to it if torch's internals moved."""
+    index = device.index if device.index is not None else -1
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, index)
+    except (ImportError, AttributeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+    return AOTICompiledModel(loader)
+
+
 _PROBE = """
-import sys, torch, kerasrt.backend.cudnn_conv, kerasrt.backend.depthwise_conv, kerasrt.backend.pointwise_conv
-if sys.argv[2] == "cuda":
-    torch.zeros(1, device="cuda")  # a CUDA context first, as in the process that will load it
-torch._inductor.aoti_load_package(sys.argv[1])
+import sys, torch
+from pathlib import Path
+from kerasrt.backend.torch_backend import load_aoti_package
+device = torch.device(sys.argv[2])
+if device.type == "cuda":
+    torch.zeros(1, device=device)  # a CUDA context first, as in the process that will load it
+load_aoti_package(Path(sys.argv[1]), device)
 """
 """What a test process does with a package: register kerasrt's custom ops, load it."""
+
+
+_RUNTIME_PROBE = "#include <locale>\nint kerasrt_probe() { return (int)std::locale().name().size(); }\n"
+"""A library that needs the C++ runtime (std::locale lives in it, not in a header)."""
+
+
+@functools.cache
+def links_shared_cxx_runtime(compiler: str) -> bool:
+    """Whether ``compiler`` links a shared library against the shared C++ runtime
+    (libstdc++.so or libc++.so), judged by building a tiny one and reading its dependencies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp, "probe.cpp"), Path(tmp, "probe.so")
+        src.write_text(_RUNTIME_PROBE)
+        try:
+            proc = subprocess.run(
+                [compiler, "-shared", "-fPIC", "-o", str(lib), str(src)], capture_output=True, timeout=120
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return proc.returncode == 0 and re.search(rb"lib(stdc)?\+\+\.so", lib.read_bytes()) is not None
+
+
+_warned_compilers: set[str] = set()
+
+
+def package_compiler() -> str | None:
+    """The C++ compiler for AOTInductor packages: None keeps Inductor's own (``$CXX`` or g++),
+    else the first of g++, c++, clang++ on PATH that links the C++ runtime as a shared library.
+
+    A package is loaded into a process that already has the shared C++ runtime; a compiler that
+    links a second, static copy into it (seen: a GCC wrapper script set as ``$CXX`` on the GPU
+    machine, whose search path has only libstdc++.a) makes the package crash on load (SIGSEGV
+    in std::regex's locale use on torch 2.11; an error on 2.13)."""
+    from torch._inductor import cpp_builder
+
+    try:
+        configured = cpp_builder.get_cpp_compiler()
+    except Exception:  # no compiler at all: Inductor reports that itself
+        return None
+    if links_shared_cxx_runtime(configured):
+        return None
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found and links_shared_cxx_runtime(found):
+            if configured not in _warned_compilers:
+                _warned_compilers.add(configured)
+                warnings.warn(
+                    f"the C++ compiler {configured} links the C++ runtime statically, which makes "
+                    f"compiled engine packages crash when loaded; compiling them with {found} instead",
+                    stacklevel=3,
+                )
+            return found
+    return None
 
 
 def package_problem(path: Path, device: torch.device) -> str | None:
     """Why the AOTInductor package at ``path`` cannot be loaded here, or None if it can.
 
-    Some torch builds crash inside the package loader (seen: torch 2.11.0+cu130 on an H100,
-    SIGSEGV for any CUDA package, even one of plain torch ops); a crash would take the user's
-    process down, so each package is loaded once in a test process first. The verdict is
-    cached by the package's hash and the environment."""
+    A package can crash the loader (seen: SIGSEGV for every package built by a compiler that
+    linked a static C++ runtime into it, see ``package_compiler``); a crash would take the
+    user's process down, so each package is loaded once in a test process first. The verdict
+    is cached by the package's hash and the environment."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
     key = f"{digest}-{json.dumps(engine_environment(device), sort_keys=True)}"
     verdicts = cache.read_json("packages.json")
@@ -92,7 +173,7 @@ def package_problem(path: Path, device: torch.device) -> str | None:
         return verdicts[key]
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path), device.type],
+            [sys.executable, "-c", _PROBE, str(path), str(device)],
             capture_output=True,
             text=True,
             timeout=600,
@@ -244,13 +325,23 @@ class TorchEngine:
     def export_package(self, path: Path) -> None:
         """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
         package holds code only: the weights stay in the artifact and are handed over at load."""
-        configs = {"aot_inductor.package_constants_in_so": False}
+        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False}
+        compiler = package_compiler()
+        if compiler is not None:
+            configs["cpp.cxx"] = (None, compiler)
         if self.autotune:
             configs["max_autotune"] = True
         with torch.no_grad():
             exported = torch.export.export(self.module, tuple(self.example_inputs()))
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs=configs
+            )
+        problem = package_problem(path, self.device)  # tested now: loads here skip the test
+        if problem is not None:
+            warnings.warn(
+                f"the compiled engine package {path.name} cannot be used on this machine ({problem}); "
+                "a load will compile the engine instead",
+                stacklevel=2,
             )
 
     def load_package(self, path: Path) -> None:
@@ -259,7 +350,7 @@ class TorchEngine:
         problem = package_problem(path, self.device)
         if problem is not None:
             raise RuntimeError(problem)
-        runner = torch._inductor.aoti_load_package(str(path))
+        runner = load_aoti_package(path, self.device)
         buffers = dict(self.module.named_buffers())
         runner.load_constants(
             {name: buffers[name] for name in runner.get_constant_fqns()},
