@@ -122,7 +122,7 @@ def links_shared_cxx_runtime(compiler: str) -> bool:
             )
         except (OSError, subprocess.TimeoutExpired):
             return False
-        return proc.returncode == 0 and re.search(rb"lib(stdc)?\+\+\.so", lib.read_bytes()) is not None
+        return proc.returncode == 0 and re.search(rb"lib(std)?c\+\+\.so", lib.read_bytes()) is not None
 
 
 _warned_compilers: set[str] = set()
