@@ -49,13 +49,20 @@ def test_bench_compare_writes_the_documented_json_and_plot(model_file: Path, tmp
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_an_artifact_uses_its_precision(model_file: Path, tmp_path: Path) -> None:
+def test_bench_an_artifact_runs_its_own_engines_at_its_shapes(model_file: Path, tmp_path: Path) -> None:
+    """Like trtexec --loadEngine: the saved batch runs the artifact's engines (build time is
+    load + first call); another batch is converted from its Keras model, at its precision."""
     artifact = tmp_path / "tiny_krt"
-    assert main(["convert", str(model_file), "-o", str(artifact), "--precision", "bf16"]) == 0
+    args = ["convert", str(model_file), "-o", str(artifact), "--precision", "bf16", "--batch-size", "2"]
+    assert main(args) == 0
     report = tmp_path / "a.json"
-    assert main(["bench", str(artifact), "--batch", "2", "--iters", "3", "--json", str(report)]) == 0
-    (row,) = json.loads(report.read_text())["results"]
-    assert row["system"] == "kerasrt" and row["precision"] == "BF16" and row["batch"] == 2
+    assert main(["bench", str(artifact), "--batch", "2,3", "--iters", "3", "--json", str(report)]) == 0
+    saved, other = json.loads(report.read_text())["results"]
+    for row, batch in ((saved, 2), (other, 3)):
+        assert row["system"] == "kerasrt" and row["precision"] == "BF16" and row["batch"] == batch
+        assert row["max_rel_err"] < 0.05 and row["build_s"] >= 0
+    assert saved["note"].startswith("the artifact's engines (loaded)")
+    assert "artifact" not in other["note"]
 
 
 @pytest.mark.parametrize(

@@ -279,9 +279,13 @@ def bench_keras_model(
     converter_kwargs: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     model_path: str | None = None,
+    artifact: str | os.PathLike[str] | None = None,
 ) -> list[Result]:
     """Measure ``systems`` on ``keras_model`` (torch backend) at each batch size, same inputs,
-    errors against Keras FP32. ``model_path`` (a .keras file) saves one for the JAX worker."""
+    errors against Keras FP32. ``model_path`` (a .keras file) saves one for the JAX worker.
+    ``artifact`` (a saved kerasrt model of ``keras_model``): kerasrt runs the artifact's own
+    engines where it has one of this precision for the batch's shapes, and its build time is
+    then load + first call (like trtexec --loadEngine); other batches are converted."""
     from kerasrt.frontend import keras_adapter as ka
     from kerasrt.validate import keras_outputs, random_inputs_for
 
@@ -307,7 +311,7 @@ def bench_keras_model(
                 continue
             memory = MemoryWatch(dev).start()
             call, build, note = _prepare_system(
-                system, keras_model, precision, tensors, dev, converter_kwargs
+                system, keras_model, precision, tensors, dev, converter_kwargs, artifact
             )
             build_peak = memory.build_done()
             transfers = host if system == "kerasrt" else None
@@ -339,11 +343,25 @@ def _prepare_system(
     tensors: Sequence[torch.Tensor],
     device: torch.device,
     converter_kwargs: dict[str, Any] | None,
+    artifact: str | os.PathLike[str] | None = None,
 ) -> tuple[Callable[[], Any], float | None, str]:
     """Build ``system`` for these inputs; returns (call, build seconds, note)."""
     from kerasrt.converter import Converter
 
     begin = time.perf_counter()
+    if system == "kerasrt" and artifact is not None:
+        from kerasrt.artifact import load
+
+        loaded = load(artifact, device=str(device))
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        if loaded.settings.precision_mode == precision and shapes in loaded.engine_shapes:
+            loaded(*tensors)  # load its engines, capture
+            _sync(device)
+            kinds = {e.compiler for e in loaded.program(shapes).compiled_engines.values()}
+            how = "recompiled" if "inductor" in kinds else "loaded"
+            note = f"the artifact's engines ({how}); build s = load + first call"
+            return (lambda: loaded(*tensors)), time.perf_counter() - begin, note
+        del loaded
     if system == "kerasrt":
         optimized = Converter(
             keras_model,

@@ -239,6 +239,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             converter_kwargs=kwargs,
             progress=progress,
             model_path=args.model if str(args.model).endswith(".keras") else None,
+            # an artifact runs its own engines unless asked to build differently
+            artifact=args.model
+            if Path(args.model).is_dir() and not (args.conv_kernels or args.autotune)
+            else None,
         )
     env = environment()
     _print_bench(results, env)
@@ -495,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="latency percentiles, throughput, transfers, build time and memory, per batch size "
         "(--compare: against Keras eager, Keras torch.compile and Keras on JAX)",
     )
-    p.add_argument("model", help="a .keras/.h5 model file or a kerasrt artifact directory")
+    p.add_argument(
+        "model",
+        help="a .keras/.h5 model file or a kerasrt artifact directory (which runs its own engines "
+        "at the shapes it was saved with; its build time is then load + first call)",
+    )
     p.add_argument(
         "--batch",
         type=_batches,
