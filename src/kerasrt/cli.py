@@ -202,7 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if Path(args.model).is_dir():  # an artifact: its settings, and its Keras model
         from kerasrt.artifact import load
 
-        loaded = load(args.model, device="cpu")
+        loaded = load(args.model, device="cpu", compiled_engines=False)  # settings and Keras model only
         keras_model, settings = loaded.keras.get(), loaded.settings
         precision = args.precision or settings.precision_mode
         batches = args.batch or [loaded.engine_shapes[-1][0][0]]
