@@ -39,11 +39,11 @@ if profile:  # time kerasrt's first-call work per function, next to the profile
                 n, total = spent.get(name, (0, 0.0))
                 spent[name] = (n + 1, total + time.perf_counter() - t)
         setattr(module, name, wrapper)
-    from kerasrt.backend import torch_backend
-    import subprocess, torch._inductor
+    from kerasrt.backend import aoti
+    import subprocess
     for module, name in ((cudnn_conv, "plan_for"), (cudnn_conv, "build_graph"),
                          (pointwise_conv, "launch"), (depthwise_conv, "launch"),
-                         (torch_backend, "package_problem"), (torch._inductor, "aoti_load_package")):
+                         (aoti, "package_problem"), (aoti, "load_package")):
         timed(module, name)
     popen_init = subprocess.Popen.__init__
     def logged_popen(self, args, *a, **k):  # which child processes the load starts

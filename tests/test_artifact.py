@@ -229,7 +229,7 @@ def test_packages_are_not_compiled_by_a_compiler_that_links_the_cxx_runtime_stat
     package); kerasrt compiles them with a compiler that links the runtime shared, and says so."""
     from torch._inductor import config as inductor_config
 
-    from kerasrt.backend.torch_backend import links_shared_cxx_runtime
+    from kerasrt.backend.aoti import links_shared_cxx_runtime
 
     static = tmp_path / "static-runtime-g++"
     static.write_text(STATIC_RUNTIME_CXX)
@@ -266,7 +266,7 @@ def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompi
     """A loader that segfaults (as it did on the GPU machine for packages with a static C++
     runtime) must not take the user's process down: the verdict comes from a test process."""
     from kerasrt import cache
-    from kerasrt.backend import torch_backend
+    from kerasrt.backend import aoti
 
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
     path, x, expected = _small_compiled_artifact(tmp_path)
@@ -275,14 +275,14 @@ def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompi
     assert list(cache.read_json("packages.json").values()) == [None]  # tested once: it loads
 
     (tmp_path / "cache" / "packages.json").unlink()
-    monkeypatch.setattr(torch_backend, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(aoti, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     loaded = kerasrt.load(path)
     with pytest.warns(UserWarning, match=r"package loader crashed \(SIGSEGV\).*recompiling it"):
         np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
     assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
         "inductor"
     ]
-    monkeypatch.setattr(torch_backend, "_PROBE", "raise SystemExit(0)")  # the verdict is cached
+    monkeypatch.setattr(aoti, "_PROBE", "raise SystemExit(0)")  # the verdict is cached
     with pytest.warns(UserWarning, match="crashed"):
         kerasrt.load(path)(x)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
 from kerasrt.backend import tactics
-from kerasrt.backend.torch_backend import engine_environment
+from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json

@@ -30,7 +30,7 @@ import torch
 
 from kerasrt import cache
 from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, triton_configs
-from kerasrt.backend.torch_backend import engine_environment
+from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
 
