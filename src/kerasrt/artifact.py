@@ -25,7 +25,7 @@ from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
-from kerasrt.runtime import CompiledEngines, KerasSource, OptimizedModel, TensorSpec, resolve_device
+from kerasrt.runtime import CompiledEngines, KerasSource, OptimizedModel, ShapeKey, TensorSpec, resolve_device
 from kerasrt.settings import ConversionSettings
 
 FORMAT = "kerasrt-artifact"
@@ -141,19 +141,8 @@ def _save_keras(keras: KerasSource, path: Path) -> None:
         ka.save_model(keras.get(), path)
 
 
-def load(
-    path: str | os.PathLike,
-    device: str = "auto",
-    custom_objects: dict[str, Any] | None = None,
-    compiled_engines: bool = True,
-) -> OptimizedModel:
-    """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only; the
-    compiled engine packages (native code) are used when ``compiled_engines`` and built for
-    this machine, else the engines are compiled again from the graph."""
-    from kerasrt.converter import build_graph
-    from kerasrt.frontend.importer import InputSpec
-
-    root = Path(path)
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The artifact's manifest, checked to be one this kerasrt reads."""
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a kerasrt artifact directory (it does not exist or is a file)")
     try:
@@ -169,6 +158,31 @@ def load(
             f"{root} has artifact format version {manifest.get('format_version')}; "
             f"this kerasrt reads version {FORMAT_VERSION}"
         )
+    return manifest
+
+
+def saved_engines(path: str | os.PathLike) -> tuple[str, list[ShapeKey]]:
+    """(precision mode, input shapes of each saved engine) of the artifact at ``path``, from
+    its manifest alone: whether it serves a shape, without loading its weights."""
+    manifest = _read_manifest(Path(path))
+    precision = ConversionSettings.from_json(manifest["settings"]).precision_mode
+    return precision, [tuple(tuple(s) for s in e["input_shapes"]) for e in manifest["engines"]]
+
+
+def load(
+    path: str | os.PathLike,
+    device: str = "auto",
+    custom_objects: dict[str, Any] | None = None,
+    compiled_engines: bool = True,
+) -> OptimizedModel:
+    """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only; the
+    compiled engine packages (native code) are used when ``compiled_engines`` and built for
+    this machine, else the engines are compiled again from the graph."""
+    from kerasrt.converter import build_graph
+    from kerasrt.frontend.importer import InputSpec
+
+    root = Path(path)
+    manifest = _read_manifest(root)
     try:
         # copies: safetensors hands out unaligned views, and CPU kernels then sum in another
         # order, so a loaded model would not give bit-identical outputs

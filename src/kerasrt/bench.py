@@ -20,10 +20,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from kerasrt.runtime import ShapeKey
 
 SCHEMA_VERSION = 1
 SYSTEMS = ("kerasrt", "keras-eager", "keras-torch-compile", "keras-jax-jit")
@@ -336,6 +339,14 @@ def bench_keras_model(
     return results
 
 
+def _artifact_serves(artifact: str | os.PathLike[str], precision: str, shapes: ShapeKey) -> bool:
+    """Whether the artifact saved an engine of ``precision`` for these input shapes."""
+    from kerasrt.artifact import saved_engines
+
+    saved_precision, saved_shapes = saved_engines(artifact)
+    return saved_precision == precision and shapes in saved_shapes
+
+
 def _prepare_system(
     system: str,
     keras_model: Any,
@@ -349,19 +360,17 @@ def _prepare_system(
     from kerasrt.converter import Converter
 
     begin = time.perf_counter()
-    if system == "kerasrt" and artifact is not None:
+    shapes = tuple(tuple(t.shape) for t in tensors)
+    if system == "kerasrt" and artifact is not None and _artifact_serves(artifact, precision, shapes):
         from kerasrt.artifact import load
 
         loaded = load(artifact, device=str(device))
-        shapes = tuple(tuple(t.shape) for t in tensors)
-        if loaded.settings.precision_mode == precision and shapes in loaded.engine_shapes:
-            loaded(*tensors)  # load its engines, capture
-            _sync(device)
-            kinds = {e.compiler for e in loaded.program(shapes).compiled_engines.values()}
-            how = "recompiled" if "inductor" in kinds else "loaded"
-            note = f"the artifact's engines ({how}); build s = load + first call"
-            return (lambda: loaded(*tensors)), time.perf_counter() - begin, note
-        del loaded
+        loaded(*tensors)  # load its engines, capture
+        _sync(device)
+        kinds = {e.compiler for e in loaded.program(shapes).compiled_engines.values()}
+        how = "recompiled" if "inductor" in kinds else "loaded"
+        note = f"the artifact's engines ({how}); build s = load + first call"
+        return (lambda: loaded(*tensors)), time.perf_counter() - begin, note
     if system == "kerasrt":
         optimized = Converter(
             keras_model,
