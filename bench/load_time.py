@@ -4,7 +4,7 @@ first inference, and does the loaded model run at the compiled model's speed?
     source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
 
 With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
-and first inference.
+and first inference; LOAD_MODES=cuda-graph loads only with CUDA graphs (default: both).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
         path = conv.save(os.path.join(tmp, "art"))
         print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
         np.save(os.path.join(tmp, "x.npy"), x)
-        for mode in ("no-cuda-graph", "cuda-graph"):
+        for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph").split(","):
             out = os.path.join(tmp, f"y-{mode}.npy")
             proc = subprocess.run(
                 [

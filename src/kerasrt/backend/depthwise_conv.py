@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, triton_configs
+from kerasrt.backend import cudnn_conv, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -149,6 +149,7 @@ def tiles_kernel() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    bias_activation = triton_epilogue.bias_activation()
 
     @triton.jit
     def _depthwise(
@@ -178,14 +179,7 @@ def tiles_kernel() -> Any:
                 )
                 wv = tl.load(w_ptr + c * (K * K) + kh * K + kw, mask=c_ok, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        elif ACT == 2:
-            acc = tl.minimum(tl.maximum(acc, lo), hi)
-        elif ACT == 3:
-            acc = acc / (1.0 + tl.exp(-acc))
+        acc = bias_activation(acc, b_ptr, c, c_ok, lo, hi, HAS_BIAS, ACT)
         out = n * syn + oh * syh + ow * syw
         tl.store(
             y_ptr + out[:, None] + c[None, :],
@@ -209,6 +203,7 @@ def rows_kernel() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    bias_activation = triton_epilogue.bias_activation()
 
     @triton.jit
     def _depthwise_rows(
@@ -241,14 +236,7 @@ def rows_kernel() -> Any:
                     other=0.0,
                 )
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        elif ACT == 2:
-            acc = tl.minimum(tl.maximum(acc, lo), hi)
-        elif ACT == 3:
-            acc = acc / (1.0 + tl.exp(-acc))
+        acc = bias_activation(acc, b_ptr, c, col_ok, lo, hi, HAS_BIAS, ACT)
         tl.store(
             y_ptr + n * syn + oh[:, None] * syh + j[None, :],
             acc.to(y_ptr.dtype.element_ty),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, triton_configs
+from kerasrt.backend import cudnn_conv, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -119,6 +119,7 @@ def kernel() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    bias_activation = triton_epilogue.bias_activation()
 
     @triton.jit
     def _pointwise(
@@ -152,14 +153,7 @@ def kernel() -> Any:
         ok = m_ok[:, None] & n_ok[None, :]
         if HAS_RES:
             acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        elif ACT == 2:
-            acc = tl.minimum(tl.maximum(acc, lo), hi)
-        elif ACT == 3:
-            acc = acc / (1.0 + tl.exp(-acc))
+        acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
         tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     return _pointwise
