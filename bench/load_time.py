@@ -4,7 +4,8 @@ first inference, and does the loaded model run at the compiled model's speed?
     source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
 
 With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
-and first inference; LOAD_MODES=cuda-graph loads only with CUDA graphs (default: both).
+and first inference. LOAD_MODES lists the loads to run (default "no-cuda-graph,cuda-graph"; a
+"profiled" load runs with CUDA graphs and prints the profile).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ t0 = time.perf_counter()
 import torch, numpy as np, kerasrt
 from kerasrt.bench import sample_latencies, latency_stats
 t1 = time.perf_counter()
-profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") else None
+profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") or sys.argv[4] == "profiled" else None
 spent = {}
 if profile:  # time kerasrt's first-call work per function, next to the profile
     from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
@@ -51,6 +52,7 @@ if profile:  # time kerasrt's first-call work per function, next to the profile
         popen_init(self, args, *a, **k)
     subprocess.Popen.__init__ = logged_popen
     profile.enable()
+modules_before = set(sys.modules)
 model = kerasrt.load(sys.argv[1])
 if sys.argv[4] == "no-cuda-graph":
     model.settings = dataclasses.replace(model.settings, cuda_graphs=False)
@@ -59,20 +61,23 @@ print("loaded", file=sys.stderr, flush=True)
 x = torch.from_numpy(np.load(sys.argv[2])).cuda()
 y = model(x); torch.cuda.synchronize()
 t2 = time.perf_counter()
+import collections  # which packages the load and first inference imported (slow without .pyc files)
+imported = collections.Counter(m.split(".")[0] for m in set(sys.modules) - modules_before)
 if profile:
     profile.disable()
     print("PROFILE", json.dumps(spent), file=sys.stderr)
     stats = pstats.Stats(profile, stream=sys.stderr)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats("kerasrt", 30)
-    stats.print_callers("check_call|waitpid")
+    stats.print_callers("check_call|waitpid|builtins.compile")
 print("first inference done", file=sys.stderr, flush=True)
 program = model.program(model.engine_shapes[0])
 kinds = sorted(e.compiler for e in program.compiled_engines.values())
 stats = latency_stats(sample_latencies(lambda: model(x), torch.device("cuda"), 10, 50))
 np.save(sys.argv[3], y.float().cpu().numpy())
 print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_inference_s": t2 - t1, "load_s": t_load - t1,
-                  "engines": kinds, "cuda_graph": program.captured, "latency_ms": stats}))
+                  "engines": kinds, "cuda_graph": program.captured, "latency_ms": stats,
+                  "modules_imported": dict(imported.most_common(8)), "bytecode_writes": not sys.dont_write_bytecode}))
 """
 
 
@@ -127,7 +132,7 @@ def main() -> None:
                 continue
             notes = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "Warning: " in ln]
             print("\n".join(notes[-10:]), flush=True)
-            if os.environ.get("KERASRT_PROFILE_LOAD"):
+            if os.environ.get("KERASRT_PROFILE_LOAD") or mode == "profiled":
                 print(proc.stderr[max(proc.stderr.find("PROFILE"), 0) :][:30000], flush=True)
             print(proc.stdout.strip().splitlines()[-1], flush=True)
             ref = optimized(torch.from_numpy(x).cuda()).float().cpu().numpy()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -432,3 +435,19 @@ def test_artifacts_from_before_the_pointwise_kernel_still_name_their_kernels() -
     assert _kernel_convs({"kernel_convs": ["a"]}) == {"a": "cudnn"}
     assert _kernel_convs({"kernel_convs": {"a": "triton"}}) == {"a": "triton"}
     assert _kernel_convs({}) == {}
+
+
+@pytest.mark.parametrize("user_choice", [None, "/somewhere/of/their/own"])
+def test_triton_kernels_share_one_cache_folder_across_processes(
+    tmp_path: Path, user_choice: str | None
+) -> None:
+    # Inductor points Triton's cache into its own folder once it compiles; a loading process
+    # that never runs Inductor then recompiled every kernel the converting process had cached
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
+    env["KERASRT_CACHE_DIR"] = str(tmp_path)
+    if user_choice:
+        env["TRITON_CACHE_DIR"] = user_choice
+    script = "import os, kerasrt.backend.torch_backend; print(os.environ['TRITON_CACHE_DIR'])"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == (user_choice or str(tmp_path / "triton"))

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from kerasrt import cache
 from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv  # noqa: F401 (registers the ops)
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
+
+cache.share_with_triton()  # before any Inductor compile: converting and loading processes agree
 
 
 def is_supported(node: Node) -> Support:
