@@ -139,8 +139,13 @@ class ForbiddenUnpickler(pickle.Unpickler):  # a class: torch subclasses it at i
 
 pickle.load, pickle.loads, pickle.Unpickler = forbidden, forbidden, ForbiddenUnpickler
 torch.compile = forbidden  # the engines must come from their packages, not be compiled again
-import torch._inductor.cpu_vec_isa  # nor probe the CPU's vector ISAs (38 s a load on torch 2.11)
-torch._inductor.cpu_vec_isa.pick_vec_isa = forbidden
+
+class NoCompilerImports:  # nor import dynamo or Inductor (1-5 s), nor probe the CPU (38 s)
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("torch._inductor", "torch._dynamo")):
+            raise AssertionError(f"{name} imported while loading a compiled artifact")
+
+sys.meta_path.insert(0, NoCompilerImports())
 model = kerasrt.load(sys.argv[1])
 x = np.load(sys.argv[2])
 np.save(sys.argv[3], model(x))

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kerasrt.backend import op_library
+
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "relu", "clamp", "silu")
@@ -122,7 +124,6 @@ def activate(y: torch.Tensor, activation: str, clip: Sequence[float]) -> torch.T
     return y
 
 
-@torch.library.custom_op("kerasrt::cudnn_conv", mutates_args=())
 def cudnn_conv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -140,13 +141,11 @@ def cudnn_conv(
     return out
 
 
-@cudnn_conv.register_fake
-def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
+def _fake(x, w, bias, residual, stride, padding, dilation, activation, clip):
     return empty_output(x, w, stride, padding, dilation)
 
 
-@cudnn_conv.register_kernel("cuda")
-def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
+def _cuda(x, w, bias, residual, stride, padding, dilation, activation, clip):
     out = empty_output(x, w, stride, padding, dilation)
     tensors = Operands(x, w, bias, residual, out)
     fusable = x.dtype in FUSED_DTYPES
@@ -156,6 +155,14 @@ def _(x, w, bias, residual, stride, padding, dilation, activation, clip):
     else:
         plan.run(tensors)
     return out
+
+
+op_library.define(
+    "cudnn_conv(Tensor x, Tensor w, Tensor? bias, Tensor? residual, SymInt[] stride, SymInt[] padding, SymInt[] dilation, str activation, float[] clip) -> Tensor",
+    default=cudnn_conv,
+    cuda=_cuda,
+    fake=_fake,
+)
 
 
 # -- cuDNN graphs --------------------------------------------------------------------------------

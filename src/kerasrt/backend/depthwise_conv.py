@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -81,7 +81,6 @@ def reference(
     return cudnn_conv.activate(y, activation, clip)
 
 
-@torch.library.custom_op("kerasrt::depthwise_conv", mutates_args=())
 def depthwise_conv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -98,13 +97,11 @@ def depthwise_conv(
     return out
 
 
-@depthwise_conv.register_fake
-def _(x, w, bias, stride, padding, activation, clip):
+def _fake(x, w, bias, stride, padding, activation, clip):
     return empty_output(x, w, stride, padding)
 
 
-@depthwise_conv.register_kernel("cuda")
-def _(x, w, bias, stride, padding, activation, clip):
+def _cuda(x, w, bias, stride, padding, activation, clip):
     out = empty_output(x, w, stride, padding)
     if x.dtype not in FUSED_DTYPES or tiles_kernel() is None:
         out.copy_(reference(x, w, bias, stride, padding, activation, clip))
@@ -112,6 +109,14 @@ def _(x, w, bias, stride, padding, activation, clip):
     config = CONFIGS[triton_configs.chosen(signature(x, w, bias, stride, padding, activation, clip))]
     launch(config, x, w, bias, out, stride, padding, activation, clip)
     return out
+
+
+op_library.define(
+    "depthwise_conv(Tensor x, Tensor w, Tensor? bias, SymInt[] stride, SymInt[] padding, str activation, float[] clip) -> Tensor",
+    default=depthwise_conv,
+    cuda=_cuda,
+    fake=_fake,
+)
 
 
 def signature(

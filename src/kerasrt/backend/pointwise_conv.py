@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -56,7 +56,6 @@ def empty_output(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return cudnn_conv.empty_output(x, w, [1, 1], [0, 0], [1, 1])
 
 
-@torch.library.custom_op("kerasrt::pointwise_conv", mutates_args=())
 def pointwise_conv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -72,13 +71,11 @@ def pointwise_conv(
     return out
 
 
-@pointwise_conv.register_fake
-def _(x, w, bias, residual, activation, clip):
+def _fake(x, w, bias, residual, activation, clip):
     return empty_output(x, w)
 
 
-@pointwise_conv.register_kernel("cuda")
-def _(x, w, bias, residual, activation, clip):
+def _cuda(x, w, bias, residual, activation, clip):
     out = empty_output(x, w)
     if x.dtype not in FUSED_DTYPES or kernel() is None:
         out.copy_(reference(x, w, bias, residual, activation, clip))
@@ -86,6 +83,14 @@ def _(x, w, bias, residual, activation, clip):
     config = CONFIGS[triton_configs.chosen(signature(x, w, bias, residual, out, activation, clip))]
     launch(config, x, w, bias, residual, out, activation, clip)
     return out
+
+
+op_library.define(
+    "pointwise_conv(Tensor x, Tensor w, Tensor? bias, Tensor? residual, str activation, float[] clip) -> Tensor",
+    default=pointwise_conv,
+    cuda=_cuda,
+    fake=_fake,
+)
 
 
 def signature(
