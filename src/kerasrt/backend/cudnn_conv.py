@@ -135,7 +135,8 @@ def cudnn_conv(
     activation: str,
     clip: list[float],
 ) -> torch.Tensor:
-    """act(conv2d(x, w) + bias + residual), NCHW logical shapes, channels-last output."""
+    """act(conv2d(x, w) + bias + residual), NCHW logical shapes, channels-last output: the op's
+    kernel on every device but CUDA (there, ``_cuda`` runs a cuDNN graph)."""
     out = empty_output(x, w, stride, padding, dilation)
     out.copy_(reference(x, w, bias, residual, stride, padding, dilation, activation, clip))
     return out

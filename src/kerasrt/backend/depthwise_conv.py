@@ -91,7 +91,8 @@ def depthwise_conv(
     clip: list[float],
 ) -> torch.Tensor:
     """act(depthwise_conv2d(zero_pad(x, padding), w) + bias); padding = [top, bottom, left,
-    right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output."""
+    right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output. The op's kernel
+    on every device but CUDA (there, ``_cuda`` runs a Triton kernel)."""
     out = empty_output(x, w, stride, padding)
     out.copy_(reference(x, w, bias, stride, padding, activation, clip))
     return out

@@ -65,7 +65,8 @@ def pointwise_conv(
     clip: list[float],
 ) -> torch.Tensor:
     """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
-    NCHW logical shapes, channels-last output."""
+    NCHW logical shapes, channels-last output. The op's kernel on every device but CUDA
+    (there, ``_cuda`` runs a Triton GEMM)."""
     out = empty_output(x, w)
     out.copy_(reference(x, w, bias, residual, activation, clip))
     return out
