@@ -158,12 +158,7 @@ def _cuda(x, w, bias, residual, stride, padding, dilation, activation, clip):
     return out
 
 
-op_library.define(
-    "cudnn_conv(Tensor x, Tensor w, Tensor? bias, Tensor? residual, SymInt[] stride, SymInt[] padding, SymInt[] dilation, str activation, float[] clip) -> Tensor",
-    default=cudnn_conv,
-    cuda=_cuda,
-    fake=_fake,
-)
+op_library.define(cudnn_conv, cuda=_cuda, fake=_fake)
 
 
 # -- cuDNN graphs --------------------------------------------------------------------------------

@@ -112,12 +112,7 @@ def _cuda(x, w, bias, stride, padding, activation, clip):
     return out
 
 
-op_library.define(
-    "depthwise_conv(Tensor x, Tensor w, Tensor? bias, SymInt[] stride, SymInt[] padding, str activation, float[] clip) -> Tensor",
-    default=depthwise_conv,
-    cuda=_cuda,
-    fake=_fake,
-)
+op_library.define(depthwise_conv, cuda=_cuda, fake=_fake)
 
 
 def signature(

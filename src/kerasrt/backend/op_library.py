@@ -16,12 +16,13 @@ import torch
 _LIBRARY = torch.library.Library("kerasrt", "FRAGMENT")  # kept alive: it owns the registrations
 
 
-def define(schema: str, *, default: Callable, cuda: Callable, fake: Callable) -> None:
-    """Define ``kerasrt::<schema>`` with kernels: ``cuda`` for CUDA tensors, ``default`` (the op's
-    math in PyTorch ops) for every other device, ``fake`` (the output's shape, dtype, layout)
-    for tracing."""
-    name = schema.split("(", 1)[0]
-    _LIBRARY.define(schema)
+def define(default: Callable, *, cuda: Callable, fake: Callable) -> None:
+    """Define ``kerasrt::<default's name>``, its schema inferred from ``default``'s type hints
+    (as custom_op does), with kernels: ``cuda`` for CUDA tensors, ``default`` (the op's math in
+    PyTorch ops) for every other device, ``fake`` (the output's shape, dtype, layout) for
+    tracing."""
+    name = default.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=()))
     _LIBRARY.impl(name, default, "CompositeExplicitAutograd")
     _LIBRARY.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"kerasrt::{name}", fake, lib=_LIBRARY)

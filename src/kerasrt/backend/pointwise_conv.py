@@ -86,12 +86,7 @@ def _cuda(x, w, bias, residual, activation, clip):
     return out
 
 
-op_library.define(
-    "pointwise_conv(Tensor x, Tensor w, Tensor? bias, Tensor? residual, str activation, float[] clip) -> Tensor",
-    default=pointwise_conv,
-    cuda=_cuda,
-    fake=_fake,
-)
+op_library.define(pointwise_conv, cuda=_cuda, fake=_fake)
 
 
 def signature(
