@@ -4,8 +4,8 @@ Compiles one small package (conv2d + ReLU, fp16) and loads it in several ways: i
 that compiled it, in fresh processes with and without a CUDA context first, without the
 checkout's PYTHONPATH, through the lower-level container runner on the extracted .so, and
 under gdb when the machine has it, and with a small SIGSEGV handler preloaded that prints the
-native stack (library + offset of every frame) when gdb is missing. Variants: a CPU package, a
-package without its weights in the .so, one with the kernel binaries embedded.
+native stack (library + offset of every frame) when gdb is missing. Variants: a CUDA conv +
+ReLU package and a CPU matmul package, each compiled with $CXX and with g++.
 
     source .whl/activate.sh && python bench/aoti_probe.py
 """

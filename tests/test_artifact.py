@@ -208,13 +208,19 @@ def test_compiled_engines_are_saved_once_and_loaded_without_compiling(tmp_path: 
     ]
 
 
-def _small_compiled_artifact(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    """An artifact with one AOTInductor package: (path, an input, its output)."""
+def _small_compiling_converter() -> tuple[kerasrt.Converter, np.ndarray, np.ndarray]:
+    """A converted one-conv model whose save compiles one AOTInductor package: (converter, an
+    input, its output)."""
     inp = keras.Input((4, 4, 2))
     model = randomize(keras.Model(inp, L.Conv2D(3, 3, padding="same", activation="relu")(inp)))
     conv = kerasrt.Converter(model, batch_size=1, compiler="inductor")
     x = random_input((1, 4, 4, 2))
-    expected = conv.convert()(x)
+    return conv, x, conv.convert()(x)
+
+
+def _small_compiled_artifact(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An artifact with one AOTInductor package: (path, an input, its output)."""
+    conv, x, expected = _small_compiling_converter()
     return conv.save(tmp_path / "art"), x, expected
 
 
@@ -242,11 +248,7 @@ def test_packages_are_not_compiled_by_a_compiler_that_links_the_cxx_runtime_stat
     assert not links_shared_cxx_runtime(str(static))
     assert links_shared_cxx_runtime(shutil.which("g++"))
 
-    inp = keras.Input((4, 4, 2))
-    model = randomize(keras.Model(inp, L.Conv2D(3, 3, padding="same", activation="relu")(inp)))
-    conv = kerasrt.Converter(model, batch_size=1, compiler="inductor")
-    x = random_input((1, 4, 4, 2))
-    expected = conv.convert()(x)
+    conv, x, expected = _small_compiling_converter()
     with (
         inductor_config.patch({"cpp.cxx": (None, str(static))}),
         pytest.warns(UserWarning, match=r"links the C\+\+ runtime statically.*compiling them with"),
