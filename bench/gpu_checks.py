@@ -3,8 +3,8 @@
 1. ``kerasrt::cudnn_conv`` on CUDA against float32 math on the same inputs, FP16 and BF16,
    with every epilogue kerasrt fuses, called directly and replayed in a CUDA graph: fails
    (exit 1) when an error is outside the precision's tolerance.
-   ``kerasrt::depthwise_conv``'s and ``kerasrt::pointwise_conv``'s Triton kernels the same
-   way, every config.
+   ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s and ``kerasrt::stem_conv``'s
+   Triton kernels the same way, every config.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv
 from kerasrt.bench import latency_stats, relative_error, sample_latencies
 from kerasrt.settings import PRECISION_RTOL
 
@@ -66,6 +66,14 @@ POINTWISE_CASES = [  # (N, C, H, W), K, bias, residual, activation, clip
     ((8, 40, 28, 28), 240, True, False, "silu", []),
     ((8, 64, 56, 56), 256, True, True, "relu", []),
     ((3, 5, 9, 7), 12, False, False, "relu", []),
+]
+
+
+STEM_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, activation, clip
+    ((8, 4, 224, 224), (64, 7, 7), [2, 2], [3, 3], True, "relu", []),  # ResNet50's
+    ((8, 4, 225, 225), (32, 3, 3), [2, 2], [0, 0], True, "clamp", [0.0, 6.0]),  # MobileNetV2's
+    ((8, 4, 225, 225), (32, 3, 3), [2, 2], [0, 0], True, "silu", []),  # EfficientNetB0's
+    ((3, 8, 19, 13), (20, 5, 5), [1, 2], [2, 1], False, "none", []),
 ]
 
 
@@ -150,6 +158,34 @@ def check_pointwise() -> bool:
                 replay_error(lambda args=args: torch.ops.kerasrt.pointwise_conv(*args), x, reference)
             )
             row = {"check": "pointwise op", "dtype": str(dtype), "x": xs, "k": k, "residual": has_r}
+            ok = report(ok, errors, tol, {**row, "activation": act})
+    return ok
+
+
+def check_stem() -> bool:
+    """kerasrt::stem_conv's Triton kernel, every config, against float32 math."""
+    ok = True
+    cl = torch.channels_last
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, (k, r, s), stride, padding, has_b, act, clip in STEM_CASES:
+            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
+            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
+            w = w.contiguous(memory_format=cl)
+            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
+
+            def reference(x=x, w=w, b=b, stride=stride, padding=padding, act=act, clip=clip):
+                f32 = [t.float() if t is not None else None for t in (x, w, b)]
+                return stem_conv.reference(*f32, stride, padding, act, clip)
+
+            ref = reference()
+            errors = []
+            for config in stem_conv.CONFIGS:
+                out = stem_conv.empty_output(x, w, stride, padding)
+                stem_conv.launch(config, x, w, b, out, stride, padding, act, clip)
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+            args = (x, w, b, stride, padding, act, clip)
+            errors.append(replay_error(lambda args=args: torch.ops.kerasrt.stem_conv(*args), x, reference))
+            row = {"check": "stem op", "dtype": str(dtype), "x": xs, "w": [k, xs[1], r, s], "stride": stride}
             ok = report(ok, errors, tol, {**row, "activation": act})
     return ok
 
@@ -257,9 +293,12 @@ def main() -> None:
     parser.add_argument("--models", default="ResNet50")
     parser.add_argument("--batches", default="1,128")
     parser.add_argument("--skip-op", action="store_true")
+    parser.add_argument("--only-stem", action="store_true", help="check the stem kernel alone")
     args = parser.parse_args()
     print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
-    ok = True if args.skip_op else check_op() & check_depthwise() & check_pointwise()
+    if args.only_stem:
+        sys.exit(0 if check_stem() else 1)
+    ok = True if args.skip_op else check_op() & check_depthwise() & check_pointwise() & check_stem()
     for name in filter(None, args.models.split(",")):
         for batch in map(int, args.batches.split(",")):
             model_ab(name, batch)

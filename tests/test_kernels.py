@@ -19,7 +19,7 @@ import torch
 import kerasrt
 from kerasrt import cache
 from kerasrt.artifact import _kernel_convs
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, tactics, triton_configs
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv, tactics, triton_configs
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -435,6 +435,101 @@ def test_artifacts_from_before_the_pointwise_kernel_still_name_their_kernels() -
     assert _kernel_convs({"kernel_convs": ["a"]}) == {"a": "cudnn"}
     assert _kernel_convs({"kernel_convs": {"a": "triton"}}) == {"a": "triton"}
     assert _kernel_convs({}) == {}
+
+
+@pytest.mark.parametrize(
+    "has_bias, activation, clip, stride, padding, channels, window",
+    [
+        (True, "relu", [], [2, 2], [3, 3], 4, 7),  # ResNet's stem on a zero-padded RGB image
+        (True, "clamp", [0.0, 6.0], [2, 2], [0, 0], 4, 3),  # MobileNetV2's, after Keras' pad
+        (False, "silu", [], [1, 2], [1, 0], 8, 3),
+        (True, "none", [], [1, 1], [2, 2], 3, 5),
+    ],
+)
+def test_the_stem_op_computes_the_ir_conv_fused(
+    has_bias, activation, clip, stride, padding, channels, window
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 11, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, channels, window, window, generator=gen)
+    bias = torch.randn(16, generator=gen) if has_bias else None
+    args = (x, w, bias, stride, padding, activation, clip)
+    got = torch.ops.kerasrt.stem_conv.default(*args)
+    out_shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+    assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == out_shape
+    expected = ir_conv_fused(x, w, bias, None, stride, padding, activation, clip)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.kerasrt.stem_conv.default, args)
+    # keyed like the cuDNN graph of the same convolution: one tactic entry names either kernel
+    operands = cudnn_conv.Operands(x, w, bias, None, got)
+    assert stem_conv.signature(x, w, bias, got, stride, padding, activation, clip) == cudnn_conv.signature(
+        operands, stride, padding, [1, 1], activation, clip
+    )
+
+
+def stem_cnn() -> keras.Model:
+    """ResNet's stem (zero pad, 7x7/2 conv over RGB, BN, ReLU), a 3x3 conv over 32 channels
+    (too many for the stem kernel) and MobileNet's stem (3x3/2, 'same', ReLU6) beside it."""
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.ZeroPadding2D(3)(inp)
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(32, 7, strides=2)(x)))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(x)
+    y = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
+    x = L.Concatenate()([L.GlobalAveragePooling2D()(x), L.GlobalAveragePooling2D()(y)])
+    return randomize(keras.Model(inp, L.Dense(3)(x)))
+
+
+def test_which_convolutions_the_stem_kernel_takes() -> None:
+    graph = kerasrt.Converter(stem_cnn(), precision_mode="FP16").convert().primary_graph()
+    found = sorted(
+        (n.inputs[1].shape[1], n.inputs[1].shape[2], stem_conv.eligible(n))
+        for n in graph.nodes
+        if n.op.startswith("conv")
+    )
+    assert found == [(3, 3, True), (3, 7, True), (32, 3, False)]
+    inp = keras.Input((6, 6, 4))
+    others = [L.Conv2D(4, 1)(inp), L.DepthwiseConv2D(3)(inp), L.Conv2D(4, 3, dilation_rate=2)(inp)]
+    graph = kerasrt.Converter(keras.Model(inp, others), precision_mode="FP16").convert().primary_graph()
+    assert not any(stem_conv.eligible(n) for n in graph.nodes)  # 1x1, grouped, dilated
+    fp32 = kerasrt.Converter(stem_cnn()).convert().primary_graph()
+    assert not any(stem_conv.eligible(n) for n in fp32.nodes)
+
+
+def test_image_stems_run_on_the_stem_kernel_where_it_timed_faster(
+    tmp_path: Path, fake_cudnn, monkeypatch
+) -> None:
+    def measure(node, ops, sig, mode):  # the stem kernel beats cuDNN on stems
+        fast = 0.3 if stem_conv.eligible(node) else None
+        return tactics.Choice("cudnn", plan=2, cudnn_ms=0.6, triton_ms=fast, config=3)
+
+    monkeypatch.setattr(tactics, "_measure", measure)
+    monkeypatch.setattr(triton_configs, "_CHOSEN", {})
+    model = stem_cnn()
+    conv = kerasrt.Converter(
+        model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
+    )
+    optimized = conv.convert()
+    x = random_input((2, 16, 16, 3))
+    (expected,) = keras_reference(model, [x])
+    got = optimized(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+    program = optimized.program(optimized.engine_shapes[0])
+    (engine,) = program.compiled_engines.values()
+    stems = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.stem_conv.default]
+    assert sorted((c.args[3], c.args[4], c.args[5]) for c in stems) == [
+        ([2, 2], [0, 0], "clamp"),  # 'same' at stride 2 pads asymmetrically, before the conv
+        ([2, 2], [3, 3], "relu"),  # the zero padding folded into the conv
+    ]
+    assert all(getattr(engine.module, c.args[1].target).shape[1] == 4 for c in stems)  # RGB + a zero
+    # both stems read the image with the zero 4th channel cuDNN takes, padded by the engine
+    assert all(c.args[0].target is torch.ops.aten.constant_pad_nd.default for c in stems)
+    assert all(c.args[0].args[1] == [0, 0, 0, 0, 0, 1] for c in stems)
+    assert [n.target for n in engine.module.graph.nodes].count(CUDNN_OP) == 1  # the 32-channel 3x3
+    assert set(triton_configs._CHOSEN.values()) == {3}
+
+    path = conv.save(tmp_path / "art")
+    fresh = run_packages_in_fresh_process(path, x, tmp_path)
+    np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())
 
 
 @pytest.mark.parametrize("user_choice", [None, "/somewhere/of/their/own"])

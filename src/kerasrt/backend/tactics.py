@@ -7,7 +7,8 @@ ReLU, SiLU or a two-sided clamp such as ReLU6) the candidates are cuDNN's execut
 Inductor runs: the same convolution followed by one memory-bound epilogue pass (timed as the
 bare convolution plus an elementwise pass of the same traffic); 1x1 stride-1 convolutions
 also have the pointwise Triton kernel's tile shapes (``pointwise_conv.CONFIGS``), which win
-where cuDNN only has runtime-compiled kernels (ReLU6, SiLU). For each depthwise conv the
+where cuDNN only has runtime-compiled kernels (ReLU6, SiLU), and image stems (few input
+channels) the stem Triton kernel's (``stem_conv.CONFIGS``). For each depthwise conv the
 candidates are the Triton kernel's tile shapes (``depthwise_conv.CONFIGS``), against the
 zero padding materialized, cuDNN's depthwise conv and an epilogue pass. Times are device
 times of CUDA-graph replays (the programs that use these kernels replay as CUDA graphs), so
@@ -25,11 +26,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, triton_configs
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv, triton_configs
 from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
@@ -37,7 +39,7 @@ from kerasrt.ir.graph import Node, Value, torch_dtype
 log = logging.getLogger(__name__)
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
-CANDIDATES_VERSION = 2
+CANDIDATES_VERSION = 3
 """Bumped whenever the candidate kernels or config lists change (indices measured for
 another set are void)."""
 PLAN_BUILD_BUDGET_S = 2.0
@@ -47,8 +49,8 @@ precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s 
 
 @dataclass
 class Choice:
-    """The kernel for one convolution signature: "cudnn", "triton" (the depthwise or, for 1x1
-    convolutions, the pointwise Triton kernel) or "inductor"; with what the timing found: the
+    """The kernel for one convolution signature: "cudnn", "triton" (the depthwise, the pointwise
+    (1x1 convolutions) or the stem Triton kernel: ``triton_kernel``) or "inductor"; with what the timing found: the
     best cuDNN plan (index in cuDNN's list, its workspace) and the best Triton config (index
     in the kernel's ``CONFIGS``), whichever kernel won."""
 
@@ -122,7 +124,7 @@ def _select(sig: str, choice: Choice) -> None:
     """Make the op of ``choice.kernel`` run its plan/config for ``sig``."""
     if choice.kernel == "cudnn":
         cudnn_conv.choose_plan(sig, choice.plan)
-    elif choice.kernel == "triton":  # the depthwise or the pointwise kernel, by its key
+    elif choice.kernel == "triton":  # a depthwise, pointwise or stem kernel, by its key
         triton_configs.choose(sig, choice.config)
 
 
@@ -327,8 +329,8 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
                 "conv_kernels='cudnn' needs a CUDA device and the nvidia-cudnn-frontend package "
                 "(pip install 'kerasrt[cuda]')"
             )
-        # without cuDNN graphs the 1x1 convolutions still have the pointwise Triton kernel
-        convs = [n for n in convs if pointwise_conv.eligible(n) and pointwise_conv.available(device)]
+        # without cuDNN graphs 1x1 convolutions and stems still have kerasrt's Triton kernels
+        convs = [n for n in convs if triton_kernel(n, device) is not None]
     if not (convs or depthwise):
         return {}
     env = environment(device)
@@ -367,24 +369,43 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
     return chosen
 
 
+def triton_kernel(node: Node, device: torch.device) -> Any:
+    """The module of the Triton kernel that can run the convolution ``node`` on ``device``
+    (``pointwise_conv`` for 1x1 convolutions, ``stem_conv`` for image stems), or None."""
+    for module in (pointwise_conv, stem_conv):
+        if module.eligible(node) and module.available(device):
+            return module
+    return None
+
+
+def _time_triton(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
+    """(best config, its device ms) of the Triton kernel for ``node``, or None without one."""
+    module = triton_kernel(node, ops.x.device)
+    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
+    if module is pointwise_conv:
+        return best_config(
+            module.CONFIGS,
+            lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip),
+            node,
+        )
+    if module is stem_conv:
+        return best_config(
+            module.CONFIGS,
+            lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip),
+            node,
+        )
+    return None
+
+
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
-    """cuDNN's best plan, for 1x1 convolutions the pointwise Triton kernel's best config, and
+    """cuDNN's best plan, for 1x1 convolutions and stems a Triton kernel's best config, and
     in "auto" Inductor's estimate: the fastest wins."""
     found = measure_cudnn(node, ops) if cudnn_conv.available(ops.x.device) else None
     cudnn_ms = None
     if found is not None:
         index, cudnn_ms, plan = found
         cudnn_conv.adopt_plan(sig, index, plan)
-    triton = None
-    if pointwise_conv.eligible(node) and pointwise_conv.available(ops.x.device):
-        act, clip = cudnn_conv.op_arguments(node)[3:]
-        triton = best_config(
-            pointwise_conv.CONFIGS,
-            lambda config: pointwise_conv.launch(
-                config, ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip
-            ),
-            node,
-        )
+    triton = _time_triton(node, ops)
     inductor_ms = inductor_estimate_ms(node, ops) if mode == "auto" else None
     timings = {
         "cudnn": cudnn_ms,

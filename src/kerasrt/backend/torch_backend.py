@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from kerasrt import cache
-from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv  # noqa: F401 (registers the ops)
+from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv, stem_conv
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -57,8 +57,9 @@ def _fused_conv_call(
     node: Node, kernel: str, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]
 ) -> torch.fx.Node:
     """The op call of a conv or conv_fused node on kerasrt's cuDNN graphs (``kernel`` "cudnn")
-    or, for a 1x1 convolution, the pointwise Triton kernel ("triton"). Input channels are
-    padded as the ops take them: a pad Inductor fuses into the kernel producing the input."""
+    or its Triton kernel ("triton": the pointwise kernel for a 1x1 convolution, else the stem
+    kernel). Input channels are padded as the ops take them: a pad Inductor fuses into the
+    kernel producing the input."""
     has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     bias = arg(node.inputs[2]) if has_bias else None
     residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
@@ -69,10 +70,16 @@ def _fused_conv_call(
         x = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra]))
     stride, padding, dilation, act, clip = cudnn_conv.op_arguments(node)
     w = arg(node.inputs[1], True)
-    if kernel == "triton":
+    if kernel == "triton" and pointwise_conv.eligible(node):
         return graph.call_function(
             torch.ops.kerasrt.pointwise_conv.default, (x, w, bias, residual, act, clip)
         )
+    if kernel == "triton" and stem_conv.eligible(node):
+        return graph.call_function(
+            torch.ops.kerasrt.stem_conv.default, (x, w, bias, stride, padding, act, clip)
+        )
+    if kernel == "triton":
+        raise ValueError(f"no Triton kernel runs {node}")
     args = (x, w, bias, residual, stride, padding, dilation, act, clip)
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
@@ -97,7 +104,7 @@ class TorchEngine:
         kernel_convs: Mapping[int, str] | None = None,
     ):
         """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
-        (fused cuDNN graphs) or "triton" (the pointwise kernel for 1x1 convolutions); a
+        (fused cuDNN graphs) or "triton" (the pointwise or stem Triton kernel); a
         depthwise convolution listed runs on the depthwise Triton kernel."""
         kernel_convs = kernel_convs or {}
         self.device = device

@@ -1,0 +1,235 @@
+"""Convolutions over few input channels (a network's stem) as one Triton implicit GEMM with
+their bias and activation.
+
+An image stem (ResNet's 7x7/2 over RGB, MobileNet's and EfficientNet's 3x3/2) reads 3 channels,
+4 with the zero channel the engine adds (``cudnn_conv.input_channels``): too few for cuDNN's
+implicit-GEMM kernels, so cuDNN runs a specialized first-layer kernel, 0.206 ms of ResNet50's 3.48 ms at batch 128 on an
+H100 (``BREAKDOWN_ONLY=ResNet50:128 python bench/cudnn_probe.py``) where writing its output
+takes ~0.06 ms. Over channels-last input one row of the window, S pixels x C channels, is
+contiguous in memory: the kernel's reduction walks the R window rows, each a
+(pixels x S*C) @ (S*C x K) product of a gathered input tile, and applies bias and activation
+before its one store. It takes its input as cuDNN does (padded to 4 channels, in the engine's
+precision): on an H100 reading the float32 RGB image instead, to skip the engine's cast-and-pad
+pass, made ResNet50's stem 2.2x slower (scalar loads of 12-byte pixels against 8-byte vector
+loads; ``python bench/stem_probe.py``), more than the 44 us pass it would save.
+
+Where it wins is measured per shape: on an H100 it lost to cuDNN's first-layer kernel on
+ResNet50's stem at batch 128 (0.277 against 0.208 ms).
+
+Like the other kerasrt ops it is a torch library op whose CPU kernel is the reference
+composition (the op's definition); the CUDA kernel's tile shape is chosen per signature by
+measured tactics (``kerasrt.backend.tactics``) and kept in ``triton_configs``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
+
+ACTIVATIONS = cudnn_conv.ACTIVATIONS
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_ROW = 64
+"""The most elements (S x C) one window row may have: a row is one step of the reduction."""
+CONFIGS = (
+    (128, 64, 4, 2),
+    (64, 64, 4, 2),
+    (128, 64, 8, 2),
+    (256, 64, 8, 2),
+    (128, 32, 4, 2),
+    (64, 32, 4, 2),
+    (32, 64, 4, 2),
+    (128, 128, 8, 2),
+)
+"""(output pixels per program, output channels per program, warps, pipeline stages): the
+tactics' candidates. Channels per program shrink to the output channels (at least 16)."""
+
+
+def reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> torch.Tensor:
+    """What the op computes, in PyTorch ops: act(conv2d(x, w, stride, padding) + bias)."""
+    return cudnn_conv.reference(x, w, bias, None, stride, padding, [1, 1], activation, clip)
+
+
+def empty_output(
+    x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
+    """The op's output, uninitialized: channels-last, x's dtype and device."""
+    return cudnn_conv.empty_output(x, w, stride, padding, [1, 1])
+
+
+def stem_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    activation: str,
+    clip: list[float],
+) -> torch.Tensor:
+    """act(conv2d(x, w) + bias), symmetric zero ``padding``; NCHW logical shapes, channels-last
+    output. The op's kernel on every device but CUDA (there, ``_cuda`` runs a Triton kernel)."""
+    out = empty_output(x, w, stride, padding)
+    out.copy_(reference(x, w, bias, stride, padding, activation, clip))
+    return out
+
+
+def _fake(x, w, bias, stride, padding, activation, clip):
+    return empty_output(x, w, stride, padding)
+
+
+def _cuda(x, w, bias, stride, padding, activation, clip):
+    out = empty_output(x, w, stride, padding)
+    if x.dtype not in FUSED_DTYPES or kernel() is None:
+        out.copy_(reference(x, w, bias, stride, padding, activation, clip))
+        return out
+    config = CONFIGS[triton_configs.chosen(signature(x, w, bias, out, stride, padding, activation, clip))]
+    launch(config, x, w, bias, out, stride, padding, activation, clip)
+    return out
+
+
+op_library.define(stem_conv, cuda=_cuda, fake=_fake)
+
+
+def signature(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> str:
+    """The key of a call: the key ``kerasrt::cudnn_conv`` has for the same convolution, so one
+    tactic table entry names either kernel."""
+    operands = cudnn_conv.Operands(x, w, bias, None, out)
+    return cudnn_conv.signature(operands, stride, padding, [1, 1], activation, clip)
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton stem kernel can run on ``device``."""
+    return device.type == "cuda" and kernel() is not None
+
+
+# -- the Triton kernel ---------------------------------------------------------------------------
+
+
+@functools.cache
+def kernel() -> Any:
+    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    bias_activation = triton_epilogue.bias_activation()
+
+    @triton.jit
+    def _stem(
+        x_ptr, w_ptr, b_ptr, y_ptr,
+        M, H, W, OH, OW, N, lo, hi,  # M output pixels, N output channels
+        C: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        ow = rm % OW
+        oh = (rm // OW) % OH
+        image = (rm // (OW * OH)).to(tl.int64)
+        ih0 = oh * STRIDE_H - PAD_H
+        iw0 = ow * STRIDE_W - PAD_W
+        rk = tl.arange(0, BLOCK_K)  # (window column, channel) of one window row, flattened
+        k_ok = rk < S * C
+        iw = iw0[:, None] + (rk // C)[None, :]
+        col_ok = m_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(R):
+            ih = ih0 + r
+            row = ((image * H + ih) * W + iw0) * C
+            ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
+            a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
+            b = tl.load(
+                w_ptr + rn[None, :] * (R * S * C) + r * S * C + rk[:, None],
+                mask=n_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc)
+        acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
+        out = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    return _stem
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def launch(
+    config: tuple[int, int, int, int],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> None:
+    """Run the kernel with one tile config (x and out channels-last, w (K, C, R, S))."""
+    block_m, block_n, warps, stages = config
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = w.contiguous(memory_format=torch.channels_last)  # memory order K, R, S, C
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    oh, ow = out.shape[2:]
+    block_n = min(block_n, max(16, _pow2(k)))
+    grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
+    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
+    kernel()[grid](
+        x, w, bias if bias is not None else w, out,
+        n * oh * ow, h, wd, oh, ow, k, lo, hi,
+        C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(16, _pow2(s * c)),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+# -- IR nodes ------------------------------------------------------------------------------------
+
+
+def eligible(node: Any) -> bool:
+    """Whether an IR conv/conv_fused node is a convolution this kernel runs: a window wider than
+    1x1 over few input channels (a row of at most ``MAX_ROW`` elements), ungrouped, undilated,
+    no residual, a fusable activation, constant weights, FP16/BF16."""
+    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+        return False
+    a = node.attrs
+    _, c, r, s = node.inputs[1].shape
+    if (r, s) == (1, 1) or a.get("groups", 1) != 1 or list(a["dilation"]) != [1, 1]:
+        return False
+    if cudnn_conv.input_channels(c) * s > MAX_ROW:
+        return False
+    act = a.get("activation") or "none"
+    bounds = a.get("activation_attrs") or {}
+    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+        return False
+    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
+    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return not has_residual and constants and node.inputs[0].dtype in ("float16", "bfloat16")
