@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--autotune", action="store_true")
     parser.add_argument("--models", help="comma-separated subset of the suite's model names")
+    parser.add_argument("--batches", help="comma-separated subset of each model's batch sizes")
     args = parser.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
@@ -156,6 +157,8 @@ def main() -> None:
         image = name != "BERT-base encoder"
         randomize(model, calibration=random_input((16, 224, 224, 3)) if image else None)
         for batch in batches:
+            if args.batches and str(batch) not in args.batches.split(","):
+                continue
             try:
                 rows = bench_keras_model(
                     model,
