@@ -73,6 +73,51 @@ def test_the_op_computes_the_ir_conv_fused(has_bias, has_residual, activation, c
     torch.library.opcheck(CUDNN_OP, args)  # schema, fake (meta) kernel and dispatch agree
 
 
+def test_the_call_key_names_every_fact_a_plan_depends_on() -> None:
+    """The key is memoized on a tuple of the call's facts: equal facts give the same text, and
+    a change in any one (layout, dtype, epilogue, attribute) gives another."""
+    cl = torch.channels_last
+
+    def key(x_layout=cl, dtype=torch.float32, bias=True, residual=False, act="relu", clip=(), pad=(1, 1)):
+        x = torch.empty(2, 8, 6, 6, dtype=dtype).contiguous(memory_format=x_layout)
+        w = torch.empty(4, 8, 3, 3, dtype=dtype).contiguous(memory_format=cl)
+        out = torch.empty(2, 4, 6, 6, dtype=dtype).contiguous(memory_format=cl)
+        ops = cudnn_conv.Operands(
+            x,
+            w,
+            torch.empty(4, dtype=dtype) if bias else None,
+            torch.empty_like(out) if residual else None,
+            out,
+        )
+        return cudnn_conv.signature(ops, [1, 1], list(pad), [1, 1], act, list(clip))
+
+    base = key()
+    assert key() == base and base == cudnn_conv._describe(
+        cudnn_conv.Operands(
+            torch.empty(2, 8, 6, 6).contiguous(memory_format=cl),
+            torch.empty(4, 8, 3, 3).contiguous(memory_format=cl),
+            torch.empty(4),
+            None,
+            torch.empty(2, 4, 6, 6).contiguous(memory_format=cl),
+        ),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        "relu",
+        [],
+    )
+    variants = [
+        key(x_layout=torch.contiguous_format),
+        key(dtype=torch.float16),
+        key(bias=False),
+        key(residual=True),
+        key(act="clamp", clip=(0.0, 6.0)),
+        key(act="clamp", clip=(0.0, 4.0)),
+        key(pad=(0, 0)),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
 def residual_cnn() -> keras.Model:
     """A ResNet-style block (3x3 conv, and a 1x1 projection that stays a plain conv + bias:
     the residual add fuses into one of the two), a strided conv, a depthwise conv."""

@@ -220,7 +220,32 @@ def signature(
     activation: str,
     clip: Sequence[float],
 ) -> str:
-    """A stable text key of everything a cuDNN plan depends on."""
+    """A stable text key of everything a cuDNN plan depends on. Memoized on the same facts as a
+    tuple: ops look their plan or config up by this key on every call that is not a CUDA-graph
+    replay, and building the text took 15 us on a CPU core against 2.5 us for the tuple."""
+    x, w, b, r, y = tensors.x, tensors.w, tensors.bias, tensors.residual, tensors.out
+    facts = (
+        x.dtype, x.shape, x.stride(), w.shape, w.stride(), y.shape, y.stride(),
+        None if b is None else b.shape, None if r is None else (r.shape, r.stride()),
+        tuple(stride), tuple(padding), tuple(dilation), tuple(clip), activation,
+    )  # fmt: skip
+    key = _SIGNATURES.get(facts)
+    if key is None:
+        key = _SIGNATURES[facts] = _describe(tensors, stride, padding, dilation, activation, clip)
+    return key
+
+
+_SIGNATURES: dict[tuple, str] = {}
+
+
+def _describe(
+    tensors: Operands,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> str:
     desc = tensors.described()
     parts = [str(tensors.x.dtype).replace("torch.", ""), activation + (str(list(clip)) if clip else "")]
     parts += [list(stride), list(padding), list(dilation)]
