@@ -117,6 +117,22 @@ def test_the_call_key_names_every_fact_a_plan_depends_on() -> None:
     ]
     assert len({base, *variants}) == len(variants) + 1
 
+    def depthwise_key(stride=(1, 1), padding=(1, 1, 1, 1), bias=True, layout=cl) -> str:
+        x = torch.empty(2, 8, 6, 6).contiguous(memory_format=layout)
+        b = torch.empty(8) if bias else None
+        return depthwise_conv.signature(
+            x, torch.empty(8, 1, 3, 3), b, list(stride), list(padding), "relu", []
+        )
+
+    base = depthwise_key()
+    variants = [
+        depthwise_key(stride=(2, 2)),
+        depthwise_key(padding=(0, 1, 0, 1)),
+        depthwise_key(bias=False),
+        depthwise_key(layout=torch.contiguous_format),
+    ]
+    assert depthwise_key() == base and len({base, *variants}) == len(variants) + 1
+
 
 def residual_cnn() -> keras.Model:
     """A ResNet-style block (3x3 conv, and a 1x1 projection that stays a plain conv + bias:

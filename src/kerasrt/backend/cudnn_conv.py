@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,13 +229,19 @@ def signature(
         None if b is None else b.shape, None if r is None else (r.shape, r.stride()),
         tuple(stride), tuple(padding), tuple(dilation), tuple(clip), activation,
     )  # fmt: skip
-    key = _SIGNATURES.get(facts)
+    return memo_key(facts, lambda: _describe(tensors, stride, padding, dilation, activation, clip))
+
+
+_KEYS: dict[tuple, str] = {}
+
+
+def memo_key(facts: tuple, build: Callable[[], str]) -> str:
+    """``build()``, the text key of a call, memoized on ``facts``: a tuple of everything the
+    text says (its operands' dtypes, shapes and strides, its attributes)."""
+    key = _KEYS.get(facts)
     if key is None:
-        key = _SIGNATURES[facts] = _describe(tensors, stride, padding, dilation, activation, clip)
+        key = _KEYS[facts] = build()
     return key
-
-
-_SIGNATURES: dict[tuple, str] = {}
 
 
 def _describe(

@@ -124,11 +124,21 @@ def signature(
     activation: str,
     clip: Sequence[float],
 ) -> str:
-    """A stable text key of everything the kernel's speed depends on."""
-    parts = ["depthwise", str(x.dtype).replace("torch.", ""), activation + (str(list(clip)) if clip else "")]
-    parts += [list(stride), list(padding), f"X{list(x.shape)}/{list(x.stride())}", f"W{list(w.shape)}"]
-    parts.append("B" if bias is not None else "")
-    return " ".join(map(str, parts))
+    """A stable text key of everything the kernel's speed depends on (memoized, as
+    ``cudnn_conv.signature``)."""
+
+    def describe() -> str:
+        parts = [
+            "depthwise",
+            str(x.dtype).replace("torch.", ""),
+            activation + (str(list(clip)) if clip else ""),
+        ]
+        parts += [list(stride), list(padding), f"X{list(x.shape)}/{list(x.stride())}", f"W{list(w.shape)}"]
+        parts.append("B" if bias is not None else "")
+        return " ".join(map(str, parts))
+
+    facts = ("depthwise", x.dtype, x.shape, x.stride(), w.shape, bias is not None)
+    return cudnn_conv.memo_key((*facts, tuple(stride), tuple(padding), tuple(clip), activation), describe)
 
 
 def available(device: torch.device) -> bool:
