@@ -44,6 +44,21 @@ def epilogue_inputs(node: Any) -> tuple[bool, bool]:
     return node.attrs.get("has_bias", True), node.attrs.get("has_residual", False)
 
 
+def fusable(node: Any) -> bool:
+    """Whether an IR conv or conv_fused node suits kerasrt's fused kernels at all (each kernel's
+    ``eligible`` adds its own shape rules): a 2-D convolution, an activation they fuse (a clamp
+    with both bounds), constant weight and bias, FP16/BF16 activations."""
+    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+        return False
+    act = node.attrs.get("activation") or "none"
+    bounds = node.attrs.get("activation_attrs") or {}
+    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+        return False
+    has_bias, _ = epilogue_inputs(node)
+    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
+
+
 def op_arguments(node: Any) -> tuple[list[int], list[int], list[int], str, list[float]]:
     """stride, padding, dilation, activation and clip of an IR conv or conv_fused node, as the
     op takes them."""

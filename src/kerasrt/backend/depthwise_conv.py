@@ -301,22 +301,15 @@ def launch(
 
 def eligible(node: Any) -> bool:
     """Whether an IR conv/conv_fused node is a depthwise conv this kernel runs: one filter per
-    channel, square kernel, no dilation or residual, a fusable activation, constant weights."""
-    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+    channel, square kernel, no dilation or residual (and ``cudnn_conv.fusable``: a fusable
+    activation, constant weights, FP16/BF16)."""
+    if not cudnn_conv.fusable(node):
         return False
     c, per_group, kh, kw = node.inputs[1].shape
     a = node.attrs
     if per_group != 1 or a.get("groups", 1) != c or node.inputs[0].shape[1] != c or kh != kw:
         return False
-    if list(a.get("dilation", [1, 1])) != [1, 1] or (node.op == "conv_fused" and a.get("has_residual")):
-        return False
-    act = a.get("activation") or "none"
-    bounds = a.get("activation_attrs") or {}
-    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
-        return False
-    has_bias = len(node.inputs) > 2
-    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
-    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
+    return list(a.get("dilation", [1, 1])) == [1, 1] and not cudnn_conv.epilogue_inputs(node)[1]
 
 
 def ir_call(node: Any, segment: Sequence[Any]) -> tuple[Any, list[int]]:

@@ -195,18 +195,11 @@ def launch(
 
 def eligible(node: Any) -> bool:
     """Whether an IR conv/conv_fused node is a 1x1, stride-1, unpadded, ungrouped convolution
-    this kernel runs: a fusable activation, constant weights, FP16/BF16."""
-    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+    this kernel runs (and ``cudnn_conv.fusable``: a fusable activation, constant weights,
+    FP16/BF16)."""
+    if not cudnn_conv.fusable(node):
         return False
     a = node.attrs
     if tuple(node.inputs[1].shape[2:]) != (1, 1) or a.get("groups", 1) != 1:
         return False
-    if list(a["stride"]) != [1, 1] or list(a["padding"]) != [0, 0] or list(a["dilation"]) != [1, 1]:
-        return False
-    act = a.get("activation") or "none"
-    bounds = a.get("activation_attrs") or {}
-    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
-        return False
-    has_bias, _ = cudnn_conv.epilogue_inputs(node)
-    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
-    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
+    return list(a["stride"]) == [1, 1] and list(a["padding"]) == [0, 0] and list(a["dilation"]) == [1, 1]

@@ -217,19 +217,12 @@ def launch(
 def eligible(node: Any) -> bool:
     """Whether an IR conv/conv_fused node is a convolution this kernel runs: a window wider than
     1x1 over few input channels (a row of at most ``MAX_ROW`` elements), ungrouped, undilated,
-    no residual, a fusable activation, constant weights, FP16/BF16."""
-    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
+    no residual (and ``cudnn_conv.fusable``: a fusable activation, constant weights,
+    FP16/BF16)."""
+    if not cudnn_conv.fusable(node):
         return False
     a = node.attrs
     _, c, r, s = node.inputs[1].shape
     if (r, s) == (1, 1) or a.get("groups", 1) != 1 or list(a["dilation"]) != [1, 1]:
         return False
-    if cudnn_conv.input_channels(c) * s > MAX_ROW:
-        return False
-    act = a.get("activation") or "none"
-    bounds = a.get("activation_attrs") or {}
-    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
-        return False
-    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
-    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
-    return not has_residual and constants and node.inputs[0].dtype in ("float16", "bfloat16")
+    return cudnn_conv.input_channels(c) * s <= MAX_ROW and not cudnn_conv.epilogue_inputs(node)[1]

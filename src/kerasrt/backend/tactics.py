@@ -133,18 +133,7 @@ def _select(sig: str, choice: Choice) -> None:
 
 def eligible(node: Node) -> bool:
     """Whether ``node`` is a convolution cuDNN can fuse with its epilogue."""
-    if node.op not in ("conv", "conv_fused") or len(node.inputs[1].shape) != 4:
-        return False
-    if node.attrs.get("groups", 1) != 1:
-        return False
-    act = node.attrs.get("activation") or "none"
-    if act not in cudnn_conv.ACTIVATIONS:
-        return False
-    if act == "clamp" and None in ((node.attrs.get("activation_attrs") or {}).get(k) for k in ("min", "max")):
-        return False
-    has_bias, _ = cudnn_conv.epilogue_inputs(node)
-    constants_ok = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
-    return constants_ok and torch_dtype(node.inputs[0].dtype) in cudnn_conv.FUSED_DTYPES
+    return cudnn_conv.fusable(node) and node.attrs.get("groups", 1) == 1
 
 
 def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
