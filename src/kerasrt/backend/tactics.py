@@ -49,10 +49,10 @@ precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s 
 
 @dataclass
 class Choice:
-    """The kernel for one convolution signature: "cudnn", "triton" (the depthwise, the pointwise
-    (1x1 convolutions) or the stem Triton kernel: ``triton_kernel``) or "inductor"; with what the timing found: the
-    best cuDNN plan (index in cuDNN's list, its workspace) and the best Triton config (index
-    in the kernel's ``CONFIGS``), whichever kernel won."""
+    """The kernel for one convolution signature: "cudnn", "triton" (the depthwise Triton kernel,
+    or for other convolutions the pointwise or stem one: ``triton_kernel``) or "inductor"; with
+    what the timing found: the best cuDNN plan (index in cuDNN's list, its workspace) and the
+    best Triton config (index in the kernel's ``CONFIGS``), whichever kernel won."""
 
     kernel: str
     plan: int = 0
