@@ -238,13 +238,21 @@ def signature(
     """A stable text key of everything a cuDNN plan depends on. Memoized on the same facts as a
     tuple: ops look their plan or config up by this key on every call that is not a CUDA-graph
     replay, and building the text took 15 us on a CPU core against 2.5 us for the tuple."""
+
+    def describe() -> str:
+        desc = tensors.described()
+        parts = [str(tensors.x.dtype).replace("torch.", ""), activation + (str(list(clip)) if clip else "")]
+        parts += [list(stride), list(padding), list(dilation)]
+        parts += [f"{k}{desc[k][0]}/{desc[k][1]}" for k in sorted(desc)]
+        return " ".join(map(str, parts))
+
     x, w, b, r, y = tensors.x, tensors.w, tensors.bias, tensors.residual, tensors.out
     facts = (
         x.dtype, x.shape, x.stride(), w.shape, w.stride(), y.shape, y.stride(),
         None if b is None else b.shape, None if r is None else (r.shape, r.stride()),
         tuple(stride), tuple(padding), tuple(dilation), tuple(clip), activation,
     )  # fmt: skip
-    return memo_key(facts, lambda: _describe(tensors, stride, padding, dilation, activation, clip))
+    return memo_key(facts, describe)
 
 
 _KEYS: dict[tuple, str] = {}
@@ -257,21 +265,6 @@ def memo_key(facts: tuple, build: Callable[[], str]) -> str:
     if key is None:
         key = _KEYS[facts] = build()
     return key
-
-
-def _describe(
-    tensors: Operands,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    clip: Sequence[float],
-) -> str:
-    desc = tensors.described()
-    parts = [str(tensors.x.dtype).replace("torch.", ""), activation + (str(list(clip)) if clip else "")]
-    parts += [list(stride), list(padding), list(dilation)]
-    parts += [f"{k}{desc[k][0]}/{desc[k][1]}" for k in sorted(desc)]
-    return " ".join(map(str, parts))
 
 
 class Plan:
