@@ -22,7 +22,7 @@ import keras
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv, tactics
+from kerasrt.backend import cudnn_conv, stem_conv, tactics
 from kerasrt.bench import latency_stats, sample_latencies
 from kerasrt.ir.ops import OPS
 
@@ -372,8 +372,9 @@ def stem_variants(batch: int) -> dict:
 
 
 def stem_variant(img, prep, w, bias, stride, padding) -> tuple[dict, torch.Tensor]:
-    """Timings of one stem form: its input preparation (compiled), the bare convolution, and
-    every cuDNN plan of the fused conv + bias + ReLU; and the best plan's output."""
+    """Timings of one stem form: its input preparation (compiled), the bare convolution,
+    every cuDNN plan of the fused conv + bias + ReLU and the Triton stem kernel's best config;
+    and the best plan's output."""
     compiled = torch.compile(prep)
     x = compiled(img)
     row = {"prep_ms": tactics.device_ms(lambda: compiled(img)), "x": [list(x.shape), list(x.stride())]}
@@ -386,6 +387,13 @@ def stem_variant(img, prep, w, bias, stride, padding) -> tuple[dict, torch.Tenso
     best = min(range(len(times)), key=times.__getitem__)
     run_plan(g, uids, handle, ops, best)
     row.update({"plans_ms": times, "best_ms": times[best]})
+    out = torch.empty_like(ops.out)
+    triton = tactics.best_config(
+        stem_conv.CONFIGS,
+        lambda config: stem_conv.launch(config, x, w, bias, out, stride, padding, "relu", []),
+        "stem",
+    )
+    row["triton_best_ms"] = triton and triton[1]
     return row, ops.out
 
 
