@@ -3,13 +3,15 @@
 1. ``kerasrt::cudnn_conv`` on CUDA against float32 math on the same inputs, FP16 and BF16,
    with every epilogue kerasrt fuses, called directly and replayed in a CUDA graph: fails
    (exit 1) when an error is outside the precision's tolerance.
-   ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s and ``kerasrt::stem_conv``'s
-   Triton kernels the same way, every config.
+   ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s, ``kerasrt::stem_conv``'s and
+   ``kerasrt::splitk_conv``'s Triton kernels the same way, every config (split-K also: two
+   calls give identical bits, so its tile counters are back at zero after each).
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
 
     source .whl/activate.sh && python bench/gpu_checks.py [--models ResNet50] [--batches 1,128]
+    source .whl/activate.sh && python bench/gpu_checks.py --only splitk   # one kernel's checks
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv
 from kerasrt.bench import latency_stats, relative_error, sample_latencies
 from kerasrt.settings import PRECISION_RTOL
 
@@ -75,6 +77,59 @@ STEM_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, activation, cl
     ((8, 4, 225, 225), (32, 3, 3), [2, 2], [0, 0], True, "silu", []),  # EfficientNetB0's
     ((3, 8, 19, 13), (20, 5, 5), [1, 2], [2, 1], False, "none", []),
 ]
+
+
+SPLITK_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, residual, activation, clip
+    ((1, 512, 7, 7), (512, 3, 3), [1, 1], [1, 1], True, False, "relu", []),  # ResNet50 b1 stage 4
+    ((1, 256, 14, 14), (256, 3, 3), [1, 1], [1, 1], True, False, "relu", []),
+    ((1, 1024, 14, 14), (2048, 1, 1), [2, 2], [0, 0], True, True, "relu", []),  # projection + residual
+    ((1, 2048, 7, 7), (512, 1, 1), [1, 1], [0, 0], True, False, "relu", []),
+    ((2, 32, 9, 11), (40, 5, 3), [2, 1], [2, 1], False, True, "silu", []),
+    ((4, 64, 56, 56), (64, 3, 3), [1, 1], [1, 1], True, False, "clamp", [0.0, 6.0]),
+]
+
+
+def check_splitk() -> bool:
+    """kerasrt::splitk_conv's Triton kernel, every config, against float32 math; a second call
+    must reproduce the first bit for bit (the tile counters were reset)."""
+    ok = True
+    cl = torch.channels_last
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, (k, r, s), stride, padding, has_b, has_r, act, clip in SPLITK_CASES:
+            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
+            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
+            w = w.contiguous(memory_format=cl)
+            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
+            shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+            res = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=cl) if has_r else None
+
+            def reference(x=x, w=w, b=b, res=res, stride=stride, padding=padding, act=act, clip=clip):
+                f32 = [t.float() if t is not None else None for t in (x, w, b, res)]
+                return splitk_conv.reference(*f32, stride, padding, act, clip)
+
+            ref = reference()
+            errors, repeatable = [], True
+            for config in splitk_conv.CONFIGS:
+                first = splitk_conv.empty_output(x, w, stride, padding)
+                second = torch.empty_like(first)
+                try:
+                    for out in (first, second):
+                        splitk_conv.launch(config, x, w, b, res, out, stride, padding, act, clip)
+                except ValueError:  # a split refused for its workspace: the tactics skip it too
+                    continue
+                errors.append(float((first.float() - ref).abs().max() / ref.abs().max()))
+                repeatable &= torch.equal(first, second)
+            args = (x, w, b, res, stride, padding, act, clip)
+            errors.append(replay_error(lambda args=args: torch.ops.kerasrt.splitk_conv(*args), x, reference))
+            row = {
+                "check": "splitk op",
+                "dtype": str(dtype),
+                "x": xs,
+                "w": [k, xs[1], r, s],
+                "stride": stride,
+            }
+            ok = report(ok and repeatable, errors, tol, {**row, "activation": act, "repeatable": repeatable})
+    return ok
 
 
 def replay_error(call, x: torch.Tensor, reference) -> float:
@@ -288,17 +343,31 @@ def model_ab(name: str, batch: int) -> None:
             del optimized, program
 
 
+CHECKS = {
+    "cudnn": check_op,
+    "depthwise": check_depthwise,
+    "pointwise": check_pointwise,
+    "stem": check_stem,
+    "splitk": check_splitk,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="ResNet50")
     parser.add_argument("--batches", default="1,128")
     parser.add_argument("--skip-op", action="store_true")
-    parser.add_argument("--only-stem", action="store_true", help="check the stem kernel alone")
+    parser.add_argument("--only", choices=sorted(CHECKS), help="run one kernel's checks alone")
+    parser.add_argument("--only-stem", action="store_true", help="the same as --only stem")
     args = parser.parse_args()
     print("cuDNN", cudnn_conv.cudnn_version(), "frontend available:", cudnn_conv.available(DEV), flush=True)
-    if args.only_stem:
-        sys.exit(0 if check_stem() else 1)
-    ok = True if args.skip_op else check_op() & check_depthwise() & check_pointwise() & check_stem()
+    only = "stem" if args.only_stem else args.only
+    if only:
+        sys.exit(0 if CHECKS[only]() else 1)
+    ok = True
+    if not args.skip_op:
+        for check in CHECKS.values():
+            ok &= check()
     for name in filter(None, args.models.split(",")):
         for batch in map(int, args.batches.split(",")):
             model_ab(name, batch)

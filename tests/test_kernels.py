@@ -19,7 +19,15 @@ import torch
 import kerasrt
 from kerasrt import cache
 from kerasrt.artifact import _kernel_convs
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv, tactics, triton_configs
+from kerasrt.backend import (
+    cudnn_conv,
+    depthwise_conv,
+    pointwise_conv,
+    splitk_conv,
+    stem_conv,
+    tactics,
+    triton_configs,
+)
 from kerasrt.errors import ConversionError
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -590,3 +598,138 @@ def test_triton_kernels_share_one_cache_folder_across_processes(
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == (user_choice or str(tmp_path / "triton"))
+
+
+@pytest.mark.parametrize(
+    "has_bias, has_residual, activation, clip, stride, padding, window, channels",
+    [
+        (True, False, "relu", [], [1, 1], [1, 1], 3, 32),  # a ResNet 3x3 layer
+        (True, True, "relu", [], [2, 2], [0, 0], 1, 16),  # a strided projection with the residual
+        (False, False, "clamp", [0.0, 6.0], [2, 1], [2, 1], 5, 16),
+        (True, True, "silu", [], [1, 1], [0, 0], 1, 48),
+    ],
+)
+def test_the_splitk_op_computes_the_ir_conv_fused(
+    has_bias, has_residual, activation, clip, stride, padding, window, channels
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 9, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, channels, window, window, generator=gen)
+    bias = torch.randn(24, generator=gen) if has_bias else None
+    out_shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+    residual = torch.randn(out_shape, generator=gen) if has_residual else None
+    args = (x, w, bias, residual, stride, padding, activation, clip)
+    got = torch.ops.kerasrt.splitk_conv.default(*args)
+    assert got.is_contiguous(memory_format=torch.channels_last) and list(got.shape) == out_shape
+    expected = ir_conv_fused(x, w, bias, residual, stride, padding, activation, clip)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.kerasrt.splitk_conv.default, args)
+    # keyed like the cuDNN graph of the same convolution: one tactic entry names either kernel
+    operands = cudnn_conv.Operands(x, w, bias, residual, got)
+    assert splitk_conv.signature(x, w, bias, residual, got, stride, padding, activation, clip) == (
+        cudnn_conv.signature(operands, stride, padding, [1, 1], activation, clip)
+    )
+
+
+def test_which_convolutions_the_splitk_kernel_takes() -> None:
+    inp = keras.Input((8, 8, 16))
+    layers = [
+        L.Conv2D(8, 3, padding="same")(inp),  # 16 input channels: yes
+        L.Conv2D(8, 1, strides=2)(inp),  # yes
+        L.Conv2D(16, 3, padding="same")(L.Conv2D(12, 1)(inp)),  # the 1x1 yes; the 3x3 over 12: no
+        L.Conv2D(8, 3, dilation_rate=2)(inp),  # dilated: no
+        L.DepthwiseConv2D(3)(inp),  # grouped: no
+    ]
+    model = keras.Model(inp, layers)
+    found = sorted(
+        (n.inputs[1].shape[1], n.inputs[1].shape[2], n.attrs["dilation"][0], splitk_conv.eligible(n))
+        for n in kerasrt.Converter(model, precision_mode="FP16").convert().primary_graph().nodes
+        if n.op.startswith("conv") and n.attrs.get("groups", 1) == 1
+    )
+    assert found == [
+        (12, 3, 1, False),
+        (16, 1, 1, True),
+        (16, 1, 1, True),
+        (16, 3, 1, True),
+        (16, 3, 2, False),
+    ]
+    fp32 = kerasrt.Converter(model).convert().primary_graph()  # the kernel is FP16/BF16 only
+    assert not any(splitk_conv.eligible(n) for n in fp32.nodes)
+
+
+def test_splits_shrink_to_the_workspace_and_tile_budget() -> None:
+    per_tile = 32 * 64
+    assert splitk_conv.split_for(8, 16, per_tile) == 8  # ResNet50's last 3x3 at batch 1: 16 tiles
+    budget_tiles = splitk_conv.MAX_WORKSPACE_BYTES // (4 * per_tile)
+    assert splitk_conv.split_for(8, budget_tiles // 8, per_tile) == 8
+    assert splitk_conv.split_for(8, budget_tiles // 8 + 1, per_tile) == 4  # halved to fit
+    assert splitk_conv.split_for(8, budget_tiles, per_tile) == 1
+    assert splitk_conv.split_for(8, splitk_conv.MAX_SPLIT_TILES + 1, 16) == 1  # more tiles than counters
+    config = (32, 64, 64, 8, 4, 3)
+    assert splitk_conv.splits_as_configured(config, (1, 512, 7, 7))
+    assert not splitk_conv.splits_as_configured(config, (128, 64, 56, 56))  # batch 128: no split
+
+
+def test_the_splitk_kernel_wins_where_it_is_fastest(fake_cudnn, monkeypatch) -> None:
+    inp = keras.Input((7, 7, 32))
+    graph = kerasrt.Converter(
+        keras.Model(inp, L.Conv2D(32, 3, activation="relu")(inp)), precision_mode="FP16"
+    )
+    (node,) = [n for n in graph.convert().primary_graph().nodes if n.op.startswith("conv")]
+    ops = tactics.example_operands(node, torch.device("cpu"))
+    plan = cudnn_conv.Plan(graph=None, uids={}, workspace=0, handle=None)
+    monkeypatch.setattr(splitk_conv, "available", lambda device: True)
+    monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: (3, 0.5, plan))
+    monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 1.0)
+    for splitk_ms, kernel in [(0.3, "splitk"), (0.6, "cudnn")]:
+        monkeypatch.setattr(tactics, "best_config", lambda configs, run, what, ms=splitk_ms: (2, ms))
+        choice = tactics._measure(node, ops, "sig", "auto")
+        assert (choice.kernel, choice.splitk_ms, choice.splitk_config, choice.triton_ms) == (
+            kernel,
+            splitk_ms,
+            2,
+            None,  # a 3x3 over 32 channels has neither the pointwise nor the stem kernel
+        )
+        assert choice.own_kernel().kernel == kernel
+
+
+def splitk_cnn() -> keras.Model:
+    """A ResNet-style tail: a 3x3 conv over 16 channels, a strided 1x1 projection added to a
+    1x1 conv's output, and a 3x3 conv over 3 channels that the split-K kernel cannot take."""
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    y = L.Conv2D(32, 3, padding="same", activation="relu")(x)
+    y = L.BatchNormalization()(L.Conv2D(32, 1, strides=2)(y))
+    shortcut = L.BatchNormalization()(L.Conv2D(32, 1, strides=2)(x))
+    x = L.ReLU()(L.Add()([shortcut, y]))
+    return randomize(keras.Model(inp, L.Dense(4)(L.GlobalAveragePooling2D()(x))))
+
+
+def test_convolutions_run_on_the_splitk_kernel_where_it_timed_faster(
+    tmp_path: Path, fake_cudnn, monkeypatch
+) -> None:
+    def measure(node, ops, sig, mode):  # split-K beats cuDNN wherever it runs
+        fast = 0.2 if splitk_conv.eligible(node) else None
+        return tactics.Choice("cudnn", plan=2, cudnn_ms=0.6, splitk_ms=fast, splitk_config=1)
+
+    monkeypatch.setattr(tactics, "_measure", measure)
+    monkeypatch.setattr(triton_configs, "_CHOSEN", {})
+    conv, optimized, x, got = convert_on_own_kernels(splitk_cnn(), (2, 8, 8, 3))
+    program = optimized.program(optimized.engine_shapes[0])
+    (engine,) = program.compiled_engines.values()
+    calls = [n for n in engine.module.graph.nodes if n.target is torch.ops.kerasrt.splitk_conv.default]
+    # the 3x3 over 16 channels, the strided 1x1 and the projection that took the residual add
+    assert sorted((c.args[4], c.args[5], c.args[3] is not None) for c in calls) == [
+        ([1, 1], [1, 1], False),
+        ([2, 2], [0, 0], False),
+        ([2, 2], [0, 0], True),
+    ]
+    assert [n.target for n in engine.module.graph.nodes].count(CUDNN_OP) == 1  # the RGB 3x3
+    assert set(triton_configs._CHOSEN.values()) == {1}
+    assert sorted(program.kernel_convs.values()) == ["cudnn", "splitk", "splitk", "splitk"]
+    assert "3 on its split-K kernel" in conv.summary(print_fn=None)
+
+    path = conv.save(tmp_path / "art")
+    fresh = run_packages_in_fresh_process(path, x, tmp_path)
+    np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())

@@ -103,6 +103,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("conv_kernels"):
         kernels = report["conv_kernels"]
         triton = f", {kernels['triton']} on kerasrt's Triton kernels" if kernels.get("triton") else ""
+        if kernels.get("splitk"):
+            triton += f", {kernels['splitk']} on its split-K kernel"
         lines.append(
             f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
             f"{kernels.get('inductor', 0)} on Inductor's{triton}"

@@ -120,7 +120,7 @@ def kernel() -> Any:
         import triton.language as tl
     except ImportError:
         return None
-    bias_activation = triton_epilogue.bias_activation()
+    finish = triton_epilogue.finish_tile()
 
     @triton.jit
     def _pointwise(
@@ -150,12 +150,7 @@ def kernel() -> Any:
             )
             b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc)
-        out = rows[:, None] * N + rn[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
-        acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        finish(acc, rows, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
 
     return _pointwise
 

@@ -7,8 +7,10 @@ ReLU, SiLU or a two-sided clamp such as ReLU6) the candidates are cuDNN's execut
 Inductor runs: the same convolution followed by one memory-bound epilogue pass (timed as the
 bare convolution plus an elementwise pass of the same traffic); 1x1 stride-1 convolutions
 also have the pointwise Triton kernel's tile shapes (``pointwise_conv.CONFIGS``), which win
-where cuDNN only has runtime-compiled kernels (ReLU6, SiLU), and image stems (few input
-channels) the stem Triton kernel's (``stem_conv.CONFIGS``). For each depthwise conv the
+where cuDNN only has runtime-compiled kernels (ReLU6, SiLU), image stems (few input
+channels) the stem Triton kernel's (``stem_conv.CONFIGS``), and convolutions over 16k input
+channels the split-K Triton kernel's (``splitk_conv.CONFIGS``), which wins where the output
+has too few tiles to fill the GPU (late layers at batch 1). For each depthwise conv the
 candidates are the Triton kernel's tile shapes (``depthwise_conv.CONFIGS``), against the
 zero padding materialized, cuDNN's depthwise conv and an epilogue pass. Times are device
 times of CUDA-graph replays (the programs that use these kernels replay as CUDA graphs), so
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, stem_conv, triton_configs
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv, triton_configs
 from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
@@ -39,7 +41,7 @@ from kerasrt.ir.graph import Node, Value, torch_dtype
 log = logging.getLogger(__name__)
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
-CANDIDATES_VERSION = 3
+CANDIDATES_VERSION = 4
 """Bumped whenever the candidate kernels or config lists change (indices measured for
 another set are void)."""
 PLAN_BUILD_BUDGET_S = 2.0
@@ -50,9 +52,10 @@ precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s 
 @dataclass
 class Choice:
     """The kernel for one convolution signature: "cudnn", "triton" (the depthwise Triton kernel,
-    or for other convolutions the pointwise or stem one: ``triton_kernel``) or "inductor"; with
-    what the timing found: the best cuDNN plan (index in cuDNN's list, its workspace) and the
-    best Triton config (index in the kernel's ``CONFIGS``), whichever kernel won."""
+    or for other convolutions the pointwise or stem one: ``triton_kernel``), "splitk" (the
+    split-K Triton kernel) or "inductor"; with what the timing found: the best cuDNN plan
+    (index in cuDNN's list, its workspace) and the best config of each Triton kernel (index in
+    its ``CONFIGS``), whichever kernel won."""
 
     kernel: str
     plan: int = 0
@@ -61,10 +64,13 @@ class Choice:
     workspace_bytes: int = 0
     triton_ms: float | None = None
     config: int = 0
+    splitk_ms: float | None = None
+    splitk_config: int = 0
 
     def own_kernel(self) -> Choice:
         """This choice with the faster of kerasrt's own kernels (``conv_kernels="cudnn"``)."""
-        own = {k: ms for k, ms in (("cudnn", self.cudnn_ms), ("triton", self.triton_ms)) if ms is not None}
+        timed = (("cudnn", self.cudnn_ms), ("triton", self.triton_ms), ("splitk", self.splitk_ms))
+        own = {k: ms for k, ms in timed if ms is not None}
         if not own:
             return self
         return replace(self, kernel=min(own, key=own.__getitem__))
@@ -126,6 +132,8 @@ def _select(sig: str, choice: Choice) -> None:
         cudnn_conv.choose_plan(sig, choice.plan)
     elif choice.kernel == "triton":  # a depthwise, pointwise or stem kernel, by its key
         triton_configs.choose(sig, choice.config)
+    elif choice.kernel == "splitk":
+        triton_configs.choose(sig, choice.splitk_config)
 
 
 # -- which nodes ----------------------------------------------------------------------------------
@@ -318,8 +326,8 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
                 "conv_kernels='cudnn' needs a CUDA device and the nvidia-cudnn-frontend package "
                 "(pip install 'kerasrt[cuda]')"
             )
-        # without cuDNN graphs 1x1 convolutions and stems still have kerasrt's Triton kernels
-        convs = [n for n in convs if triton_kernel(n, device) is not None]
+        # without cuDNN graphs many convolutions still have kerasrt's Triton kernels
+        convs = [n for n in convs if triton_kernel(n, device) is not None or splitk_eligible(n, device)]
     if not (convs or depthwise):
         return {}
     env = environment(device)
@@ -367,6 +375,25 @@ def triton_kernel(node: Node, device: torch.device) -> Any:
     return None
 
 
+def splitk_eligible(node: Node, device: torch.device) -> bool:
+    """Whether the split-K Triton kernel can run the convolution ``node`` on ``device``."""
+    return splitk_conv.eligible(node) and splitk_conv.available(device)
+
+
+def _time_splitk(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
+    """(best config, its device ms) of the split-K kernel for ``node``, or None."""
+    if not splitk_eligible(node, ops.x.device):
+        return None
+    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
+
+    def run(config: tuple) -> None:
+        if not splitk_conv.splits_as_configured(config, ops.out.shape):
+            raise ValueError("too many output tiles to split")  # (skipped, not timed)
+        splitk_conv.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, stride, padding, act, clip)
+
+    return best_config(splitk_conv.CONFIGS, run, node)
+
+
 def _time_triton(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
     """(best config, its device ms) of the Triton kernel for ``node``, or None without one."""
     module = triton_kernel(node, ops.x.device)
@@ -387,18 +414,20 @@ def _time_triton(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | No
 
 
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
-    """cuDNN's best plan, for 1x1 convolutions and stems a Triton kernel's best config, and
-    in "auto" Inductor's estimate: the fastest wins."""
+    """cuDNN's best plan, for 1x1 convolutions and stems a Triton kernel's best config, the
+    split-K kernel's best config, and in "auto" Inductor's estimate: the fastest wins."""
     found = measure_cudnn(node, ops) if cudnn_conv.available(ops.x.device) else None
     cudnn_ms = None
     if found is not None:
         index, cudnn_ms, plan = found
         cudnn_conv.adopt_plan(sig, index, plan)
     triton = _time_triton(node, ops)
+    splitk = _time_splitk(node, ops)
     inductor_ms = inductor_estimate_ms(node, ops) if mode == "auto" else None
     timings = {
         "cudnn": cudnn_ms,
         "triton": triton and triton[1],
+        "splitk": splitk and splitk[1],
         "inductor": inductor_ms,
     }
     kernel = min(
@@ -412,4 +441,6 @@ def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choic
         found[2].workspace if found is not None else 0,
         triton and round(triton[1], 5),
         triton[0] if triton is not None else 0,
+        splitk and round(splitk[1], 5),
+        splitk[0] if splitk is not None else 0,
     )

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from kerasrt import cache
-from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv, stem_conv
+from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -57,9 +57,9 @@ def _fused_conv_call(
     node: Node, kernel: str, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]
 ) -> torch.fx.Node:
     """The op call of a conv or conv_fused node on kerasrt's cuDNN graphs (``kernel`` "cudnn")
-    or its Triton kernel ("triton": the pointwise kernel for a 1x1 convolution, else the stem
-    kernel). Input channels are padded as the ops take them: a pad Inductor fuses into the
-    kernel producing the input."""
+    or a Triton kernel ("triton": the pointwise kernel for a 1x1 convolution, else the stem
+    kernel; "splitk": the split-K kernel). Input channels are padded as the ops take them: a
+    pad Inductor fuses into the kernel producing the input."""
     has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
     bias = arg(node.inputs[2]) if has_bias else None
     residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
@@ -78,8 +78,12 @@ def _fused_conv_call(
         return graph.call_function(
             torch.ops.kerasrt.stem_conv.default, (x, w, bias, stride, padding, act, clip)
         )
-    if kernel == "triton":
-        raise ValueError(f"no Triton kernel runs {node}")
+    if kernel == "splitk" and splitk_conv.eligible(node):
+        return graph.call_function(
+            torch.ops.kerasrt.splitk_conv.default, (x, w, bias, residual, stride, padding, act, clip)
+        )
+    if kernel in ("triton", "splitk"):
+        raise ValueError(f"no {kernel} kernel runs {node}")
     args = (x, w, bias, residual, stride, padding, dilation, act, clip)
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
@@ -104,7 +108,7 @@ class TorchEngine:
         kernel_convs: Mapping[int, str] | None = None,
     ):
         """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
-        (fused cuDNN graphs) or "triton" (the pointwise or stem Triton kernel); a
+        (fused cuDNN graphs), "triton" (the pointwise or stem Triton kernel) or "splitk"; a
         depthwise convolution listed runs on the depthwise Triton kernel."""
         kernel_convs = kernel_convs or {}
         self.device = device

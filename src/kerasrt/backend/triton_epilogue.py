@@ -34,3 +34,31 @@ def bias_activation() -> Any:
         return acc
 
     return _bias_activation
+
+
+@functools.cache
+def finish_tile() -> Any:
+    """The ``@triton.jit`` helper ``finish_tile(acc, rows, channels, rows_ok, channels_ok, N,
+    b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)``: adds the residual, applies bias
+    and activation and stores one (pixels x channels) tile of a channels-last output with
+    ``N`` channels. None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    bias_activation_ = bias_activation()
+
+    @triton.jit
+    def _finish_tile(
+        acc, rows, channels, rows_ok, channels_ok, N, b_ptr, r_ptr, y_ptr, lo, hi,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    ):  # fmt: skip
+        out = rows.to(tl.int64)[:, None] * N + channels[None, :]
+        ok = rows_ok[:, None] & channels_ok[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
+        acc = bias_activation_(acc, b_ptr, channels, channels_ok, lo, hi, HAS_BIAS, ACT)
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    return _finish_tile
