@@ -24,6 +24,14 @@ from kerasrt.partition import Support
 cache.share_with_triton()  # before any Inductor compile: converting and loading processes agree
 
 
+IN_PROCESS = {"compile_threads": 1}
+"""Inductor compiles an engine's kernels in this process, not in a pool of worker processes:
+an engine's own Triton kernels are few (kerasrt's ops do the heavy layers), and on a freshly
+started machine each worker imports torch from a cold disk. There that pool made ResNet50's
+first engine compile 120 s of a 162 s build; compiled in process, 6 s of 43 s (H100,
+``python bench/build_phases.py``)."""
+
+
 def is_supported(node: Node) -> Support:
     """Whether the torch backend can run ``node`` inside an engine."""
     opdef = OPS.get(node.op)
@@ -167,7 +175,7 @@ class TorchEngine:
                 fullgraph=True,
                 dynamic=False,
                 mode="max-autotune-no-cudagraphs" if autotune else None,
-                options={"freezing": True},
+                options={"freezing": True, **IN_PROCESS},
             )
         elif compiler != "eager":
             raise ValueError(f"unknown engine compiler {compiler!r}")
@@ -192,7 +200,7 @@ class TorchEngine:
     def export_package(self, path: Path) -> None:
         """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
         package holds code only: the weights stay in the artifact and are handed over at load."""
-        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False}
+        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False, **IN_PROCESS}
         compiler = aoti.package_compiler()
         if compiler is not None:
             configs["cpp.cxx"] = (None, compiler)
