@@ -28,7 +28,9 @@ from kerasrt.backend import (
     tactics,
     triton_configs,
 )
+from kerasrt.backend.torch_backend import TorchEngine
 from kerasrt.errors import ConversionError
+from kerasrt.ir.graph import Graph
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
 from test_artifact import run_packages_in_fresh_process
@@ -733,3 +735,24 @@ def test_convolutions_run_on_the_splitk_kernel_where_it_timed_faster(
     path = conv.save(tmp_path / "art")
     fresh = run_packages_in_fresh_process(path, x, tmp_path)
     np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())
+
+
+def test_inductor_engines_compile_in_process() -> None:
+    from torch._inductor import config
+
+    g = Graph()
+    x = g.add_input("x", (2, 3), "float32")
+    g.outputs = [g.add_node("relu", [x]).outputs[0]]
+    engine = TorchEngine(g.nodes, g.inputs, g.outputs, torch.device("cpu"), compiler="inductor")
+    compiled, threads = engine._run, []
+
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        threads.append(config.compile_threads)  # what Inductor sees while it compiles
+        return compiled(*tensors)
+
+    engine._run = run
+    for _ in range(2):
+        (y,) = engine(torch.tensor([[-1.0, 2.0, 0.5], [3.0, -4.0, 0.0]]))
+        torch.testing.assert_close(y, torch.tensor([[0.0, 2.0, 0.5], [3.0, 0.0, 0.0]]))
+    # the compiling first call without a pool of worker processes; later calls as configured
+    assert threads == [1, config.compile_threads]

@@ -24,12 +24,18 @@ from kerasrt.partition import Support
 cache.share_with_triton()  # before any Inductor compile: converting and loading processes agree
 
 
-IN_PROCESS = {"compile_threads": 1}
-"""Inductor compiles an engine's kernels in this process, not in a pool of worker processes:
-an engine's own Triton kernels are few (kerasrt's ops do the heavy layers), and on a freshly
-started machine each worker imports torch from a cold disk. There that pool made ResNet50's
-first engine compile 120 s of a 162 s build; compiled in process, 6 s of 43 s (H100,
-``python bench/build_phases.py``)."""
+@contextlib.contextmanager
+def compiling_in_process() -> Iterator[None]:
+    """Inductor compiles an engine's kernels in this process, and starts no pool of worker
+    processes (it starts one on its first compile otherwise): an engine's own Triton kernels
+    are few (kerasrt's ops run the heavy layers), and on a freshly started machine each worker
+    imports torch from a cold disk, on every core. There the pool made ResNet50's first
+    engine compile 120 s of a 162 s build; in process, 6 s of 43 s (H100,
+    ``python bench/build_phases.py``)."""
+    from torch._inductor import config
+
+    with config.patch(compile_threads=1):
+        yield
 
 
 def is_supported(node: Node) -> Support:
@@ -167,6 +173,7 @@ class TorchEngine:
         self.module = torch.fx.GraphModule(root, graph)
         self.module.eval()
         self._run: Callable[..., tuple[torch.Tensor, ...]] = self.module
+        self._uncompiled = package is None and compiler == "inductor"
         if package is not None:
             self.load_package(package)
         elif compiler == "inductor":
@@ -175,12 +182,17 @@ class TorchEngine:
                 fullgraph=True,
                 dynamic=False,
                 mode="max-autotune-no-cudagraphs" if autotune else None,
-                options={"freezing": True, **IN_PROCESS},
+                options={"freezing": True},
             )
         elif compiler != "eager":
             raise ValueError(f"unknown engine compiler {compiler!r}")
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._uncompiled:  # the first call of an Inductor engine compiles it
+            with compiling_in_process():
+                outputs = self._run(*tensors)
+            self._uncompiled = False
+            return outputs
         return self._run(*tensors)
 
     def example_inputs(self) -> list[torch.Tensor]:
@@ -200,13 +212,13 @@ class TorchEngine:
     def export_package(self, path: Path) -> None:
         """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
         package holds code only: the weights stay in the artifact and are handed over at load."""
-        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False, **IN_PROCESS}
+        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False}
         compiler = aoti.package_compiler()
         if compiler is not None:
             configs["cpp.cxx"] = (None, compiler)
         if self.autotune:
             configs["max_autotune"] = True
-        with torch.no_grad():
+        with torch.no_grad(), compiling_in_process():
             exported = torch.export.export(self.module, tuple(self.example_inputs()))
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs=configs
