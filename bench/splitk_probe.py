@@ -4,8 +4,9 @@ on ResNet50's convolutions at batch 1, the shapes it exists for.
     source .whl/activate.sh && python bench/splitk_probe.py
     source .whl/activate.sh && TRITON_CACHE_DIR=$(mktemp -d) python bench/splitk_probe.py --compile-cost
 
-One JSON line per convolution: cuDNN's best of its listed plans (up to ``tactics.MAX_PLANS``)
-and each config's device ms (``tactics.device_ms``: CUDA-graph replays of 10 calls).
+One JSON line per convolution: cuDNN's best plan as the tactics search them
+(``tactics.fastest_plan``) and each config's device us (``tactics.device_ms``: CUDA-graph
+replays of 10 calls).
 """
 
 from __future__ import annotations
@@ -43,26 +44,6 @@ EXTRA_CONFIGS = (  # timed here only: candidates the tactics dropped (slower on 
     (32, 64, 64, 8, 4, 2),
     (32, 64, 64, 8, 4, 5),
 )
-
-
-def cudnn_best(ops: cudnn_conv.Operands, stride, padding) -> float | None:
-    """The fastest of cuDNN's listed plans for the fused conv + bias + ReLU, device us."""
-    g, uids, handle = cudnn_conv.build_graph(ops, stride, padding, [1, 1], "relu", [])
-    pack, best = ops.pack(uids), None
-    for index in range(min(tactics.MAX_PLANS, g.get_execution_plan_count())):
-        try:
-            g.build_plan_at_index(index)
-            ws = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
-
-            def run(index: int = index, ws: torch.Tensor = ws) -> None:
-                cudnn_conv.frontend().set_stream(handle, torch.cuda.current_stream().cuda_stream)
-                g.execute_plan_at_index(pack, ws, index, handle=handle)
-
-            ms = tactics.device_ms(run)
-        except Exception:  # a plan that does not build or run
-            continue
-        best = ms if best is None else min(best, ms)
-    return best and round(best * 1e3, 2)
 
 
 def compile_cost() -> None:
@@ -103,7 +84,10 @@ def main() -> None:
         out = splitk_conv.empty_output(x, w, stride, padding)
         res = torch.randn_like(out) if has_r else None
         row = {"x": xs, "w": [k, xs[1], r, s], "stride": stride}
-        row["cudnn_us"] = cudnn_best(cudnn_conv.Operands(x, w, b, res, out), stride, padding)
+        plan = tactics.fastest_plan(
+            cudnn_conv.Operands(x, w, b, res, out), stride, padding, [1, 1], "relu", []
+        )
+        row["cudnn_us"] = plan and round(plan[1] * 1e3, 2)
         args = (x, w, b, res, out, stride, padding, "relu", [])
         for config in splitk_conv.CONFIGS + EXTRA_CONFIGS:
             try:

@@ -1,5 +1,6 @@
-"""Time the Triton stem kernel's configs against cuDNN's fused plans on image stems (FP16, the
-image padded to 4 channels as the engine passes it), per batch.
+"""Time the Triton stem kernel's configs against cuDNN's fused plans (the best as the tactics
+search them, ``tactics.fastest_plan``) on image stems (FP16, the image padded to 4 channels as
+the engine passes it), per batch.
 
     source .whl/activate.sh && python bench/stem_probe.py [BATCH ...]
 
@@ -24,26 +25,6 @@ STEMS = {  # name: (H, W, K, R, stride, padding, activation, clip)
 EXTRA_CONFIGS = ((256, 64, 8, 3), (64, 64, 2, 2), (128, 64, 4, 3), (512, 64, 8, 2))
 
 
-def cudnn_ms(ops: cudnn_conv.Operands, stride, padding, act, clip) -> float | None:
-    """The fastest of cuDNN's first 8 plans for the fused stem, device ms."""
-    g, uids, handle = cudnn_conv.build_graph(ops, stride, padding, [1, 1], act, clip)
-    pack, best = ops.pack(uids), None
-    for index in range(min(8, g.get_execution_plan_count())):
-        try:
-            g.build_plan_at_index(index)
-            ws = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=ops.x.device)
-
-            def run(index: int = index, ws: torch.Tensor = ws) -> None:
-                cudnn_conv.frontend().set_stream(handle, torch.cuda.current_stream().cuda_stream)
-                g.execute_plan_at_index(pack, ws, index, handle=handle)
-
-            ms = tactics.device_ms(run)
-        except Exception:  # a plan that does not build or run
-            continue
-        best = ms if best is None else min(best, ms)
-    return best
-
-
 def probe(batch: int) -> None:
     dev, cl = torch.device("cuda"), torch.channels_last
     for name, (h, wd, k, r, stride, padding, act, clip) in STEMS.items():
@@ -55,7 +36,10 @@ def probe(batch: int) -> None:
         padded = torch.nn.functional.pad(image.half(), [0, 0, 0, 0, 0, 1]).contiguous(memory_format=cl)
         out = stem_conv.empty_output(padded, w, stride, padding)
         row: dict = {"stem": name, "batch": batch}
-        row["cudnn_ms"] = cudnn_ms(cudnn_conv.Operands(padded, w, b, None, out), stride, padding, act, clip)
+        plan = tactics.fastest_plan(
+            cudnn_conv.Operands(padded, w, b, None, out), stride, padding, [1, 1], act, clip
+        )
+        row["cudnn_ms"] = plan and plan[1]
         forms = {
             "fp32 rgb": image,
             "fp16 rgb": image.half().contiguous(memory_format=cl),

@@ -223,12 +223,26 @@ def best_config(
 
 
 def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
-    """(best plan index, its time, the built plan) over cuDNN's listed plans (up to
-    MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
+    """(best plan index, its time, the built plan) of the fused cuDNN graph of ``node`` on
+    ``ops`` (``fastest_plan``), or None."""
+    return fastest_plan(ops, *cudnn_conv.op_arguments(node), what=node)
+
+
+def fastest_plan(
+    ops: cudnn_conv.Operands,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+    what: object = "a convolution",
+) -> tuple[int, float, cudnn_conv.Plan] | None:
+    """(best plan index, its time, the built plan) over cuDNN's listed plans for the fused
+    convolution (up to MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
     try:
-        g, uids, handle = cudnn_conv.build_graph(ops, *cudnn_conv.op_arguments(node))
+        g, uids, handle = cudnn_conv.build_graph(ops, stride, padding, dilation, activation, clip)
     except Exception as exc:  # cuDNN has no engine for this graph
-        log.info("cuDNN cannot fuse %s: %s", node, exc)
+        log.info("cuDNN cannot fuse %s: %s", what, exc)
         return None
     pack = ops.pack(uids)
     frontend = cudnn_conv.frontend()
@@ -249,7 +263,7 @@ def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cud
 
             ms = device_ms(run)
         except Exception as exc:  # a plan that does not build or run is not a candidate
-            log.debug("cuDNN plan %d of %s failed: %s", index, node, exc)
+            log.debug("cuDNN plan %d of %s failed: %s", index, what, exc)
             continue
         if best is None or ms < best[1]:
             best = (index, ms)
