@@ -93,15 +93,9 @@ def check_splitk() -> bool:
     """kerasrt::splitk_conv's Triton kernel, every config, against float32 math; a second call
     must reproduce the first bit for bit (the tile counters were reset)."""
     ok = True
-    cl = torch.channels_last
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
         for xs, (k, r, s), stride, padding, has_b, has_r, act, clip in SPLITK_CASES:
-            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
-            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
-            w = w.contiguous(memory_format=cl)
-            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
-            shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
-            res = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=cl) if has_r else None
+            x, w, b, res = conv_operands(dtype, xs, (k, r, s), stride, padding, has_b, has_r)
 
             def reference(x=x, w=w, b=b, res=res, stride=stride, padding=padding, act=act, clip=clip):
                 f32 = [t.float() if t is not None else None for t in (x, w, b, res)]
@@ -130,6 +124,23 @@ def check_splitk() -> bool:
             }
             ok = report(ok and repeatable, errors, tol, {**row, "activation": act, "repeatable": repeatable})
     return ok
+
+
+def conv_operands(dtype, xs, kernel, stride, padding, has_bias, has_residual) -> tuple:
+    """x, w, bias and residual of a convolution check: random channels-last activations of
+    shape ``xs``, a (K, C, R, S) weight scaled to keep outputs near 1, ``dtype``."""
+    cl = torch.channels_last
+    k, r, s = kernel
+    x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
+    w = (
+        (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5)
+        .to(dtype)
+        .contiguous(memory_format=cl)
+    )
+    b = torch.randn(k, device=DEV).to(dtype) if has_bias else None
+    shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
+    res = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=cl) if has_residual else None
+    return x, w, b, res
 
 
 def replay_error(call, x: torch.Tensor, reference) -> float:
@@ -182,21 +193,9 @@ def check_depthwise() -> bool:
 def check_pointwise() -> bool:
     """kerasrt::pointwise_conv's Triton kernel, every config, against float32 math."""
     ok = True
-    cl = torch.channels_last
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
         for xs, k, has_b, has_r, act, clip in POINTWISE_CASES:
-            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
-            w = (
-                (torch.randn(k, xs[1], 1, 1, device=DEV) / xs[1] ** 0.5)
-                .to(dtype)
-                .contiguous(memory_format=cl)
-            )
-            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
-            r = (
-                torch.randn(xs[0], k, *xs[2:], device=DEV).to(dtype).contiguous(memory_format=cl)
-                if has_r
-                else None
-            )
+            x, w, b, r = conv_operands(dtype, xs, (k, 1, 1), [1, 1], [0, 0], has_b, has_r)
 
             def reference(x=x, w=w, b=b, r=r, act=act, clip=clip):
                 f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
@@ -220,13 +219,9 @@ def check_pointwise() -> bool:
 def check_stem() -> bool:
     """kerasrt::stem_conv's Triton kernel, every config, against float32 math."""
     ok = True
-    cl = torch.channels_last
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
         for xs, (k, r, s), stride, padding, has_b, act, clip in STEM_CASES:
-            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
-            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
-            w = w.contiguous(memory_format=cl)
-            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
+            x, w, b, _ = conv_operands(dtype, xs, (k, r, s), stride, padding, has_b, False)
 
             def reference(x=x, w=w, b=b, stride=stride, padding=padding, act=act, clip=clip):
                 f32 = [t.float() if t is not None else None for t in (x, w, b)]
@@ -249,13 +244,7 @@ def check_op() -> bool:
     ok = True
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
         for xs, (k, r, s), stride, padding, has_b, has_r, act, clip in CASES:
-            cl = torch.channels_last
-            x = torch.randn(xs, device=DEV).to(dtype).contiguous(memory_format=cl)
-            w = (torch.randn(k, xs[1], r, s, device=DEV) / (xs[1] * r * s) ** 0.5).to(dtype)
-            w = w.contiguous(memory_format=cl)
-            b = torch.randn(k, device=DEV).to(dtype) if has_b else None
-            shape = cudnn_conv.output_shape(x.shape, w.shape, stride, padding, [1, 1])
-            res = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=cl) if has_r else None
+            x, w, b, res = conv_operands(dtype, xs, (k, r, s), stride, padding, has_b, has_r)
             args = (x, w, b, res, stride, padding, [1, 1], act, clip)
             f32 = [t.float() if t is not None else None for t in args[:4]]
             ref = cudnn_conv.reference(*f32, stride, padding, [1, 1], act, clip)

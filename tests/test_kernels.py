@@ -440,14 +440,18 @@ def test_which_convolutions_the_pointwise_kernel_takes() -> None:
     assert not any(pointwise_conv.eligible(n) for n in fp32.nodes)
 
 
-def test_the_fastest_of_three_kernels_wins(fake_cudnn, monkeypatch) -> None:
-    inp = keras.Input((6, 6, 8))
-    graph = kerasrt.Converter(
-        keras.Model(inp, L.Conv2D(16, 1, activation="relu6")(inp)), precision_mode="FP16"
-    )
-    (node,) = [n for n in graph.convert().primary_graph().nodes if n.op.startswith("conv")]
-    ops = tactics.example_operands(node, torch.device("cpu"))
+def one_conv(conv: keras.layers.Layer, input_shape: tuple[int, ...]) -> tuple:
+    """The FP16 IR node of a model that is ``conv`` alone, its example operands on the CPU, and
+    a stand-in for a built cuDNN plan: what a tactic measurement takes and returns."""
+    inp = keras.Input(input_shape)
+    graph = kerasrt.Converter(keras.Model(inp, conv(inp)), precision_mode="FP16").convert().primary_graph()
+    (node,) = [n for n in graph.nodes if n.op.startswith("conv")]
     plan = cudnn_conv.Plan(graph=None, uids={}, workspace=0, handle=None)
+    return node, tactics.example_operands(node, torch.device("cpu")), plan
+
+
+def test_the_fastest_of_three_kernels_wins(fake_cudnn, monkeypatch) -> None:
+    node, ops, plan = one_conv(L.Conv2D(16, 1, activation="relu6"), (6, 6, 8))
     monkeypatch.setattr(pointwise_conv, "available", lambda device: True)
     monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
     for cudnn_ms, triton_ms, inductor_ms, kernel in [
@@ -673,13 +677,7 @@ def test_splits_shrink_to_the_workspace_and_tile_budget() -> None:
 
 
 def test_the_splitk_kernel_wins_where_it_is_fastest(fake_cudnn, monkeypatch) -> None:
-    inp = keras.Input((7, 7, 32))
-    graph = kerasrt.Converter(
-        keras.Model(inp, L.Conv2D(32, 3, activation="relu")(inp)), precision_mode="FP16"
-    )
-    (node,) = [n for n in graph.convert().primary_graph().nodes if n.op.startswith("conv")]
-    ops = tactics.example_operands(node, torch.device("cpu"))
-    plan = cudnn_conv.Plan(graph=None, uids={}, workspace=0, handle=None)
+    node, ops, plan = one_conv(L.Conv2D(32, 3, activation="relu"), (7, 7, 32))
     monkeypatch.setattr(splitk_conv, "available", lambda device: True)
     monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
     monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: (3, 0.5, plan))

@@ -214,9 +214,14 @@ def splits_as_configured(config: tuple[int, ...], out_shape: Sequence[int]) -> b
     """Whether ``config`` runs with its full split on an output of ``out_shape`` (N, K, H, W):
     where it would split less it is a plain implicit GEMM, not a candidate worth timing."""
     block_m, block_n, _, split = config[:4]
+    tiles_m, tiles_n = tile_grid(block_m, block_n, out_shape)
+    return split_for(split, tiles_m * tiles_n, block_m * block_n) == split
+
+
+def tile_grid(block_m: int, block_n: int, out_shape: Sequence[int]) -> tuple[int, int]:
+    """(pixel tiles, channel tiles) of an output of ``out_shape`` (N, K, H, W)."""
     n, k, oh, ow = out_shape
-    tiles = -(-n * oh * ow // block_m) * -(-k // block_n)
-    return split_for(split, tiles, block_m * block_n) == split
+    return (n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n
 
 
 def counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -256,7 +261,7 @@ def launch(
         raise ValueError(f"splitk_conv needs input channels in multiples of {CHANNEL_MULTIPLE}, got {c}")
     while c % block_k:
         block_k //= 2
-    tiles_m, tiles_n = (n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n
+    tiles_m, tiles_n = tile_grid(block_m, block_n, out.shape)
     split = split_for(split, tiles_m * tiles_n, block_m * block_n)
     workspace, count = out, out  # unused without a split
     if split > 1:
