@@ -4,17 +4,25 @@ compile on the first call), with every cache empty (fresh kerasrt, Triton and In
 folders and CUDA's JIT cache off).
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
+
+``STACKS_EVERY=S`` also prints every thread's stack every S seconds on stderr (faulthandler:
+where a slow phase spends its time, even inside C code); ``SAMPLE_EVERY=S`` prints the main
+thread's innermost Python frames instead (from a Python thread: safe, but blind while C code
+holds the GIL). The row ends with the process's child processes (a compile pool).
 """
 
 from __future__ import annotations
 
 import collections
+import faulthandler
 import functools
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
+import traceback
 
 for variable in ("KERASRT_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
     os.environ[variable] = tempfile.mkdtemp(prefix=variable.lower())
@@ -23,8 +31,12 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402 (after the cache folders are set)
 import torch  # noqa: E402
+import triton.compiler.compiler  # noqa: E402
+import triton.runtime.jit  # noqa: E402
+from torch._inductor import compile_fx  # noqa: E402
 
 import kerasrt  # noqa: E402
+from kerasrt import runtime  # noqa: E402
 from kerasrt.backend import tactics  # noqa: E402
 
 SECONDS: collections.Counter[str] = collections.Counter()
@@ -47,7 +59,44 @@ def timed(module, name: str) -> None:
     setattr(module, name, wrapper)
 
 
+def child_processes() -> int:
+    """How many processes this one started (Inductor's compile workers, for one)."""
+    me = str(os.getpid())
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                count += f.read().rsplit(")", 1)[1].split()[1] == me
+        except OSError:
+            continue
+    return count
+
+
+def sample_main_thread(every: float) -> None:
+    """Print the main thread's innermost frames every ``every`` seconds (a daemon thread)."""
+    main_id = threading.main_thread().ident
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            frame = sys._current_frames().get(main_id)
+            stack = "".join(traceback.format_stack(frame)[-14:]) if frame else ""
+            print(f"--- main thread at {time.strftime('%X')}\n{stack}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def main(name: str, batch: int) -> None:
+    if os.environ.get("STACKS_EVERY"):
+        faulthandler.dump_traceback_later(float(os.environ["STACKS_EVERY"]), repeat=True)
+    if os.environ.get("SAMPLE_EVERY"):
+        sample_main_thread(float(os.environ["SAMPLE_EVERY"]))
+    timed(compile_fx, "compile_fx")  # the engines' Inductor compiles (dynamo imports it per call)
+    timed(triton.compiler.compiler, "compile")  # every Triton kernel compiled in this process
+    for alias in (triton, triton.runtime.jit):  # where Inductor and @triton.jit look it up
+        if hasattr(alias, "compile"):
+            alias.compile = triton.compiler.compiler.compile
+    timed(runtime.CudaGraphRunner, "__init__")  # warm-up runs (compiling) and the capture
     for phase in (
         "measure_cudnn",
         "_time_triton",
@@ -62,6 +111,7 @@ def main(name: str, batch: int) -> None:
     begin = time.perf_counter()
     optimized = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch).convert()
     converted = time.perf_counter() - begin
+    print(f"converted in {converted:.1f} s; first call", file=sys.stderr, flush=True)
     optimized(x)
     torch.cuda.synchronize()
     total = time.perf_counter() - begin
@@ -72,6 +122,7 @@ def main(name: str, batch: int) -> None:
         "convert_and_first_call_s": round(total, 1),
         "phases_s": {k: round(v, 1) for k, v in SECONDS.items()},
         "calls": dict(CALLS),
+        "child_processes": child_processes(),
     }
     print(json.dumps(row), flush=True)
 

@@ -22,6 +22,7 @@ from kerasrt.artifact import _kernel_convs
 from kerasrt.backend import (
     cudnn_conv,
     depthwise_conv,
+    op_library,
     pointwise_conv,
     splitk_conv,
     stem_conv,
@@ -754,3 +755,24 @@ def test_inductor_engines_compile_in_process() -> None:
         torch.testing.assert_close(y, torch.tensor([[0.0, 2.0, 0.5], [3.0, 0.0, 0.0]]))
     # the compiling first call without a pool of worker processes; later calls as configured
     assert threads == [1, config.compile_threads]
+
+
+def test_inductor_meets_kerasrt_ops_registered(fake_cudnn, monkeypatch) -> None:
+    """Inductor's own registration of an op it meets unregistered prints the call's arguments
+    (the IR upstream of them): minutes on a deep model. Engines register kerasrt's ops first."""
+    from torch._inductor import graph as inductor_graph
+    from torch._inductor import lowering
+
+    ops = [getattr(torch.ops.kerasrt, name).default for name in op_library.NAMES]
+    for op in ops:  # as in a fresh process (earlier tests compiled engines with these ops)
+        monkeypatch.delitem(lowering.lowerings, op, raising=False)
+    implicit: list[object] = []
+
+    def make_fallback(op, *args, **kwargs):
+        implicit.append(op)
+        return lowering.make_fallback(op, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_graph, "make_fallback", make_fallback)
+    convert_on_own_kernels(residual_cnn(), (2, 8, 8, 3))  # an engine calling kerasrt::cudnn_conv
+    assert CUDNN_OP not in implicit and not set(ops) & set(implicit)
+    assert all(op in lowering.lowerings for op in ops)

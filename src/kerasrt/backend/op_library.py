@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 
 _LIBRARY = torch.library.Library("kerasrt", "FRAGMENT")  # kept alive: it owns the registrations
+NAMES: list[str] = []
+"""The names of the ops defined so far (``torch.ops.kerasrt.<name>``)."""
 
 
 def define(default: Callable, *, cuda: Callable, fake: Callable) -> None:
@@ -26,3 +28,4 @@ def define(default: Callable, *, cuda: Callable, fake: Callable) -> None:
     _LIBRARY.impl(name, default, "CompositeExplicitAutograd")
     _LIBRARY.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"kerasrt::{name}", fake, lib=_LIBRARY)
+    NAMES.append(name)

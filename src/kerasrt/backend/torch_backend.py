@@ -16,7 +16,15 @@ import torch
 import torch.fx
 
 from kerasrt import cache
-from kerasrt.backend import aoti, cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv
+from kerasrt.backend import (
+    aoti,
+    cudnn_conv,
+    depthwise_conv,
+    op_library,
+    pointwise_conv,
+    splitk_conv,
+    stem_conv,
+)
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.partition import Support
@@ -25,17 +33,37 @@ cache.share_with_triton()  # before any Inductor compile: converting and loading
 
 
 @contextlib.contextmanager
-def compiling_in_process() -> Iterator[None]:
-    """Inductor compiles an engine's kernels in this process, and starts no pool of worker
-    processes (it starts one on its first compile otherwise): an engine's own Triton kernels
-    are few (kerasrt's ops run the heavy layers), and on a freshly started machine each worker
-    imports torch from a cold disk, on every core. There the pool made ResNet50's first
-    engine compile 120 s of a 162 s build; in process, 6 s of 43 s (H100,
-    ``python bench/build_phases.py``)."""
+def inductor_compiling() -> Iterator[None]:
+    """The setting every Inductor compile of an engine runs in: kerasrt's ops registered
+    with Inductor (``declare_fallbacks``), and the compile in this process. Inductor starts a
+    pool of worker processes at its first compile otherwise, one per core, each importing
+    torch, for the few Triton kernels of an engine whose heavy layers are kerasrt's own
+    kernels (ResNet50's engine compiles 7 of them in 0.9 s in process on the H100 machine)."""
     from torch._inductor import config
 
+    declare_fallbacks()
     with config.patch(compile_threads=1):
         yield
+
+
+def declare_fallbacks() -> None:
+    """Register kerasrt's ops with Inductor as fallback kernels (called as they are), each
+    with the layout constraint Inductor gives an op it meets unregistered. Inductor would
+    register them itself at their first use, but logs that first call with every argument
+    printed, and torch 2.11 builds the text even with the log off: an argument prints the
+    IR of everything upstream of it. On the H100 machine that took 100-140 s of ResNet50's
+    first engine compile in 5 of 10 cold builds (``python bench/build_phases.py``, sampled
+    with ``SAMPLE_EVERY``)."""
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:  # a torch without these: Inductor registers the ops at first use
+        return
+    for name in op_library.NAMES:
+        op = getattr(torch.ops.kerasrt, name).default
+        if op not in lowerings:
+            tag = get_layout_constraint_tag(op, with_default=True)
+            make_fallback(op, layout_constraint=tag_to_layout_constraint(tag))
 
 
 def is_supported(node: Node) -> Support:
@@ -189,7 +217,7 @@ class TorchEngine:
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._uncompiled:  # the first call of an Inductor engine compiles it
-            with compiling_in_process():
+            with inductor_compiling():
                 outputs = self._run(*tensors)
             self._uncompiled = False
             return outputs
@@ -218,7 +246,7 @@ class TorchEngine:
             configs["cpp.cxx"] = (None, compiler)
         if self.autotune:
             configs["max_autotune"] = True
-        with torch.no_grad(), compiling_in_process():
+        with torch.no_grad(), inductor_compiling():
             exported = torch.export.export(self.module, tuple(self.example_inputs()))
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path), inductor_configs=configs
