@@ -1,8 +1,7 @@
 """Where a cold convert + build goes: wall seconds per phase of converting a keras.applications
-model (tactics: compiling the Triton candidates in worker processes, cuDNN plans, each Triton
-kernel's configs, Inductor's estimate; the engines' compile on the first call), with every
-cache empty (fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off).
-``KERASRT_COMPILE_WORKERS=0`` compiles the candidates in this process, one after another.
+model (tactics: cuDNN plans, each Triton kernel's configs, Inductor's estimate; the engines'
+compile on the first call), with every cache empty (fresh kerasrt, Triton and Inductor cache
+folders and CUDA's JIT cache off).
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
 
@@ -38,7 +37,7 @@ from torch._inductor import compile_fx  # noqa: E402
 
 import kerasrt  # noqa: E402
 from kerasrt import runtime  # noqa: E402
-from kerasrt.backend import compile_workers, tactics  # noqa: E402
+from kerasrt.backend import tactics  # noqa: E402
 
 SECONDS: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
@@ -93,9 +92,10 @@ def main(name: str, batch: int) -> None:
     if os.environ.get("SAMPLE_EVERY"):
         sample_main_thread(float(os.environ["SAMPLE_EVERY"]))
     timed(compile_fx, "compile_fx")  # the engines' Inductor compiles (dynamo imports it per call)
-    timed(triton.compiler.compiler, "compile")  # Inductor's Triton kernels (it calls this one)
-    timed(triton.runtime.jit.JITFunction, "_do_compile")  # kerasrt's (a cache hit is quick)
-    timed(compile_workers, "compile_all")  # the tactics' candidates, in worker processes
+    timed(triton.compiler.compiler, "compile")  # every Triton kernel compiled in this process
+    for alias in (triton, triton.runtime.jit):  # where Inductor and @triton.jit look it up
+        if hasattr(alias, "compile"):
+            alias.compile = triton.compiler.compiler.compile
     timed(runtime.CudaGraphRunner, "__init__")  # warm-up runs (compiling) and the capture
     for phase in (
         "measure_cudnn",

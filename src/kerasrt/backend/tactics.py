@@ -33,23 +33,12 @@ from typing import Any
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import (
-    compile_workers,
-    cudnn_conv,
-    depthwise_conv,
-    pointwise_conv,
-    splitk_conv,
-    stem_conv,
-    triton_configs,
-)
+from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv, triton_configs
 from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
 
 log = logging.getLogger(__name__)
-
-DepthwiseCall = tuple[Value, list[int]]
-"""What a depthwise op call reads (a folded pad's input) and its padding (``ir_call``)."""
 
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
 CANDIDATES_VERSION = 4
@@ -303,8 +292,14 @@ def depthwise_signature(node: Node, ops: cudnn_conv.Operands, padding: list[int]
 def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], mode: str) -> Choice:
     """The fastest Triton tile config and, in "auto", Inductor's way: materialize the zero
     padding, cuDNN's depthwise conv, one epilogue pass (bias + activation)."""
-    best = depthwise_candidates(node, ops, padding).time(node)
-    stride, _, _ = depthwise_conv.op_arguments(node)
+    stride, act, clip = depthwise_conv.op_arguments(node)
+    best = best_config(
+        depthwise_conv.CONFIGS,
+        lambda config: depthwise_conv.launch(
+            config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip
+        ),
+        node,
+    )
     top, bottom, left, right = padding
     symmetric = top == bottom and left == right
     z = torch.empty_like(ops.out)
@@ -351,48 +346,28 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
         return {}
     env = environment(device)
     table = _table(env)
-    meta = torch.device("meta")  # keys and compile tasks need shapes and strides only
-    calls: list[tuple[Node, str, DepthwiseCall | None]] = []
-    for node in convs:
-        ops = example_operands(node, meta)
-        calls.append((node, cudnn_conv.signature(ops, *cudnn_conv.op_arguments(node)), None))
-    for node in depthwise:
-        dw = depthwise_conv.ir_call(node, nodes)
-        calls.append((node, depthwise_signature(node, depthwise_operands(node, *dw, meta), dw[1]), dw))
-
-    def unmeasured(sig: str, dw: DepthwiseCall | None) -> bool:
-        choice = table.get(sig)
-        # an "auto" build times Inductor's way too, which a "cudnn" build's entry lacks
-        return choice is None or (
-            mode == "auto" and choice.inductor_ms is None and (dw is not None or choice.cudnn_ms is not None)
-        )
-
-    def operands(node: Node, dw: DepthwiseCall | None, on: torch.device) -> cudnn_conv.Operands:
-        return example_operands(node, on) if dw is None else depthwise_operands(node, *dw, on)
-
-    compile_workers.compile_all(
-        [
-            task
-            for node, sig, dw in calls
-            if unmeasured(sig, dw)
-            for found in (
-                candidates(node, operands(node, dw, meta), device)
-                if dw is None
-                else [depthwise_candidates(node, operands(node, dw, meta), dw[1])]
-            )
-            for task in found.tasks()
-        ],
-        device=str(device),
-    )
     chosen: dict[int, tuple[str, Choice]] = {}
     measured = 0
-    for node, sig, dw in calls:
+    for node in convs:
+        # the key needs only shapes and strides: no device memory unless there is timing to do
+        sig = cudnn_conv.signature(
+            example_operands(node, torch.device("meta")), *cudnn_conv.op_arguments(node)
+        )
         choice = table.get(sig)
-        if unmeasured(sig, dw):
-            ops = operands(node, dw, device)
-            choice = (
-                _measure(node, ops, sig, mode) if dw is None else measure_depthwise(node, ops, dw[1], mode)
-            )
+        if choice is None or (mode == "auto" and choice.inductor_ms is None and choice.cudnn_ms is not None):
+            choice = _measure(node, example_operands(node, device), sig, mode)
+            table[sig] = choice
+            measured += 1
+        if mode == "cudnn":
+            choice = choice.own_kernel()
+        _select(sig, choice)
+        chosen[id(node)] = (sig, choice)
+    for node in depthwise:
+        x, padding = depthwise_conv.ir_call(node, nodes)
+        sig = depthwise_signature(node, depthwise_operands(node, x, padding, torch.device("meta")), padding)
+        choice = table.get(sig)
+        if choice is None or (mode == "auto" and choice.inductor_ms is None):
+            choice = measure_depthwise(node, depthwise_operands(node, x, padding, device), padding, mode)
             table[sig] = choice
             measured += 1
         if mode == "cudnn":
@@ -419,78 +394,37 @@ def splitk_eligible(node: Node, device: torch.device) -> bool:
     return splitk_conv.eligible(node) and splitk_conv.available(device)
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """The configs of one Triton kernel worth timing on one call: ``module.launch(config,
-    *args)`` for each index in ``configs`` (of ``module.CONFIGS``)."""
-
-    module: Any
-    configs: tuple[int, ...]
-    args: tuple
-
-    def run(self, config: tuple) -> None:
-        if self.module.CONFIGS.index(config) not in self.configs:
-            raise ValueError("not a candidate for this call")  # (skipped, not timed)
-        self.module.launch(config, *self.args)
-
-    def time(self, what: object) -> tuple[int, float] | None:
-        """(best config index, its device ms), or None when none runs."""
-        return best_config(self.module.CONFIGS, self.run, what)
-
-    def tasks(self) -> list[compile_workers.Task]:
-        """One compile task per config (``compile_workers``)."""
-        return [compile_workers.task(self.module.__name__, i, self.args) for i in self.configs]
-
-
-def triton_candidates(node: Node, ops: cudnn_conv.Operands, device: torch.device) -> Candidates | None:
-    """The pointwise or stem kernel's configs for the convolution ``node`` (``ops`` may be
-    meta tensors, ``device`` is where it would run), or None without such a kernel."""
-    module = triton_kernel(node, device)
-    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
-    every = tuple(range(len(module.CONFIGS))) if module is not None else ()
-    if module is pointwise_conv:
-        return Candidates(module, every, (ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip))
-    if module is stem_conv:
-        return Candidates(module, every, (ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip))
-    return None
-
-
-def splitk_candidates(node: Node, ops: cudnn_conv.Operands, device: torch.device) -> Candidates | None:
-    """The split-K kernel's configs that split this call fully (others are not timed)."""
-    if not splitk_eligible(node, device):
-        return None
-    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
-    configs = tuple(
-        i for i, c in enumerate(splitk_conv.CONFIGS) if splitk_conv.splits_as_configured(c, ops.out.shape)
-    )
-    return Candidates(
-        splitk_conv, configs, (ops.x, ops.w, ops.bias, ops.residual, ops.out, stride, padding, act, clip)
-    )
-
-
-def depthwise_candidates(node: Node, ops: cudnn_conv.Operands, padding: list[int]) -> Candidates:
-    """The depthwise kernel's configs for the depthwise op call ``ops``."""
-    stride, act, clip = depthwise_conv.op_arguments(node)
-    every = tuple(range(len(depthwise_conv.CONFIGS)))
-    return Candidates(depthwise_conv, every, (ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip))
-
-
-def candidates(node: Node, ops: cudnn_conv.Operands, device: torch.device) -> list[Candidates]:
-    """Every Triton kernel's candidates for the convolution ``node``."""
-    found = (triton_candidates(node, ops, device), splitk_candidates(node, ops, device))
-    return [c for c in found if c is not None]
-
-
 def _time_splitk(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
     """(best config, its device ms) of the split-K kernel for ``node``, or None."""
-    found = splitk_candidates(node, ops, ops.x.device)
-    return found.time(node) if found is not None else None
+    if not splitk_eligible(node, ops.x.device):
+        return None
+    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
+
+    def run(config: tuple) -> None:
+        if not splitk_conv.splits_as_configured(config, ops.out.shape):
+            raise ValueError("too many output tiles to split")  # (skipped, not timed)
+        splitk_conv.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, stride, padding, act, clip)
+
+    return best_config(splitk_conv.CONFIGS, run, node)
 
 
 def _time_triton(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
     """(best config, its device ms) of the Triton kernel for ``node``, or None without one."""
-    found = triton_candidates(node, ops, ops.x.device)
-    return found.time(node) if found is not None else None
+    module = triton_kernel(node, ops.x.device)
+    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
+    if module is pointwise_conv:
+        return best_config(
+            module.CONFIGS,
+            lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip),
+            node,
+        )
+    if module is stem_conv:
+        return best_config(
+            module.CONFIGS,
+            lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip),
+            node,
+        )
+    return None
 
 
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
