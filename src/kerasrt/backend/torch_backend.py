@@ -51,8 +51,8 @@ def declare_fallbacks() -> None:
     with the layout constraint Inductor gives an op it meets unregistered. Inductor would
     register them itself at their first use, but logs that first call with every argument
     printed, and torch 2.11 builds the text even with the log off: an argument prints the
-    IR of everything upstream of it. On the H100 machine that took 100-140 s of ResNet50's
-    first engine compile in 5 of 10 cold builds (``python bench/build_phases.py``, sampled
+    IR of everything upstream of it. On the H100 machine that took 107-146 s of ResNet50's
+    first engine compile in 5 of 11 cold builds (``python bench/build_phases.py``, sampled
     with ``SAMPLE_EVERY``)."""
     try:
         from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
