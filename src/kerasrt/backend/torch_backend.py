@@ -38,7 +38,7 @@ def inductor_compiling() -> Iterator[None]:
     with Inductor (``declare_fallbacks``), and the compile in this process. Inductor starts a
     pool of worker processes at its first compile otherwise, one per core, each importing
     torch, for the few Triton kernels of an engine whose heavy layers are kerasrt's own
-    kernels (ResNet50's engine compiles 7 of them in 0.9 s in process on the H100 machine)."""
+    kernels (ResNet50's engine compiles 7 of them in 0.8 s in process on the H100 machine)."""
     from torch._inductor import config
 
     declare_fallbacks()
