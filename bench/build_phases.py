@@ -44,15 +44,22 @@ CALLS: collections.Counter[str] = collections.Counter()
 
 
 def timed(module, name: str) -> None:
-    """Replace ``module.name`` with a wrapper adding its wall time to SECONDS[name]."""
+    """Replace ``module.name`` with a wrapper adding its wall time to SECONDS[name]; a call
+    made inside another call of the same function (compile_fx calls itself) is not counted
+    again."""
     original = getattr(module, name)
+    depth = [0]
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
+        if depth[0]:
+            return original(*args, **kwargs)
         begin = time.perf_counter()
+        depth[0] += 1
         try:
             return original(*args, **kwargs)
         finally:
+            depth[0] -= 1
             SECONDS[name] += time.perf_counter() - begin
             CALLS[name] += 1
 
