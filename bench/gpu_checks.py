@@ -5,7 +5,8 @@
    (exit 1) when an error is outside the precision's tolerance.
    ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s, ``kerasrt::stem_conv``'s and
    ``kerasrt::splitk_conv``'s Triton kernels the same way, every config (split-K also: two
-   calls give identical bits, so its tile counters are back at zero after each).
+   calls give identical bits, so its tile counters are back at zero after each); the merged
+   kernels ``kerasrt::dual_conv`` and ``kerasrt::pointwise_pair`` too.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -31,7 +32,15 @@ import numpy as np
 import torch
 
 import kerasrt
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv
+from kerasrt.backend import (
+    cudnn_conv,
+    depthwise_conv,
+    dual_conv,
+    pointwise_conv,
+    pointwise_pair,
+    splitk_conv,
+    stem_conv,
+)
 from kerasrt.bench import latency_stats, relative_error, sample_latencies
 from kerasrt.settings import PRECISION_RTOL
 
@@ -68,6 +77,20 @@ POINTWISE_CASES = [  # (N, C, H, W), K, bias, residual, activation, clip
     ((8, 40, 28, 28), 240, True, False, "silu", []),
     ((8, 64, 56, 56), 256, True, True, "relu", []),
     ((3, 5, 9, 7), 12, False, False, "relu", []),
+]
+
+
+DUAL_CASES = [  # h (N, C, H, W), K, shortcut input channels, shortcut stride, activation, clip
+    ((8, 64, 56, 56), 256, 64, 1, "relu", []),  # ResNet50's first stage
+    ((8, 128, 28, 28), 512, 256, 2, "relu", []),
+    ((3, 32, 7, 9), 40, 48, 2, "clamp", [0.0, 6.0]),
+    ((2, 16, 5, 5), 24, 16, 1, "none", []),
+]
+PAIR_CASES = [  # x (N, C, H, W), first K, residual, activation, second K, activation
+    ((8, 64, 56, 56), 256, True, "relu", 64, "relu"),  # ResNet50's first stage
+    ((8, 128, 28, 28), 512, True, "relu", 128, "relu"),
+    ((8, 144, 28, 28), 24, True, "none", 144, "clamp"),
+    ((3, 20, 9, 7), 40, False, "silu", 200, "none"),
 ]
 
 
@@ -216,6 +239,71 @@ def check_pointwise() -> bool:
     return ok
 
 
+def check_dual() -> bool:
+    """kerasrt::dual_conv's Triton kernel, every config, against float32 math."""
+    ok = True
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for hs, k, c2, stride, act, clip in DUAL_CASES:
+            h, w, b, _ = conv_operands(dtype, hs, (k, 1, 1), [1, 1], [0, 0], True, False)
+            xs = (hs[0], c2, (hs[2] - 1) * stride + 1, (hs[3] - 1) * stride + 1)
+            x, ws, _, _ = conv_operands(dtype, xs, (k, 1, 1), [1, 1], [0, 0], False, False)
+            s = [stride, stride]
+
+            def reference(h=h, w=w, x=x, ws=ws, b=b, s=s, act=act, clip=clip):
+                return dual_conv.reference(
+                    h.float(), w.float(), x.float(), ws.float(), b.float(), s, act, clip
+                )
+
+            ref = reference()
+            errors = []
+            for config in dual_conv.CONFIGS:
+                out = pointwise_conv.empty_output(h, w)
+                dual_conv.launch(config, h, w, x, ws, b, out, s, act, clip)
+                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+            args = (h, w, x, ws, b, s, act, clip)
+            errors.append(replay_error(lambda args=args: torch.ops.kerasrt.dual_conv(*args), h, reference))
+            row = {"check": "dual op", "dtype": str(dtype), "h": hs, "k": k, "x": xs, "stride": stride}
+            ok = report(ok, errors, tol, {**row, "activation": act})
+    return ok
+
+
+def check_pair() -> bool:
+    """kerasrt::pointwise_pair's Triton kernel, every config, against float32 math (both
+    outputs; the second from the first rounded to the working dtype, as the op defines)."""
+    ok = True
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, k1, has_r, act1, k2, act2 in PAIR_CASES:
+            x, w1, b1, r = conv_operands(dtype, xs, (k1, 1, 1), [1, 1], [0, 0], True, has_r)
+            y_shape = (xs[0], k1, *xs[2:])
+            _, w2, b2, _ = conv_operands(dtype, y_shape, (k2, 1, 1), [1, 1], [0, 0], True, False)
+            clip1 = [0.0, 6.0] if act1 == "clamp" else []
+            clip2 = [0.0, 6.0] if act2 == "clamp" else []
+            args = (x, w1, b1, r, w2, b2, act1, clip1, act2, clip2)
+
+            def reference(args=args):
+                y, _ = pointwise_pair.reference(
+                    *[a.float() if isinstance(a, torch.Tensor) else a for a in args]
+                )
+                y = y.to(args[0].dtype).float()  # the first output as stored, then the second
+                tail = [a.float() if isinstance(a, torch.Tensor) else a for a in args[4:6]]
+                return y, pointwise_conv.reference(y, *tail, None, args[8], args[9])
+
+            ry, rz = reference()
+            errors = []
+            for config in pointwise_pair.CONFIGS:
+                y, z = pointwise_pair.empty_outputs(x, w1, w2)
+                pointwise_pair.launch(config, x, w1, b1, r, w2, b2, y, z, act1, clip1, act2, clip2)
+                errors += [float((t.float() - e).abs().max() / e.abs().max()) for t, e in ((y, ry), (z, rz))]
+            errors.append(
+                replay_error(
+                    lambda args=args: torch.ops.kerasrt.pointwise_pair(*args)[1], x, lambda: reference()[1]
+                )
+            )
+            row = {"check": "pair op", "dtype": str(dtype), "x": xs, "k1": k1, "k2": k2, "residual": has_r}
+            ok = report(ok, errors, tol, {**row, "activations": [act1, act2]})
+    return ok
+
+
 def check_stem() -> bool:
     """kerasrt::stem_conv's Triton kernel, every config, against float32 math."""
     ok = True
@@ -338,6 +426,8 @@ CHECKS = {
     "pointwise": check_pointwise,
     "stem": check_stem,
     "splitk": check_splitk,
+    "dual": check_dual,
+    "pair": check_pair,
 }
 
 

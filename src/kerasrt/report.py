@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kerasrt.backend import merges
 from kerasrt.ir.cost import node_flops
 from kerasrt.runtime import OptimizedModel
 
@@ -64,7 +65,12 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "compiler": model.settings.compiler_for(model.device.type),
         "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
         "cuda_graph": program.graphable,
-        "conv_kernels": dict(Counter(c.kernel for c in program.kernel_choices.values())),
+        "conv_kernels": dict(
+            Counter(
+                "merged" if merges.is_merge_signature(s) else c.kernel
+                for s, c in program.kernel_choices.items()
+            )
+        ),
         "segments": segments,
         "fallbacks": fallbacks,
         "suggestion": suggestion,
@@ -105,6 +111,8 @@ def format_report(report: dict[str, Any]) -> str:
         triton = f", {kernels['triton']} on kerasrt's Triton kernels" if kernels.get("triton") else ""
         if kernels.get("splitk"):
             triton += f", {kernels['splitk']} on its split-K kernel"
+        if kernels.get("merged"):
+            triton += f"; {kernels['merged']} pairs of convolutions timed as one merged kernel"
         lines.append(
             f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
             f"{kernels.get('inductor', 0)} on Inductor's{triton}"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from kerasrt.backend import tactics
+from kerasrt.backend import merges, tactics
 from kerasrt.backend.torch_backend import TorchEngine, is_supported, precision_scope
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
@@ -186,7 +186,8 @@ class Program:
 
     def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> dict[int, str]:
         """The convolutions of an engine segment to run on kerasrt's kernels (node id ->
-        "cudnn" or "triton"), by measured tactics. "auto" considers them only for
+        kernel, see ``TorchEngine``), by measured tactics, with the merges of neighbouring
+        convolutions that beat them (``merges.choose``). "auto" considers them only for
         programs replayed as CUDA graphs: each call is launched from Python, host work that
         only a graph replay hides."""
         mode = settings.conv_kernels
@@ -194,7 +195,12 @@ class Program:
             mode = "inductor"
         choices = tactics.choose(seg.nodes, self.device, mode)
         self.kernel_choices.update(choices.values())
-        return {node: choice.kernel for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
+        own = {node: choice.kernel for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
+        for sig, choice, merge in merges.choose(seg.nodes, seg.outputs, choices, self.device).values():
+            self.kernel_choices[sig] = choice
+            own[id(merge.lead)] = merge.kernel
+            own[id(merge.absorbed)] = merges.ABSORBED
+        return own
 
     @property
     def captured(self) -> bool:

@@ -55,7 +55,9 @@ class Choice:
     or for other convolutions the pointwise or stem one: ``triton_kernel``), "splitk" (the
     split-K Triton kernel) or "inductor"; with what the timing found: the best cuDNN plan
     (index in cuDNN's list, its workspace) and the best config of each Triton kernel (index in
-    its ``CONFIGS``), whichever kernel won."""
+    its ``CONFIGS``), whichever kernel won. A merged pair of convolutions (``merges``) has
+    "triton" (its merged kernel, ``config``) or "apart", with ``apart_ms`` the two
+    convolutions' own kernels' time."""
 
     kernel: str
     plan: int = 0
@@ -66,6 +68,13 @@ class Choice:
     config: int = 0
     splitk_ms: float | None = None
     splitk_config: int = 0
+    apart_ms: float | None = None
+
+    @property
+    def ms(self) -> float | None:
+        """The device ms of the chosen kernel, where it was timed."""
+        timed = {"cudnn": self.cudnn_ms, "triton": self.triton_ms, "splitk": self.splitk_ms}
+        return timed.get(self.kernel, self.inductor_ms if self.kernel == "inductor" else self.apart_ms)
 
     def own_kernel(self) -> Choice:
         """This choice with the faster of kerasrt's own kernels (``conv_kernels="cudnn"``)."""
@@ -93,7 +102,7 @@ def _env_key(env: dict[str, str]) -> str:
 _TABLES: dict[str, dict[str, Choice]] = {}  # env key -> signature -> choice
 
 
-def _table(env: dict[str, str]) -> dict[str, Choice]:
+def choice_table(env: dict[str, str]) -> dict[str, Choice]:
     key = _env_key(env)
     if key not in _TABLES:
         stored = cache.read_json(f"tactics-{key}.json")
@@ -107,15 +116,15 @@ def _table(env: dict[str, str]) -> dict[str, Choice]:
     return _TABLES[key]
 
 
-def _persist(env: dict[str, str]) -> None:
-    data = {"environment": env, "choices": {s: asdict(c) for s, c in _table(env).items()}}
+def persist(env: dict[str, str]) -> None:
+    data = {"environment": env, "choices": {s: asdict(c) for s, c in choice_table(env).items()}}
     cache.write_json(f"tactics-{_env_key(env)}.json", data)
 
 
 def remember(choices: dict[str, dict], env: dict[str, str]) -> None:
     """Adopt choices made on an identical environment (an artifact's: its compiled engines
     were built with them, so they win over this machine's cache)."""
-    table = _table(env)
+    table = choice_table(env)
     for sig, data in choices.items():
         table[sig] = Choice(**data)
 
@@ -123,10 +132,10 @@ def remember(choices: dict[str, dict], env: dict[str, str]) -> None:
 def adopt(choices: dict[str, Choice]) -> None:
     """Run the convolutions of engines built earlier with the plans they were timed with."""
     for sig, choice in choices.items():
-        _select(sig, choice)
+        select(sig, choice)
 
 
-def _select(sig: str, choice: Choice) -> None:
+def select(sig: str, choice: Choice) -> None:
     """Make the op of ``choice.kernel`` run its plan/config for ``sig``."""
     if choice.kernel == "cudnn":
         cudnn_conv.choose_plan(sig, choice.plan)
@@ -236,11 +245,16 @@ def fastest_plan(
     activation: str,
     clip: Sequence[float],
     what: object = "a convolution",
+    heuristics: Sequence[str] = cudnn_conv.HEURISTICS,
+    max_plans: int = MAX_PLANS,
+    build_budget_s: float = PLAN_BUILD_BUDGET_S,
 ) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) over cuDNN's listed plans for the fused
-    convolution (up to MAX_PLANS, within PLAN_BUILD_BUDGET_S of building), or None."""
+    convolution (up to ``max_plans``, within ``build_budget_s`` of building), or None."""
     try:
-        g, uids, handle = cudnn_conv.build_graph(ops, stride, padding, dilation, activation, clip)
+        g, uids, handle = cudnn_conv.build_graph(
+            ops, stride, padding, dilation, activation, clip, heuristics=heuristics
+        )
     except Exception as exc:  # cuDNN has no engine for this graph
         log.info("cuDNN cannot fuse %s: %s", what, exc)
         return None
@@ -248,8 +262,8 @@ def fastest_plan(
     frontend = cudnn_conv.frontend()
     best: tuple[int, float] | None = None
     building = 0.0
-    for index in range(min(MAX_PLANS, g.get_execution_plan_count())):
-        if best is not None and building > PLAN_BUILD_BUDGET_S:
+    for index in range(min(max_plans, g.get_execution_plan_count())):
+        if best is not None and building > build_budget_s:
             break
         try:
             begin = time.perf_counter()
@@ -345,7 +359,7 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
     if not (convs or depthwise):
         return {}
     env = environment(device)
-    table = _table(env)
+    table = choice_table(env)
     chosen: dict[int, tuple[str, Choice]] = {}
     measured = 0
     for node in convs:
@@ -360,7 +374,7 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
             measured += 1
         if mode == "cudnn":
             choice = choice.own_kernel()
-        _select(sig, choice)
+        select(sig, choice)
         chosen[id(node)] = (sig, choice)
     for node in depthwise:
         x, padding = depthwise_conv.ir_call(node, nodes)
@@ -372,11 +386,11 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
             measured += 1
         if mode == "cudnn":
             choice = choice.own_kernel()
-        _select(sig, choice)
+        select(sig, choice)
         chosen[id(node)] = (sig, choice)
     if measured:
         log.info("timed kernel tactics for %d convolution(s)", measured)
-        _persist(env)
+        persist(env)
     return chosen
 
 

@@ -7,6 +7,7 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ from kerasrt.backend import (
     aoti,
     cudnn_conv,
     depthwise_conv,
+    merges,
     op_library,
     pointwise_conv,
     splitk_conv,
@@ -130,6 +132,43 @@ def _fused_conv_call(
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
 
+def _merged_call(
+    lead: Node,
+    kind: str,
+    absorbed: Node,
+    graph: torch.fx.Graph,
+    arg: Callable[..., torch.fx.Node],
+    constant: Callable[[str, torch.Tensor], torch.fx.Node],
+) -> list[tuple[Node, torch.fx.Node]]:
+    """The op call of a merged pair of convolutions (``merges``): (node, fx value) for each
+    convolution whose output the call produces."""
+    if kind == "dual":
+        lead_in, other_in, stride = merges.dual_order(lead, absorbed, lead.inputs, absorbed.inputs)
+        bias = merges.dual_bias(lead, absorbed)
+        *_, act, clip = cudnn_conv.op_arguments(lead)
+        args = (
+            arg(lead_in[0]), arg(lead_in[1], True), arg(other_in[0]), arg(other_in[1], True),
+            None if bias is None else constant(lead.outputs[0].name + "_dual_bias", bias),
+            stride, act, clip,
+        )  # fmt: skip
+        return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
+    has_bias, has_residual = cudnn_conv.epilogue_inputs(lead)
+    *_, act1, clip1 = cudnn_conv.op_arguments(lead)
+    *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
+    args = (
+        arg(lead.inputs[0]), arg(lead.inputs[1], True),
+        arg(lead.inputs[2]) if has_bias else None,
+        arg(lead.inputs[2 + int(has_bias)]) if has_residual else None,
+        arg(absorbed.inputs[1], True),
+        arg(absorbed.inputs[2]) if cudnn_conv.epilogue_inputs(absorbed)[0] else None,
+        act1, clip1, act2, clip2,
+    )  # fmt: skip
+    both = graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)
+    return [
+        (node, graph.call_function(operator.getitem, (both, i))) for i, node in enumerate((lead, absorbed))
+    ]
+
+
 class TorchEngine:
     """A compiled segment: call with the segment's input tensors, get its outputs.
 
@@ -151,7 +190,9 @@ class TorchEngine:
     ):
         """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
         (fused cuDNN graphs), "triton" (the pointwise or stem Triton kernel) or "splitk"; a
-        depthwise convolution listed runs on the depthwise Triton kernel."""
+        depthwise convolution listed runs on the depthwise Triton kernel; a merged pair
+        (``merges``) has "<kind>:<the other's output name>" on the one that runs it and
+        ``merges.ABSORBED`` on the other."""
         kernel_convs = kernel_convs or {}
         self.device = device
         self.compiler = compiler
@@ -178,9 +219,27 @@ class TorchEngine:
                 env[key] = graph.get_attr(name)
             return env[key]
 
+        def constant(name: str, data: torch.Tensor) -> torch.fx.Node:
+            """A tensor made at build time (no IR value) as a buffer of the program."""
+            root.register_buffer(_ident(name), data.to(device), persistent=False)
+            return graph.get_attr(_ident(name))
+
+        by_output = {n.outputs[0].name: n for n in nodes}
         self.kernel_convs = 0
         for node in nodes:
             kernel = kernel_convs.get(id(node))
+            merged = merges.parse(kernel) if kernel is not None else None
+            if kernel == merges.ABSORBED:
+                self.kernel_convs += 1
+                continue  # its merge partner's call computes it
+            if merged is not None:
+                kind, other = merged
+                if other not in by_output:
+                    raise ValueError(f"{node} is merged with {other}, which is not in its engine")
+                for done, value in _merged_call(node, kind, by_output[other], graph, arg, constant):
+                    env[(id(done.outputs[0]), False)] = value
+                self.kernel_convs += 1
+                continue
             if kernel is not None and depthwise_conv.eligible(node):
                 x, padding = depthwise_conv.ir_call(node, nodes)
                 stride, act, clip = depthwise_conv.op_arguments(node)
