@@ -40,9 +40,11 @@ CONFIGS = (
     (128, 32, 4, 3),
     (64, 128, 4, 3),
     (64, 64, 8, 2),
+    (128, 64, 4, 2),
 )
 """(pixels per program, first-output channels per step, warps, pipeline stages): the tactics'
-candidates."""
+candidates, the fastest of a sweep on ResNet50's first two stages at batch 128 on an H100
+(``python bench/merge_probe.py --sweep``) and on batch 1."""
 
 
 def reference(
