@@ -108,7 +108,7 @@ def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
                 continue
             inner = max(lead.inputs[0].shape[1], user.outputs[0].shape[1])
             unpadded = cudnn_conv.input_channels(lead.inputs[0].shape[1]) == lead.inputs[0].shape[1]
-            if user.inputs[0] is lead.outputs[0] and inner <= pointwise_pair.MAX_INNER and unpadded:
+            if user.inputs[0] is lead.outputs[0] and inner <= pointwise_pair.MERGE_MAX_CHANNELS and unpadded:
                 found.append(Merge("pair", lead, user))
                 taken |= {id(lead), id(user)}
                 break

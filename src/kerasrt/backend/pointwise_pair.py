@@ -29,22 +29,25 @@ from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_confi
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
-MAX_INNER = 256
-"""The most input channels of the first convolution and output channels of the second: each
-program keeps a (pixels x first inputs) tile and a (pixels x second outputs) float32
-accumulator on chip."""
+MAX_CHANNELS = 256
+"""The most input channels of the first convolution and output channels of the second the
+kernel takes: each program keeps a (pixels x first inputs) tile and a (pixels x second
+outputs) float32 accumulator on chip."""
+MERGE_MAX_CHANNELS = 64
+"""The most of those channels where the tactics consider the pair. A program walks the first
+output's channels serially: on an H100 at batch 128 the pair beat its two convolutions apart
+with 64 channels on each side (ResNet50's first stage: 207 against 257 us), broke even with
+128 and lost by 2.5x with 256 (``python bench/merge_probe.py``), so the tactics do not
+spend compiles (~1.5 s each) on wider pairs."""
 CONFIGS = (
     (128, 64, 8, 3),
-    (128, 64, 4, 3),
-    (64, 64, 4, 3),
-    (128, 32, 4, 3),
     (64, 128, 4, 3),
-    (64, 64, 8, 2),
+    (64, 64, 4, 3),
     (128, 64, 4, 2),
 )
 """(pixels per program, first-output channels per step, warps, pipeline stages): the tactics'
-candidates, the fastest of a sweep on ResNet50's first two stages at batch 128 on an H100
-(``python bench/merge_probe.py --sweep``) and on batch 1."""
+candidates, the fastest of a sweep on ResNet50's first stage at batch 128 on an H100
+(``python bench/merge_probe.py --sweep``) and at batch 1."""
 
 
 def reference(
@@ -218,8 +221,8 @@ def launch(
     w2 = w2.reshape(w2.shape[0], -1).contiguous()
     n, c, h, wd = x.shape
     n1, n2 = w1.shape[0], w2.shape[0]
-    if max(c, n2) > MAX_INNER:
-        raise ValueError(f"pointwise_pair takes at most {MAX_INNER} channels in and out, got {c} and {n2}")
+    if max(c, n2) > MAX_CHANNELS:
+        raise ValueError(f"pointwise_pair takes at most {MAX_CHANNELS} channels in and out, got {c} and {n2}")
     pixels = n * h * wd
     lo1, hi1 = (clip1[0], clip1[1]) if act1 == "clamp" else (0.0, 0.0)
     lo2, hi2 = (clip2[0], clip2[1]) if act2 == "clamp" else (0.0, 0.0)
