@@ -6,7 +6,7 @@
    ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s, ``kerasrt::stem_conv``'s and
    ``kerasrt::splitk_conv``'s Triton kernels the same way, every config (split-K also: two
    calls give identical bits, so its tile counters are back at zero after each); the merged
-   kernels ``kerasrt::dual_conv`` and ``kerasrt::pointwise_pair`` too.
+   kernel ``kerasrt::dual_conv`` too.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -37,7 +37,6 @@ from kerasrt.backend import (
     depthwise_conv,
     dual_conv,
     pointwise_conv,
-    pointwise_pair,
     splitk_conv,
     stem_conv,
 )
@@ -86,13 +85,6 @@ DUAL_CASES = [  # h (N, C, H, W), K, shortcut input channels, shortcut stride, a
     ((3, 32, 7, 9), 40, 48, 2, "clamp", [0.0, 6.0]),
     ((2, 16, 5, 5), 24, 16, 1, "none", []),
 ]
-PAIR_CASES = [  # x (N, C, H, W), first K, residual, activation, second K, activation
-    ((8, 64, 56, 56), 256, True, "relu", 64, "relu"),  # ResNet50's first stage
-    ((8, 128, 28, 28), 512, True, "relu", 128, "relu"),
-    ((8, 144, 28, 28), 24, True, "none", 144, "clamp"),
-    ((3, 20, 9, 7), 40, False, "silu", 200, "none"),
-]
-
 
 STEM_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, activation, clip
     ((8, 4, 224, 224), (64, 7, 7), [2, 2], [3, 3], True, "relu", []),  # ResNet50's
@@ -267,43 +259,6 @@ def check_dual() -> bool:
     return ok
 
 
-def check_pair() -> bool:
-    """kerasrt::pointwise_pair's Triton kernel, every config, against float32 math (both
-    outputs; the second from the first rounded to the working dtype, as the op defines)."""
-    ok = True
-    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
-        for xs, k1, has_r, act1, k2, act2 in PAIR_CASES:
-            x, w1, b1, r = conv_operands(dtype, xs, (k1, 1, 1), [1, 1], [0, 0], True, has_r)
-            y_shape = (xs[0], k1, *xs[2:])
-            _, w2, b2, _ = conv_operands(dtype, y_shape, (k2, 1, 1), [1, 1], [0, 0], True, False)
-            clip1 = [0.0, 6.0] if act1 == "clamp" else []
-            clip2 = [0.0, 6.0] if act2 == "clamp" else []
-            args = (x, w1, b1, r, w2, b2, act1, clip1, act2, clip2)
-
-            def reference(args=args):
-                y, _ = pointwise_pair.reference(
-                    *[a.float() if isinstance(a, torch.Tensor) else a for a in args]
-                )
-                y = y.to(args[0].dtype).float()  # the first output as stored, then the second
-                tail = [a.float() if isinstance(a, torch.Tensor) else a for a in args[4:6]]
-                return y, pointwise_conv.reference(y, *tail, None, args[8], args[9])
-
-            ry, rz = reference()
-            errors = []
-            for config in pointwise_pair.CONFIGS:
-                y, z = pointwise_pair.empty_outputs(x, w1, w2)
-                pointwise_pair.launch(config, x, w1, b1, r, w2, b2, y, z, act1, clip1, act2, clip2)
-                errors += [float((t.float() - e).abs().max() / e.abs().max()) for t, e in ((y, ry), (z, rz))]
-            errors.append(
-                replay_error(
-                    lambda args=args: torch.ops.kerasrt.pointwise_pair(*args)[1], x, lambda: reference()[1]
-                )
-            )
-            row = {"check": "pair op", "dtype": str(dtype), "x": xs, "k1": k1, "k2": k2, "residual": has_r}
-            ok = report(ok, errors, tol, {**row, "activations": [act1, act2]})
-    return ok
-
-
 def check_stem() -> bool:
     """kerasrt::stem_conv's Triton kernel, every config, against float32 math."""
     ok = True
@@ -427,7 +382,6 @@ CHECKS = {
     "stem": check_stem,
     "splitk": check_splitk,
     "dual": check_dual,
-    "pair": check_pair,
 }
 
 
