@@ -18,6 +18,9 @@ host overhead does not decide. A choice is keyed by the operands' shapes, stride
 attributes and by the environment (GPU, torch, Triton, cuDNN, graph and candidate versions), and kept in
 ``tactics-<env>.json`` under ``kerasrt.cache.cache_dir()``: a second build on the same
 machine measures nothing. Artifacts carry the choices of their engines (``remember``).
+After these per-convolution choices, ``merges`` times merged kernels for neighbouring
+convolutions against the sum of the two chosen kernels, and keeps its choices in the same
+table.
 """
 
 from __future__ import annotations
