@@ -4,8 +4,12 @@ first inference, and does the loaded model run at the compiled model's speed?
     source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
 
 With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
-and first inference. LOAD_MODES lists the loads to run (default "no-cuda-graph,cuda-graph"; a
-"profiled" load runs with CUDA graphs and prints the profile).
+and first inference. LOAD_MODES lists the loads to run (default
+"no-cuda-graph,cuda-graph,fresh-machine"; a "profiled" load runs with CUDA graphs and prints
+the profile; "fresh-machine" runs with CUDA graphs and empty kerasrt and Triton caches, as on
+a machine that never built the model: the kernels it has are those the artifact carried, and
+``triton_kernels_in_cache`` counts them after the first inference, any compiled there
+included).
 """
 
 from __future__ import annotations
@@ -72,12 +76,14 @@ if profile:
     stats.print_callers("check_call|waitpid|builtins.compile")
 print("first inference done", file=sys.stderr, flush=True)
 program = model.program(model.engine_shapes[0])
+cached = len(os.listdir(os.environ["TRITON_CACHE_DIR"])) if os.path.isdir(os.environ["TRITON_CACHE_DIR"]) else 0
 kinds = sorted(e.compiler for e in program.compiled_engines.values())
 stats = latency_stats(sample_latencies(lambda: model(x), torch.device("cuda"), 10, 50))
 np.save(sys.argv[3], y.float().cpu().numpy())
 print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_inference_s": t2 - t1, "load_s": t_load - t1,
                   "engines": kinds, "cuda_graph": program.captured, "latency_ms": stats,
-                  "modules_imported": dict(imported.most_common(8)), "bytecode_writes": not sys.dont_write_bytecode}))
+                  "modules_imported": dict(imported.most_common(8)), "bytecode_writes": not sys.dont_write_bytecode,
+                  "triton_kernels_in_cache": cached}))
 """
 
 
@@ -110,8 +116,16 @@ def main() -> None:
         path = conv.save(os.path.join(tmp, "art"))
         print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
         np.save(os.path.join(tmp, "x.npy"), x)
-        for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph").split(","):
+        carried = (
+            json.loads((path / "manifest.json").read_text()).get("triton_kernels", {}).get("kernels", [])
+        )
+        print(json.dumps({"triton_kernels_carried": len(carried)}), flush=True)
+        for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph,fresh-machine").split(","):
             out = os.path.join(tmp, f"y-{mode}.npy")
+            env = dict(os.environ)
+            if mode == "fresh-machine":
+                env["TRITON_CACHE_DIR"] = os.path.join(tmp, "fresh", "triton")
+                env["KERASRT_CACHE_DIR"] = os.path.join(tmp, "fresh", "kerasrt")
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -126,6 +140,7 @@ def main() -> None:
                 ],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             if proc.returncode:
                 print(f"{mode}: the loading process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
