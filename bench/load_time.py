@@ -107,8 +107,19 @@ def main() -> None:
     build = time.perf_counter() - t
     x_cuda = torch.from_numpy(x).cuda()  # on the device, as in the loading process
     jit = latency_stats(sample_latencies(lambda: optimized(x_cuda), torch.device("cuda"), 10, 50))
+    from kerasrt.backend import triton_store
+
+    launched = len(triton_store.used())  # kerasrt's Triton kernels the program's op calls ran
     print(
-        json.dumps({"model": name, "batch": batch, "convert_and_build_s": build, "jit_latency_ms": jit}),
+        json.dumps(
+            {
+                "model": name,
+                "batch": batch,
+                "convert_and_build_s": build,
+                "jit_latency_ms": jit,
+                "kernels": launched,
+            }
+        ),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:

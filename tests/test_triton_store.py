@@ -41,22 +41,35 @@ def caches(tmp_path, monkeypatch):
     """(this machine's Triton cache, another machine's): TRITON_CACHE_DIR points at the first."""
     here, there = tmp_path / "here", tmp_path / "there"
     monkeypatch.setenv("TRITON_CACHE_DIR", str(here))
-    monkeypatch.setattr(triton_store, "_USED", set())
+    monkeypatch.setattr(triton_store, "_USED", {})
     return here, there
 
 
+def launched(folder: Path) -> SimpleNamespace:
+    """What Triton's ``JITFunction.run`` returns for the kernel cached in ``folder``."""
+    return SimpleNamespace(hash=folder.name, metadata_group={name: str(folder / name) for name in FILES})
+
+
 def test_op_calls_record_the_kernels_they_launched(caches) -> None:
-    triton_store.note(SimpleNamespace(hash=HASH))
-    triton_store.note(SimpleNamespace(hash="../../etc"))  # not a hash: ignored
+    here, _ = caches
+    folder = fake_cache(here)
+    triton_store.note(launched(folder))
+    triton_store.note(SimpleNamespace(hash="../../etc", metadata_group={"a": "/x/a"}))  # not a hash
+    triton_store.note(SimpleNamespace(hash="ef" * 32, metadata_group={"a": str(folder / "a")}))  # elsewhere
     triton_store.note(None)  # a launch that returned nothing
-    assert triton_store.used() == [HASH]
+    assert triton_store.used() == [HASH] and triton_store._USED[HASH] == folder
 
 
 def test_kernels_travel_from_one_cache_to_another(caches, tmp_path, monkeypatch) -> None:
     here, there = caches
-    fake_cache(here)
-    missing = "cd" * 32  # launched but compiled elsewhere: skipped, not an error
-    saved = triton_store.save(tmp_path / "art" / "triton", [HASH, missing])
+    triton_store.note(launched(fake_cache(here)))
+    gone = fake_cache(here, "cd" * 32)
+    triton_store.note(launched(gone))
+    for path in gone.iterdir():  # a kernel whose files left the cache is skipped, not an error
+        path.unlink()
+    # Inductor points TRITON_CACHE_DIR elsewhere while it compiles: the kernels' own paths count
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "inductor"))
+    saved = triton_store.save(tmp_path / "art" / "triton")
     assert saved == [HASH]
     carried = tmp_path / "art" / "triton" / HASH
     assert sorted(p.name for p in carried.iterdir()) == sorted([*FILES, "__grp___pointwise.json"])
@@ -74,8 +87,8 @@ def test_kernels_travel_from_one_cache_to_another(caches, tmp_path, monkeypatch)
 
 def test_a_damaged_kernel_is_compiled_later_not_half_restored(caches, tmp_path, monkeypatch, caplog) -> None:
     here, there = caches
-    fake_cache(here)
-    triton_store.save(tmp_path / "triton", [HASH])
+    triton_store.note(launched(fake_cache(here)))
+    triton_store.save(tmp_path / "triton")
     (tmp_path / "triton" / HASH / "_pointwise.cubin").unlink()
     monkeypatch.setenv("TRITON_CACHE_DIR", str(there))
     assert triton_store.restore(tmp_path / "triton") == 0
@@ -85,8 +98,7 @@ def test_a_damaged_kernel_is_compiled_later_not_half_restored(caches, tmp_path, 
 
 def test_artifacts_carry_the_kernels_and_loads_restore_them(caches, tmp_path, monkeypatch) -> None:
     here, there = caches
-    fake_cache(here)
-    triton_store.note(SimpleNamespace(hash=HASH))
+    triton_store.note(launched(fake_cache(here)))
     inp = keras.Input((6, 6, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu")(inp)
     model = randomize(keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)))

@@ -96,7 +96,7 @@ def save(
             engines.append(entry)
         kernels = []
         if any("compiled" in e for e in engines):
-            kernels = triton_store.save(tmp / TRITON_KERNELS, triton_store.used())
+            kernels = triton_store.save(tmp / TRITON_KERNELS)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

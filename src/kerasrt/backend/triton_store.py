@@ -30,17 +30,23 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_USED: set[str] = set()
-"""Hashes of the Triton kernels kerasrt's ops launched in this process."""
+_USED: dict[str, Path] = {}
+"""The Triton kernels kerasrt's ops launched in this process: hash -> its cache folder (where
+Triton put its files then: Inductor points TRITON_CACHE_DIR elsewhere while it compiles)."""
 _HASH = re.compile(r"[0-9a-f]{32,128}")
 _GROUP = "__grp__"
 
 
 def note(compiled: Any) -> None:
-    """Record the Triton kernel an op call launched (what ``JITFunction.run`` returned)."""
+    """Record the Triton kernel an op call launched (what ``JITFunction.run`` returned: its
+    hash, and its files by path)."""
     digest = getattr(compiled, "hash", None)
-    if isinstance(digest, str) and _HASH.fullmatch(digest):
-        _USED.add(digest)
+    files = getattr(compiled, "metadata_group", None)
+    if not (isinstance(digest, str) and _HASH.fullmatch(digest) and isinstance(files, dict) and files):
+        return
+    folder = Path(next(iter(files.values()))).parent
+    if folder.name == digest:
+        _USED[digest] = folder
 
 
 def used() -> list[str]:
@@ -49,7 +55,8 @@ def used() -> list[str]:
 
 
 def cache_folder() -> Path | None:
-    """Triton's cache folder (kerasrt sets TRITON_CACHE_DIR at import: ``cache.share_with_triton``)."""
+    """Triton's cache folder for kernels compiled from now on (kerasrt sets TRITON_CACHE_DIR
+    at import: ``cache.share_with_triton``)."""
     folder = os.environ.get("TRITON_CACHE_DIR")
     return Path(folder) if folder else None
 
@@ -63,19 +70,15 @@ def _kernel_files(folder: Path) -> list[Path]:
     )
 
 
-def save(destination: Path, hashes: list[str]) -> list[str]:
-    """Copy the cached kernels ``hashes`` into ``destination`` (one folder each); returns those
-    found complete in Triton's cache (a kernel compiled elsewhere is skipped)."""
-    source = cache_folder()
+def save(destination: Path) -> list[str]:
+    """Copy the kernels kerasrt's ops launched in this process into ``destination`` (one folder
+    each); returns the hashes of those whose files are still complete in Triton's cache."""
     saved = []
-    for digest in hashes:
-        folder = source / digest if source is not None else None
-        if (
-            folder is None
-            or not folder.is_dir()
-            or not any(p.name.startswith(_GROUP) for p in folder.iterdir())
-        ):
-            log.info("Triton kernel %s is not in the cache; the artifact will not carry it", digest)
+    for digest, folder in sorted(_USED.items()):
+        if not folder.is_dir() or not any(p.name.startswith(_GROUP) for p in folder.iterdir()):
+            log.warning(
+                "the compiled Triton kernel %s left the cache; the artifact will not carry it", digest
+            )
             continue
         target = destination / digest
         target.mkdir(parents=True, exist_ok=True)
