@@ -15,7 +15,7 @@ import kerasrt
 from kerasrt.backend import triton_store
 from kerasrt_testing import randomize
 
-HASH = "ab" * 32
+HASH = "FUYS56ZGN52CKTYJLJETGPPELSRVEOJBAUYPYDIAAL42QSNJGKKQ"  # a cache key as Triton 3.6 names folders
 FILES = {
     "_pointwise.json": b'{"name": "_pointwise"}',
     "_pointwise.cubin": b"\x7fELF-binary",
@@ -47,15 +47,17 @@ def caches(tmp_path, monkeypatch):
 
 def launched(folder: Path) -> SimpleNamespace:
     """What Triton's ``JITFunction.run`` returns for the kernel cached in ``folder``."""
-    return SimpleNamespace(hash=folder.name, metadata_group={name: str(folder / name) for name in FILES})
+    return SimpleNamespace(hash="0f" * 32, metadata_group={name: str(folder / name) for name in FILES})
 
 
 def test_op_calls_record_the_kernels_they_launched(caches) -> None:
     here, _ = caches
     folder = fake_cache(here)
     triton_store.note(launched(folder))
-    triton_store.note(SimpleNamespace(hash="../../etc", metadata_group={"a": "/x/a"}))  # not a hash
-    triton_store.note(SimpleNamespace(hash="ef" * 32, metadata_group={"a": str(folder / "a")}))  # elsewhere
+    triton_store.note(SimpleNamespace(metadata_group={"a": "/x/../a"}))  # not a cache folder's name
+    triton_store.note(
+        SimpleNamespace(metadata_group={"a": str(folder / "a"), "b": "/other/b"})
+    )  # two folders
     triton_store.note(None)  # a launch that returned nothing
     assert triton_store.used() == [HASH] and triton_store._USED[HASH] == folder
 
@@ -63,7 +65,7 @@ def test_op_calls_record_the_kernels_they_launched(caches) -> None:
 def test_kernels_travel_from_one_cache_to_another(caches, tmp_path, monkeypatch) -> None:
     here, there = caches
     triton_store.note(launched(fake_cache(here)))
-    gone = fake_cache(here, "cd" * 32)
+    gone = fake_cache(here, "CD" * 26)
     triton_store.note(launched(gone))
     for path in gone.iterdir():  # a kernel whose files left the cache is skipped, not an error
         path.unlink()

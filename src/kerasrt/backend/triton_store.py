@@ -4,13 +4,13 @@ compiled them runs a loaded model at once.
 A kerasrt op's CUDA kernel is compiled by Triton on its first call on a machine (about 1.5 s
 each on the H100 machine). The AOTInductor packages of an artifact call kerasrt's ops, so a
 model loaded on a fresh machine compiled those kernels during its first inference. Now each
-op call records the compiled kernel it launched (``note``: Triton's hash of the kernel);
+op call records the compiled kernel it launched (``note``: its folder in Triton's cache);
 ``save`` copies those kernels' files from Triton's cache into the artifact and ``restore``
 puts them into Triton's cache on the loading machine, where Triton finds them and compiles
 nothing. Restoring happens only where the artifact's engine environment (GPU, torch,
 Triton versions) is the loading machine's, as for the packages themselves.
 
-Triton keeps, per kernel, a folder named by its hash holding the kernel's metadata (JSON),
+Triton keeps, per kernel, a folder named by its cache key (an encoded hash) holding the kernel's metadata (JSON),
 its intermediate forms (text) and its GPU binary, and a group index (``__grp__*.json``) of
 those files by absolute path; ``restore`` rewrites the index for the new folder. The files
 are data: nothing runs when they are restored. A kernel runs only when its op is called,
@@ -31,26 +31,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _USED: dict[str, Path] = {}
-"""The Triton kernels kerasrt's ops launched in this process: hash -> its cache folder (where
-Triton put its files then: Inductor points TRITON_CACHE_DIR elsewhere while it compiles)."""
-_HASH = re.compile(r"[0-9a-f]{32,128}")
+"""The Triton kernels kerasrt's ops launched in this process: cache key -> its cache folder
+(where Triton put its files then: Inductor points TRITON_CACHE_DIR elsewhere while it
+compiles)."""
+_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
+"""A cache folder's name as Triton makes it (an encoded hash: no dots, no separators)."""
 _GROUP = "__grp__"
 
 
 def note(compiled: Any) -> None:
     """Record the Triton kernel an op call launched (what ``JITFunction.run`` returned: its
-    hash, and its files by path)."""
-    digest = getattr(compiled, "hash", None)
+    files by path, in its cache folder)."""
     files = getattr(compiled, "metadata_group", None)
-    if not (isinstance(digest, str) and _HASH.fullmatch(digest) and isinstance(files, dict) and files):
+    if not (isinstance(files, dict) and files):
         return
-    folder = Path(next(iter(files.values()))).parent
-    if folder.name == digest:
-        _USED[digest] = folder
+    folders = {Path(p).parent for p in files.values()}
+    if len(folders) == 1 and _KEY.fullmatch((folder := folders.pop()).name):
+        _USED[folder.name] = folder
 
 
 def used() -> list[str]:
-    """The recorded kernels' hashes, sorted."""
+    """The recorded kernels' cache keys, sorted."""
     return sorted(_USED)
 
 
@@ -72,19 +73,17 @@ def _kernel_files(folder: Path) -> list[Path]:
 
 def save(destination: Path) -> list[str]:
     """Copy the kernels kerasrt's ops launched in this process into ``destination`` (one folder
-    each); returns the hashes of those whose files are still complete in Triton's cache."""
+    each); returns the cache keys of those whose files are still complete in Triton's cache."""
     saved = []
-    for digest, folder in sorted(_USED.items()):
+    for key, folder in sorted(_USED.items()):
         if not folder.is_dir() or not any(p.name.startswith(_GROUP) for p in folder.iterdir()):
-            log.warning(
-                "the compiled Triton kernel %s left the cache; the artifact will not carry it", digest
-            )
+            log.warning("the compiled Triton kernel %s left the cache; the artifact will not carry it", key)
             continue
-        target = destination / digest
+        target = destination / key
         target.mkdir(parents=True, exist_ok=True)
         for path in _kernel_files(folder):
             shutil.copyfile(path, target / path.name)
-        saved.append(digest)
+        saved.append(key)
     return saved
 
 
@@ -98,7 +97,7 @@ def restore(source: Path) -> int:
     added = 0
     for folder in sorted(source.iterdir()):
         target = cache / folder.name
-        if not (folder.is_dir() and _HASH.fullmatch(folder.name)) or target.exists():
+        if not (folder.is_dir() and _KEY.fullmatch(folder.name)) or target.exists():
             continue
         try:
             added += _restore_one(folder, target)
