@@ -7,9 +7,8 @@ With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative ti
 and first inference. LOAD_MODES lists the loads to run (default
 "no-cuda-graph,cuda-graph,fresh-machine"; a "profiled" load runs with CUDA graphs and prints
 the profile; "fresh-machine" runs with CUDA graphs and empty kerasrt and Triton caches, as on
-a machine that never built the model: the kernels it has are those the artifact carried, and
-``triton_kernels_in_cache`` counts them after the first inference, any compiled there
-included).
+a machine that never built the model; ``triton_kernels_in_cache`` counts the entries of
+Triton's cache after the first inference: kernels and launchers compiled there).
 """
 
 from __future__ import annotations

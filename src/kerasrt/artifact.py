@@ -3,8 +3,6 @@ original model as a .keras file (used for fallback layers and for engines built 
 
 Loading parses JSON and safetensors only: nothing in the artifact is executed, and the
 Keras model is loaded (in Keras safe mode) only if a fallback layer or a rebuild needs it.
-Compiled engines (AOTInductor packages, ``engines/``) and kerasrt's compiled Triton kernels
-(``triton/``) are native code used only on a machine of the environment they were built for.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
-from kerasrt.backend import tactics, triton_store
+from kerasrt.backend import tactics
 from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
@@ -35,7 +33,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 KERAS_MODEL = "keras_model.keras"
-TRITON_KERNELS = "triton"
 
 
 def _versions() -> dict[str, str]:
@@ -51,9 +48,7 @@ def save(
     With ``compiled_engines`` (and engines compiled by Inductor), every built engine is also
     compiled ahead of time (AOTInductor) into ``engines/``, keyed by GPU architecture and
     library versions, so ``load`` on a matching machine runs without compiling. The packages
-    hold code only; the weights are stored once, in the safetensors file. The Triton kernels
-    kerasrt's ops ran in this process go along (``triton/``), so a machine that never
-    compiled them does not compile them at its first inference either.
+    hold code only; the weights are stored once, in the safetensors file.
 
     ``keras_model=False`` leaves out the original model (a second copy of the weights, in
     float32): the artifact then serves only the shapes it was saved with, and a model with
@@ -94,9 +89,6 @@ def save(
                     "kernel_convs": dict(sorted(program.kernel_convs.items())),
                 }
             engines.append(entry)
-        kernels = []
-        if any("compiled" in e for e in engines):
-            kernels = triton_store.save(tmp / TRITON_KERNELS)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -108,12 +100,6 @@ def save(
             "engines": engines,
             "keras_model": KERAS_MODEL if keras_model else None,
         }
-        if kernels:
-            manifest["triton_kernels"] = {
-                "environment": engine_environment(model.device),
-                "folder": TRITON_KERNELS,
-                "kernels": kernels,
-            }
         save_file(weights, str(tmp / WEIGHTS))
         if keras_model:
             _save_keras(model.keras, tmp / KERAS_MODEL)
@@ -236,9 +222,6 @@ def load(
                     f"{compiled.get('environment')}, this machine is {here}; they will be recompiled",
                     stacklevel=2,
                 )
-    kernels = manifest.get("triton_kernels")
-    if packages and kernels and kernels.get("environment") == here:
-        triton_store.restore(_inside(root, kernels.get("folder", TRITON_KERNELS), folder=True))
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in manifest["inputs"]]
     keras_path = root / (manifest.get("keras_model") or KERAS_MODEL)
     keras = KerasSource(path=keras_path if keras_path.exists() else None, custom_objects=custom_objects)
@@ -262,13 +245,11 @@ def load(
     )
 
 
-def _inside(root: Path, relative: str, folder: bool = False) -> Path:
-    """``root / relative``, a file (or a ``folder``), refusing paths that leave the artifact
-    directory."""
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing paths that leave the artifact directory."""
     path = (root / relative).resolve()
-    if root.resolve() not in path.parents or not (path.is_dir() if folder else path.is_file()):
-        what = "folder" if folder else "file"
-        raise ArtifactError(f"{root}: compiled engine {what} {relative!r} is missing or outside the artifact")
+    if root.resolve() not in path.parents or not path.is_file():
+        raise ArtifactError(f"{root}: compiled engine file {relative!r} is missing or outside the artifact")
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue, triton_store
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -108,7 +108,7 @@ def _cuda(x, w, bias, stride, padding, activation, clip):
         out.copy_(reference(x, w, bias, stride, padding, activation, clip))
         return out
     config = CONFIGS[triton_configs.chosen(signature(x, w, bias, stride, padding, activation, clip))]
-    triton_store.note(launch(config, x, w, bias, out, stride, padding, activation, clip))
+    launch(config, x, w, bias, out, stride, padding, activation, clip)
     return out
 
 
@@ -267,7 +267,7 @@ def launch(
     padding: Sequence[int],
     activation: str,
     clip: Sequence[float],
-) -> Any:
+) -> None:
     """Run one of ``CONFIGS`` (x and out channels-last, w contiguous)."""
     variant, first, second, warps = config
     x = x.contiguous(memory_format=torch.channels_last)
@@ -282,7 +282,7 @@ def launch(
     )  # fmt: skip
     if variant == "tiles":
         grid = ((n * oh * ow + first - 1) // first, (c + second - 1) // second)
-        return tiles_kernel()[grid](
+        tiles_kernel()[grid](
             x, w, b, out, n * oh * ow, c, h, wd, oh, ow,
             x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
             lo, hi, BLOCK_P=first, BLOCK_C=second, **common,
@@ -290,7 +290,7 @@ def launch(
     else:
         row_blocks = (oh + first - 1) // first
         grid = (n * row_blocks, (ow * c + second - 1) // second)
-        return rows_kernel()[grid](
+        rows_kernel()[grid](
             x, w, b, out, h, wd, oh, ow, row_blocks, x.stride(0), x.stride(2), out.stride(0), out.stride(2),
             lo, hi, C=c, ROWS=first, BLOCK=second, **common,
         )  # fmt: skip

@@ -24,14 +24,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import (
-    cudnn_conv,
-    op_library,
-    pointwise_conv,
-    triton_configs,
-    triton_epilogue,
-    triton_store,
-)
+from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -91,9 +84,7 @@ def _cuda(h, w, x, ws, bias, stride, activation, clip):
         return dual_conv(h, w, x, ws, bias, stride, activation, clip)
     out = pointwise_conv.empty_output(h, w)
     key = signature(h, w, x, ws, bias, out, stride, activation, clip)
-    triton_store.note(
-        launch(CONFIGS[triton_configs.chosen(key)], h, w, x, ws, bias, out, stride, activation, clip)
-    )
+    launch(CONFIGS[triton_configs.chosen(key)], h, w, x, ws, bias, out, stride, activation, clip)
     return out
 
 
@@ -186,7 +177,7 @@ def launch(
     stride: Sequence[int],
     activation: str,
     clip: Sequence[float],
-) -> Any:
+) -> None:
     """Run the kernel with one tile config (h, x and out channels-last)."""
     block_m, block_n, block_k, warps, stages = config
     h = h.contiguous(memory_format=torch.channels_last)
@@ -204,7 +195,7 @@ def launch(
     pixels, channels_out = n * oh * ow, w.shape[0]
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    return kernel()[grid](
+    kernel()[grid](
         h, w, x, ws, bias if bias is not None else w, out,
         pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1], lo, hi,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue, triton_store
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -82,7 +82,7 @@ def _cuda(x, w, bias, residual, activation, clip):
         out.copy_(reference(x, w, bias, residual, activation, clip))
         return out
     config = CONFIGS[triton_configs.chosen(signature(x, w, bias, residual, out, activation, clip))]
-    triton_store.note(launch(config, x, w, bias, residual, out, activation, clip))
+    launch(config, x, w, bias, residual, out, activation, clip)
     return out
 
 
@@ -164,7 +164,7 @@ def launch(
     out: torch.Tensor,
     activation: str,
     clip: Sequence[float],
-) -> Any:
+) -> None:
     """Run the kernel with one tile config (x, residual and out channels-last)."""
     block_m, block_n, block_k, warps, stages = config
     x = x.contiguous(memory_format=torch.channels_last)
@@ -176,7 +176,7 @@ def launch(
     block_k = min(block_k, max(16, 1 << (c - 1).bit_length()))
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    return kernel()[grid](
+    kernel()[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
         pixels, channels_out, c, lo, hi,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue, triton_store
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -101,11 +101,7 @@ def _cuda(x, w, bias, residual, stride, padding, activation, clip):
         out.copy_(reference(x, w, bias, residual, stride, padding, activation, clip))
         return out
     key = signature(x, w, bias, residual, out, stride, padding, activation, clip)
-    triton_store.note(
-        launch(
-            CONFIGS[triton_configs.chosen(key)], x, w, bias, residual, out, stride, padding, activation, clip
-        )
-    )
+    launch(CONFIGS[triton_configs.chosen(key)], x, w, bias, residual, out, stride, padding, activation, clip)
     return out
 
 
@@ -251,7 +247,7 @@ def launch(
     padding: Sequence[int],
     activation: str,
     clip: Sequence[float],
-) -> Any:
+) -> None:
     """Run the kernel with one config (x, residual and out channels-last, w (K, C, R, S))."""
     block_m, block_n, block_k, split, warps, stages = config
     x = x.contiguous(memory_format=torch.channels_last)
@@ -274,7 +270,7 @@ def launch(
             tiles_m * tiles_n * split * block_m * block_n, dtype=torch.float32, device=x.device
         )
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    return kernel()[(tiles_m, tiles_n, split)](
+    kernel()[(tiles_m, tiles_n, split)](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out, workspace, count,
         n * oh * ow, k, c, h, wd, oh, ow, s, stride[0], stride[1], padding[0], padding[1],
         r * s * c // block_k, lo, hi,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue, triton_store
+from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -95,7 +95,7 @@ def _cuda(x, w, bias, stride, padding, activation, clip):
         out.copy_(reference(x, w, bias, stride, padding, activation, clip))
         return out
     config = CONFIGS[triton_configs.chosen(signature(x, w, bias, out, stride, padding, activation, clip))]
-    triton_store.note(launch(config, x, w, bias, out, stride, padding, activation, clip))
+    launch(config, x, w, bias, out, stride, padding, activation, clip)
     return out
 
 
@@ -190,7 +190,7 @@ def launch(
     padding: Sequence[int],
     activation: str,
     clip: Sequence[float],
-) -> Any:
+) -> None:
     """Run the kernel with one tile config (x and out channels-last, w (K, C, R, S))."""
     block_m, block_n, warps, stages = config
     x = x.contiguous(memory_format=torch.channels_last)
@@ -201,7 +201,7 @@ def launch(
     block_n = min(block_n, max(16, _pow2(k)))
     grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    return kernel()[grid](
+    kernel()[grid](
         x, w, bias if bias is not None else w, out,
         n * oh * ow, h, wd, oh, ow, k, lo, hi,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
