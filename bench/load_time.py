@@ -106,19 +106,8 @@ def main() -> None:
     build = time.perf_counter() - t
     x_cuda = torch.from_numpy(x).cuda()  # on the device, as in the loading process
     jit = latency_stats(sample_latencies(lambda: optimized(x_cuda), torch.device("cuda"), 10, 50))
-    from kerasrt.backend import triton_store
-
-    launched = len(triton_store.used())  # kerasrt's Triton kernels the program's op calls ran
     print(
-        json.dumps(
-            {
-                "model": name,
-                "batch": batch,
-                "convert_and_build_s": build,
-                "jit_latency_ms": jit,
-                "kernels": launched,
-            }
-        ),
+        json.dumps({"model": name, "batch": batch, "convert_and_build_s": build, "jit_latency_ms": jit}),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,10 +115,6 @@ def main() -> None:
         path = conv.save(os.path.join(tmp, "art"))
         print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
         np.save(os.path.join(tmp, "x.npy"), x)
-        carried = (
-            json.loads((path / "manifest.json").read_text()).get("triton_kernels", {}).get("kernels", [])
-        )
-        print(json.dumps({"triton_kernels_carried": len(carried)}), flush=True)
         for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph,fresh-machine").split(","):
             out = os.path.join(tmp, f"y-{mode}.npy")
             env = dict(os.environ)
