@@ -76,8 +76,14 @@ class Choice:
     @property
     def ms(self) -> float | None:
         """The device ms of the chosen kernel, where it was timed."""
-        timed = {"cudnn": self.cudnn_ms, "triton": self.triton_ms, "splitk": self.splitk_ms}
-        return timed.get(self.kernel, self.inductor_ms if self.kernel == "inductor" else self.apart_ms)
+        timed = {
+            "cudnn": self.cudnn_ms,
+            "triton": self.triton_ms,
+            "splitk": self.splitk_ms,
+            "inductor": self.inductor_ms,
+            "apart": self.apart_ms,
+        }
+        return timed.get(self.kernel)
 
     def own_kernel(self) -> Choice:
         """This choice with the faster of kerasrt's own kernels (``conv_kernels="cudnn"``)."""
@@ -106,6 +112,7 @@ _TABLES: dict[str, dict[str, Choice]] = {}  # env key -> signature -> choice
 
 
 def choice_table(env: dict[str, str]) -> dict[str, Choice]:
+    """The choices measured for ``env`` (signature -> choice), read from the cache once."""
     key = _env_key(env)
     if key not in _TABLES:
         stored = cache.read_json(f"tactics-{key}.json")
@@ -120,6 +127,7 @@ def choice_table(env: dict[str, str]) -> dict[str, Choice]:
 
 
 def persist(env: dict[str, str]) -> None:
+    """Write ``env``'s choices to the cache (atomically)."""
     data = {"environment": env, "choices": {s: asdict(c) for s, c in choice_table(env).items()}}
     cache.write_json(f"tactics-{_env_key(env)}.json", data)
 
