@@ -102,9 +102,10 @@ def signature(
     activation: str,
     clip: Sequence[float],
 ) -> str:
-    """The key of a call: the keys of its two convolutions (the shortcut's as it would run
-    alone: bias-less, no activation, writing ``out``'s shape)."""
-    main = pointwise_conv.signature(h, w, bias, out, out, activation, clip)
+    """The key of a call: the keys of its two products (the stride-1 one with the summed bias
+    and the activation, the shortcut's bias-less, without activation), both writing ``out``'s
+    shape."""
+    main = pointwise_conv.signature(h, w, bias, None, out, activation, clip)
     shortcut = cudnn_conv.signature(
         cudnn_conv.Operands(x, ws, None, None, out), stride, [0, 0], [1, 1], "none", []
     )
