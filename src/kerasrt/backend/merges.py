@@ -143,8 +143,8 @@ def choose(
 ) -> dict[int, tuple[str, tactics.Choice, Merge]]:
     """The merges among ``nodes`` that beat their two convolutions' ``chosen`` kernels, by
     the lead's ``id``: (signature, choice, merge). Needs the Triton kernel on ``device``."""
-    if not dual_conv.available(device):
-        return {}
+    if not chosen or not dual_conv.available(device):
+        return {}  # nothing timed to compare with (conv_kernels="inductor"), or no Triton
     env = tactics.environment(device)
     table = tactics.choice_table(env)
     merged: dict[int, tuple[str, tactics.Choice, Merge]] = {}
