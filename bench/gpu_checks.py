@@ -6,7 +6,8 @@
    ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s, ``kerasrt::stem_conv``'s and
    ``kerasrt::splitk_conv``'s Triton kernels the same way, every config (split-K also: two
    calls give identical bits, so its tile counters are back at zero after each); the merged
-   kernel ``kerasrt::dual_conv`` too.
+   kernel ``kerasrt::dual_conv`` too. Each Triton op inlined into an AOTInductor package
+   (``--only inlined``): no kerasrt op left in the graph, outputs as the op's.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
    (tactics timed, fresh cache), a second build (tactics from the cache), and
    ``conv_kernels="inductor"``; errors against Keras FP32.
@@ -24,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -375,6 +377,68 @@ def model_ab(name: str, batch: int) -> None:
             del optimized, program
 
 
+def check_inlined() -> bool:
+    """Each Triton op inlined into an AOTInductor package, as ``save`` compiles engines: the
+    exported graph launches the kernel itself (no kerasrt op left for the package to call,
+    so a loading process compiles nothing) and the package matches the op run eagerly.
+    Depthwise in both designs; split-K with its split (the graph zeroes its own counters)."""
+    from kerasrt.backend import aoti, op_library, triton_configs
+
+    ok, dtype, tol = True, torch.float16, PRECISION_RTOL["FP16"]
+    x, w, b, r = conv_operands(dtype, (2, 64, 14, 14), (256, 1, 1), [1, 1], [0, 0], True, True)
+    h, wh, bh, _ = conv_operands(dtype, (2, 128, 7, 7), (512, 1, 1), [1, 1], [0, 0], True, False)
+    xs, ws, _, _ = conv_operands(dtype, (2, 256, 13, 13), (512, 1, 1), [1, 1], [0, 0], False, False)
+    (sk_x, sk_k, sk_stride, sk_pad, _, _, sk_act, _) = SPLITK_CASES[0]
+    kx, kw, kb, _ = conv_operands(dtype, sk_x, sk_k, sk_stride, sk_pad, True, False)
+    sx, sw, sb, _ = conv_operands(dtype, (2, 4, 33, 31), (32, 3, 3), [2, 2], [1, 1], True, False)
+    dx = torch.randn(3, 40, 17, 9, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+    dw, db = (torch.randn(40, 1, 3, 3, device=DEV) / 3).to(dtype), torch.randn(40, device=DEV).to(dtype)
+    depthwise = (dx, dw, db, [1, 2], [1, 1, 0, 2], "clamp", [0.0, 6.0])
+    cases = [
+        ("pointwise_conv", (x, w, b, r, "relu", [])),
+        ("dual_conv", (h, wh, xs, ws, bh, [2, 2], "relu", [])),
+        ("splitk_conv", (kx, kw, kb, None, sk_stride, sk_pad, sk_act, [])),
+        ("stem_conv", (sx, sw, sb, [2, 2], [1, 1], "silu", [])),
+        ("depthwise_conv", depthwise),
+        ("depthwise_conv rows", depthwise),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, args in cases:
+            if label == "depthwise_conv rows":
+                rows = next(i for i, c in enumerate(depthwise_conv.CONFIGS) if c[0] == "rows")
+                triton_configs.choose(depthwise_conv.signature(*args), rows)
+            op = getattr(torch.ops.kerasrt, label.split()[0])
+            slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            tensors = tuple(args[i] for i in slots)
+
+            class Call(torch.nn.Module):
+                def forward(self, *given, op=op, args=args, slots=slots):
+                    full = list(args)
+                    for i, tensor in zip(slots, given):
+                        full[i] = tensor
+                    return op(*full)
+
+            expected = op(*args)
+            with torch.no_grad(), op_library.inlining_kernels():
+                exported = torch.export.export(Call(), tensors)
+                path = os.path.join(tmp, f"{label.replace(' ', '_')}.pt2")
+                aoti.compile_package(exported, Path(path))
+            targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+            inlined = not any(t.startswith("kerasrt.") for t in targets) and any(
+                "triton_kernel" in t for t in targets
+            )
+            got = aoti.load_package(Path(path), DEV)(*tensors)[0]
+            err = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+            row = {
+                "check": "inlined op",
+                "op": label,
+                "inlined": inlined,
+                "bitwise": torch.equal(got, expected),
+            }
+            ok = report(ok and inlined, [err], tol, row)
+    return ok
+
+
 CHECKS = {
     "cudnn": check_op,
     "depthwise": check_depthwise,
@@ -382,6 +446,7 @@ CHECKS = {
     "stem": check_stem,
     "splitk": check_splitk,
     "dual": check_dual,
+    "inlined": check_inlined,
 }
 
 

@@ -7,8 +7,9 @@ With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative ti
 and first inference. LOAD_MODES lists the loads to run (default
 "no-cuda-graph,cuda-graph,fresh-machine"; a "profiled" load runs with CUDA graphs and prints
 the profile; "fresh-machine" runs with CUDA graphs and empty kerasrt and Triton caches, as on
-a machine that never built the model; ``triton_kernels_in_cache`` counts the entries of
-Triton's cache after the first inference: kernels and launchers compiled there).
+a machine that never built the model, and "fresh-machine-profiled" profiles that;
+``triton_kernels_in_cache`` counts the entries of Triton's cache after the first inference:
+kernels and launchers compiled there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ t0 = time.perf_counter()
 import torch, numpy as np, kerasrt
 from kerasrt.bench import sample_latencies, latency_stats
 t1 = time.perf_counter()
-profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") or sys.argv[4] == "profiled" else None
+profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") or "profiled" in sys.argv[4] else None
 spent = {}
 if profile:  # time kerasrt's first-call work per function, next to the profile
     from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
@@ -118,9 +119,9 @@ def main() -> None:
         for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph,fresh-machine").split(","):
             out = os.path.join(tmp, f"y-{mode}.npy")
             env = dict(os.environ)
-            if mode == "fresh-machine":
-                env["TRITON_CACHE_DIR"] = os.path.join(tmp, "fresh", "triton")
-                env["KERASRT_CACHE_DIR"] = os.path.join(tmp, "fresh", "kerasrt")
+            if mode.startswith("fresh-machine"):
+                env["TRITON_CACHE_DIR"] = os.path.join(tmp, mode, "triton")
+                env["KERASRT_CACHE_DIR"] = os.path.join(tmp, mode, "kerasrt")
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -142,7 +143,7 @@ def main() -> None:
                 continue
             notes = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "Warning: " in ln]
             print("\n".join(notes[-10:]), flush=True)
-            if os.environ.get("KERASRT_PROFILE_LOAD") or mode == "profiled":
+            if os.environ.get("KERASRT_PROFILE_LOAD") or "profiled" in mode:
                 print(proc.stderr[max(proc.stderr.find("PROFILE"), 0) :][:30000], flush=True)
             print(proc.stdout.strip().splitlines()[-1], flush=True)
             ref = optimized(torch.from_numpy(x).cuda()).float().cpu().numpy()

@@ -282,6 +282,7 @@ def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompi
     assert list(cache.read_json("packages.json").values()) == [None]  # tested once: it loads
 
     (tmp_path / "cache" / "packages.json").unlink()
+    _forget_test_loads(path, monkeypatch)  # as from a machine that could not test it
     monkeypatch.setattr(aoti, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     loaded = kerasrt.load(path)
     with pytest.warns(UserWarning, match=r"package loader crashed \(SIGSEGV\).*recompiling it"):
@@ -292,6 +293,50 @@ def test_a_package_whose_loader_crashes_is_tested_in_a_child_process_and_recompi
     monkeypatch.setattr(aoti, "_PROBE", "raise SystemExit(0)")  # the verdict is cached
     with pytest.warns(UserWarning, match="crashed"):
         kerasrt.load(path)(x)
+
+
+def _forget_test_loads(path: Path, monkeypatch, digest: str | None = None) -> None:
+    """Make the artifact at ``path`` vouch for ``digest`` instead of its packages' (nothing if
+    None), and forget what this process was vouched for."""
+    from kerasrt.backend import aoti
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    for engine in manifest["engines"]:
+        tested = engine["compiled"]["tested"]
+        engine["compiled"]["tested"] = {i: digest for i in tested} if digest else {}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(aoti, "_VOUCHED", set())
+
+
+def test_a_package_tested_where_it_was_built_loads_without_a_test_process(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The building machine's test load travels in the artifact: a machine that never saw the
+    model (empty cache) skips its own test process (3-4 s of a first inference on the GPU
+    machine), unless the package file is not the one that was tested."""
+    from kerasrt import cache
+    from kerasrt.backend import aoti
+
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "building"))
+    path, x, expected = _small_compiled_artifact(tmp_path)
+    (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()
+    (digest,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["tested"].values()
+    assert digest == aoti.package_digest(path / package)
+
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setattr(aoti, "_VOUCHED", set())
+    monkeypatch.setattr(aoti, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    loaded = kerasrt.load(path)  # a test process would report a crash: none is started
+    np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
+        "package"
+    ]
+    assert cache.read_json("packages.json") is None
+
+    _forget_test_loads(path, monkeypatch, digest="0" * 20)  # vouches for another file
+    loaded = kerasrt.load(path)
+    with pytest.warns(UserWarning, match=r"package loader crashed \(SIGSEGV\)"):
+        np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_artifact_without_the_keras_model_stores_weights_once(tmp_path: Path) -> None:

@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
-from kerasrt.backend import tactics
-from kerasrt.backend.aoti import engine_environment
+from kerasrt.backend import aoti, tactics
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
@@ -82,10 +81,11 @@ def save(
                 }
             if compiled_engines and program is not None and program.compiled_engines:
                 folder = f"engines/{len(engines)}"
-                files = program.export_engines(tmp / folder)
+                files, tested = program.export_engines(tmp / folder)
                 entry["compiled"] = {
-                    "environment": engine_environment(model.device),
+                    "environment": aoti.engine_environment(model.device),
                     "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
+                    "tested": {str(i): digest for i, digest in tested.items()},
                     "kernel_convs": dict(sorted(program.kernel_convs.items())),
                 }
             engines.append(entry)
@@ -209,8 +209,10 @@ def load(
             tactics.remember(measured["choices"], measured["environment"])
         compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
-            here = here or engine_environment(target)
+            here = here or aoti.engine_environment(target)
             if compiled.get("environment") == here:
+                for digest in compiled.get("tested", {}).values():
+                    aoti.vouch(str(digest), target)
                 packages[key] = CompiledEngines(
                     {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
                     _kernel_convs(compiled),

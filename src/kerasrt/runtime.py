@@ -216,15 +216,18 @@ class Program:
             if isinstance(step[0], TorchEngine) and step[0].compiler in ("inductor", "package")
         }
 
-    def export_engines(self, folder: Path) -> dict[int, str]:
-        """Compile every compiled engine ahead of time into ``folder``; file names by index."""
+    def export_engines(self, folder: Path) -> tuple[dict[int, str], dict[int, str]]:
+        """Compile every compiled engine ahead of time into ``folder``: the file names by
+        segment index, and the digests of those that loaded in a test process here."""
         folder.mkdir(parents=True, exist_ok=True)
-        files = {}
+        files, tested = {}, {}
         for index, engine in self.compiled_engines.items():
             log.info("compiling engine %d ahead of time (AOTInductor)", index)
-            engine.export_package(folder / f"engine{index}.pt2")
+            digest = engine.export_package(folder / f"engine{index}.pt2")
             files[index] = f"engine{index}.pt2"
-        return files
+            if digest is not None:
+                tested[index] = digest
+        return files, tested
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
         (node,) = seg.nodes

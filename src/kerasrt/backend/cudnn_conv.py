@@ -102,8 +102,18 @@ def empty_output(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> torch.Tensor:
     """The op's output, uninitialized: channels-last, x's dtype and device."""
-    shape = output_shape(x.shape, w.shape, stride, padding, dilation)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return empty_channels_last(output_shape(x.shape, w.shape, stride, padding, dilation), x)
+
+
+def empty_channels_last(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized channels-last tensor of NCHW ``shape``, ``like``'s dtype and device.
+
+    Made as an NHWC buffer seen through a permutation: Inductor lowers
+    ``torch.empty(memory_format=channels_last)`` with contiguous strides, so a traced Triton
+    kernel writing an op's output got a copy of the uninitialized buffer first (one more
+    kernel per op), and an ``empty_strided`` output was not always written in place."""
+    n, c, h, w = shape
+    return torch.empty((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
 
 
 def reference(

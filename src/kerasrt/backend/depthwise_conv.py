@@ -16,13 +16,12 @@ and tile shape (a "config", chosen per signature by measured tactics,
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,9 +59,7 @@ def empty_output(
 ) -> torch.Tensor:
     """The op's output, uninitialized: channels-last, x's dtype and device."""
     oh, ow = output_hw(x.shape[2:], w.shape[-1], stride, padding)
-    return torch.empty(
-        (x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
-    )
+    return cudnn_conv.empty_channels_last((x.shape[0], x.shape[1], oh, ow), x)
 
 
 def reference(
@@ -112,7 +109,7 @@ def _cuda(x, w, bias, stride, padding, activation, clip):
     return out
 
 
-op_library.define(depthwise_conv, cuda=_cuda, fake=_fake)
+op_library.define(depthwise_conv, cuda=_cuda, fake=_fake, inlinable=True)
 
 
 def signature(
@@ -149,112 +146,20 @@ def available(device: torch.device) -> bool:
 # -- the Triton kernels --------------------------------------------------------------------------
 
 
-@functools.cache
 def tiles_kernel() -> Any:
-    """The pixel-tile Triton kernel (compiled on first use), or None without Triton.
-
-    A program computes BLOCK_P consecutive output pixels (of the flattened batch, row and
-    column) over BLOCK_C channels."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    bias_activation = triton_epilogue.bias_activation()
-
-    @triton.jit
-    def _depthwise(
-        x_ptr, w_ptr, b_ptr, y_ptr,
-        NP, C, H, W, OH, OW,
-        sxn, sxh, sxw, syn, syh, syw,
-        lo, hi,
-        K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-        PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        p_ok, c_ok = p < NP, c < C
-        n = (p // (OH * OW)).to(tl.int64)
-        oh = (p // OW) % OH
-        ow = p % OW
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for kh in tl.static_range(K):
-            ih = oh * STRIDE_H - PAD_T + kh
-            for kw in tl.static_range(K):
-                iw = ow * STRIDE_W - PAD_L + kw
-                inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                rows = n * sxn + ih * sxh + iw * sxw
-                xv = tl.load(
-                    x_ptr + rows[:, None] + c[None, :], mask=inside[:, None] & c_ok[None, :], other=0.0
-                )
-                wv = tl.load(w_ptr + c * (K * K) + kh * K + kw, mask=c_ok, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        acc = bias_activation(acc, b_ptr, c, c_ok, lo, hi, HAS_BIAS, ACT)
-        out = n * syn + oh * syh + ow * syw
-        tl.store(
-            y_ptr + out[:, None] + c[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=p_ok[:, None] & c_ok[None, :],
-        )
-
-    return _depthwise
+    """The pixel-tile Triton kernel, or None without Triton: a program computes BLOCK_P
+    consecutive output pixels (of the flattened batch, row and column) over BLOCK_C channels."""
+    kernels = op_library.triton_kernels()
+    return kernels.depthwise_tiles if kernels else None
 
 
-@functools.cache
 def rows_kernel() -> Any:
-    """The row-tiled Triton kernel (compiled on first use), or None without Triton.
-
-    A program computes ROWS output rows of one image over BLOCK consecutive elements of the
-    flattened (column, channel) axis: with channels-last tensors every input tap and the
-    output are contiguous runs of memory, whatever the channel count, and the index math is
-    shifts and constexpr divisions."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    bias_activation = triton_epilogue.bias_activation()
-
-    @triton.jit
-    def _depthwise_rows(
-        x_ptr, w_ptr, b_ptr, y_ptr,
-        H, W, OH, OW, ROW_BLOCKS, sxn, sxh, syn, syh,
-        lo, hi,
-        C: tl.constexpr, K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-        PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        n = (pid // ROW_BLOCKS).to(tl.int64)
-        oh = (pid % ROW_BLOCKS) * ROWS + tl.arange(0, ROWS)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ow = j // C
-        c = j % C
-        row_ok, col_ok = oh < OH, ow < OW
-        x_img = x_ptr + n * sxn
-        acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-        for kh in tl.static_range(K):
-            ih = oh * STRIDE_H - PAD_T + kh
-            h_ok = row_ok & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(K):
-                iw = ow * STRIDE_W - PAD_L + kw
-                w_ok = col_ok & (iw >= 0) & (iw < W)
-                wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=col_ok, other=0.0)
-                xv = tl.load(
-                    x_img + ih[:, None] * sxh + (iw * C + c)[None, :],
-                    mask=h_ok[:, None] & w_ok[None, :],
-                    other=0.0,
-                )
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        acc = bias_activation(acc, b_ptr, c, col_ok, lo, hi, HAS_BIAS, ACT)
-        tl.store(
-            y_ptr + n * syn + oh[:, None] * syh + j[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & col_ok[None, :],
-        )
-
-    return _depthwise_rows
+    """The row-tiled Triton kernel, or None without Triton: a program computes ROWS output
+    rows of one image over BLOCK consecutive elements of the flattened (column, channel) axis;
+    with channels-last tensors every input tap and the output are contiguous runs of memory,
+    whatever the channel count, and the index math is shifts and constexpr divisions."""
+    kernels = op_library.triton_kernels()
+    return kernels.depthwise_rows if kernels else None
 
 
 def launch(
@@ -282,7 +187,7 @@ def launch(
     )  # fmt: skip
     if variant == "tiles":
         grid = ((n * oh * ow + first - 1) // first, (c + second - 1) // second)
-        tiles_kernel()[grid](
+        op_library.launchable(tiles_kernel())[grid](
             x, w, b, out, n * oh * ow, c, h, wd, oh, ow,
             x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
             lo, hi, BLOCK_P=first, BLOCK_C=second, **common,
@@ -290,7 +195,7 @@ def launch(
     else:
         row_blocks = (oh + first - 1) // first
         grid = (n * row_blocks, (ow * c + second - 1) // second)
-        rows_kernel()[grid](
+        op_library.launchable(rows_kernel())[grid](
             x, w, b, out, h, wd, oh, ow, row_blocks, x.stride(0), x.stride(2), out.stride(0), out.stride(2),
             lo, hi, C=c, ROWS=first, BLOCK=second, **common,
         )  # fmt: skip

@@ -18,13 +18,12 @@ two convolutions' own best kernels, and kept in ``triton_configs``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -88,7 +87,7 @@ def _cuda(h, w, x, ws, bias, stride, activation, clip):
     return out
 
 
-op_library.define(dual_conv, cuda=_cuda, fake=_fake)
+op_library.define(dual_conv, cuda=_cuda, fake=_fake, inlinable=True)
 
 
 def signature(
@@ -120,51 +119,10 @@ def available(device: torch.device) -> bool:
 # -- the Triton kernel ---------------------------------------------------------------------------
 
 
-@functools.cache
 def kernel() -> Any:
-    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    finish = triton_epilogue.finish_tile()
-
-    @triton.jit(do_not_specialize=("M", "OH", "OW", "H2", "W2", "stride_h", "stride_w"))
-    def _dual(
-        h_ptr, w_ptr, x_ptr, ws_ptr, b_ptr, y_ptr,
-        M, N, K1, K2, OH, OW, H2, W2, stride_h, stride_w, lo, hi,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        # (M x (K1 + K2)) @ ((K1 + K2) x N): h's pixel rows, then x's at the shortcut's stride
-        pid = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * blocks_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = min(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        m_ok, n_ok = rm < M, rn < N
-        rows = rm.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K1, BLOCK_K):
-            a = tl.load(h_ptr + rows[:, None] * K1 + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
-            b = tl.load(w_ptr + rn[None, :] * K1 + (k0 + rk)[:, None], mask=n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
-        ow = rm % OW
-        oh = (rm // OW) % OH
-        rows2 = ((rm // (OW * OH)).to(tl.int64) * H2 + oh * stride_h) * W2 + ow * stride_w
-        for k0 in range(0, K2, BLOCK_K):
-            a = tl.load(x_ptr + rows2[:, None] * K2 + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
-            b = tl.load(ws_ptr + rn[None, :] * K2 + (k0 + rk)[:, None], mask=n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
-        finish(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, lo, hi, HAS_BIAS, False, ACT)
-
-    return _dual
+    """The Triton kernel (``triton_kernels.dual``), or None when Triton is not installed."""
+    kernels = op_library.triton_kernels()
+    return kernels.dual if kernels else None
 
 
 def launch(
@@ -196,7 +154,7 @@ def launch(
     pixels, channels_out = n * oh * ow, w.shape[0]
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    kernel()[grid](
+    op_library.launchable(kernel())[grid](
         h, w, x, ws, bias if bias is not None else w, out,
         pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1], lo, hi,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),

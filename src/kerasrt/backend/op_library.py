@@ -5,27 +5,101 @@ Registered as plain ``torch.library.Library`` kernels rather than with
 first call imports torch._dynamo (with sympy, ~800 modules). A process that only loads an
 artifact and runs it never needs dynamo, and that import was a second of its first inference
 (several seconds where Python has no bytecode cache).
+
+An op whose CUDA kernel is a Triton program can also be *inlined* into an AOTInductor package:
+within ``inlining_kernels()``, tracing it on CUDA decomposes it (a rule for
+``FunctionalTensorMode``, as ``torch.library.triton_op`` registers) into its PyTorch ops and
+its kernel launches, traced through ``torch.library.wrap_triton``. Inductor then compiles
+the kernels into the package, which calls them directly: a process that loads it compiles
+nothing (called as an opaque op, each kernel was compiled by Triton on its first call in
+every new process: seconds on a machine that never built the model). Inductor's just-in-time
+engines keep the ops opaque: the tactics compiled those kernels in the building process
+already, and compiling them again inside the engine would add to every build.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 _LIBRARY = torch.library.Library("kerasrt", "FRAGMENT")  # kept alive: it owns the registrations
 NAMES: list[str] = []
 """The names of the ops defined so far (``torch.ops.kerasrt.<name>``)."""
 
+_STATE = threading.local()  # .inlining: export wants kernels inlined; .tracing: inside a decomposition
 
-def define(default: Callable, *, cuda: Callable, fake: Callable) -> None:
+
+def define(default: Callable, *, cuda: Callable, fake: Callable, inlinable: bool = False) -> None:
     """Define ``kerasrt::<default's name>``, its schema inferred from ``default``'s type hints
     (as custom_op does), with kernels: ``cuda`` for CUDA tensors, ``default`` (the op's math in
     PyTorch ops) for every other device, ``fake`` (the output's shape, dtype, layout) for
-    tracing."""
+    tracing. ``inlinable``: ``cuda`` is made of PyTorch ops and ``launchable`` Triton kernels,
+    and is traced in the op's place within ``inlining_kernels()``."""
     name = default.__name__
     _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=()))
     _LIBRARY.impl(name, default, "CompositeExplicitAutograd")
     _LIBRARY.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"kerasrt::{name}", fake, lib=_LIBRARY)
+    if inlinable:
+        torch.library.register_torch_dispatch(
+            f"kerasrt::{name}", FunctionalTensorMode, _decomposition(cuda), lib=_LIBRARY
+        )
     NAMES.append(name)
+
+
+def _decomposition(cuda: Callable) -> Callable:
+    """The ``FunctionalTensorMode`` rule of an inlinable op: within ``inlining_kernels()`` and
+    on CUDA, trace ``cuda`` itself (its Triton launches become ``wrap_triton`` calls);
+    otherwise keep the op whole."""
+
+    def rule(mode: Any, op: Any, types: Any, args: tuple, kwargs: dict) -> Any:
+        on_cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+        if not (on_cuda and getattr(_STATE, "inlining", False)):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode, _switch("tracing"):
+            return cuda(*args, **kwargs)
+
+    return rule
+
+
+@contextlib.contextmanager
+def _switch(name: str) -> Iterator[None]:
+    previous = getattr(_STATE, name, False)
+    setattr(_STATE, name, True)
+    try:
+        yield
+    finally:
+        setattr(_STATE, name, previous)
+
+
+def inlining_kernels() -> contextlib.AbstractContextManager[None]:
+    """Within: tracing an inlinable op on CUDA traces its kernels in its place."""
+    return _switch("inlining")
+
+
+def tracing() -> bool:
+    """Whether an op's CUDA kernel is being traced into a graph, not run on real tensors."""
+    return getattr(_STATE, "tracing", False)
+
+
+def launchable(kernel: Any) -> Any:
+    """``kernel`` (a Triton JIT function) as an op's CUDA kernel launches it: itself on real
+    tensors, ``torch.library.wrap_triton(kernel)`` when traced, so Inductor sees the launch."""
+    return torch.library.wrap_triton(kernel) if tracing() else kernel
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The module of kerasrt's Triton kernels, or None when Triton is not installed."""
+    try:
+        from kerasrt.backend import triton_kernels as kernels
+    except ImportError:
+        return None
+    return kernels

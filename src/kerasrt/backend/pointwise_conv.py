@@ -15,13 +15,12 @@ signature by measured tactics (``kerasrt.backend.tactics``) and kept in ``triton
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -86,7 +85,7 @@ def _cuda(x, w, bias, residual, activation, clip):
     return out
 
 
-op_library.define(pointwise_conv, cuda=_cuda, fake=_fake)
+op_library.define(pointwise_conv, cuda=_cuda, fake=_fake, inlinable=True)
 
 
 def signature(
@@ -112,47 +111,10 @@ def available(device: torch.device) -> bool:
 # -- the Triton kernel ---------------------------------------------------------------------------
 
 
-@functools.cache
 def kernel() -> Any:
-    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    finish = triton_epilogue.finish_tile()
-
-    @triton.jit
-    def _pointwise(
-        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-        M, N, K, lo, hi,  # the product (M x K) @ (K x N): pixels, output channels, input channels
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        # programs walk GROUP_M row blocks per column block, so the x rows they share stay in L2
-        pid = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * blocks_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = min(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = rm < M, rn < N
-        rows = rm.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            a = tl.load(
-                x_ptr + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
-        finish(acc, rows, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
-
-    return _pointwise
+    """The Triton kernel (``triton_kernels.pointwise``), or None when Triton is not installed."""
+    kernels = op_library.triton_kernels()
+    return kernels.pointwise if kernels else None
 
 
 def launch(
@@ -176,7 +138,7 @@ def launch(
     block_k = min(block_k, max(16, 1 << (c - 1).bit_length()))
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    kernel()[grid](
+    op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
         pixels, channels_out, c, lo, hi,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),

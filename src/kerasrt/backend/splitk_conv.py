@@ -21,13 +21,12 @@ chosen per signature by measured tactics (``kerasrt.backend.tactics``) and kept 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -105,7 +104,7 @@ def _cuda(x, w, bias, residual, stride, padding, activation, clip):
     return out
 
 
-op_library.define(splitk_conv, cuda=_cuda, fake=_fake)
+op_library.define(splitk_conv, cuda=_cuda, fake=_fake, inlinable=True)
 
 
 def signature(
@@ -133,71 +132,10 @@ def available(device: torch.device) -> bool:
 # -- the Triton kernel ---------------------------------------------------------------------------
 
 
-@functools.cache
 def kernel() -> Any:
-    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    finish = triton_epilogue.finish_tile()
-
-    # shapes vary per layer: specializing on them (== 1, % 16) would compile a kernel per layer
-    varying = ("M", "N", "H", "W", "OH", "OW", "S", "stride_h", "stride_w", "pad_h", "pad_w", "steps")
-
-    @triton.jit(do_not_specialize=varying)
-    def _splitk(
-        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
-        M, N, C, H, W, OH, OW, S, stride_h, stride_w, pad_h, pad_w, steps, lo, hi,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    ):  # fmt: skip
-        # (M output pixels x R*S*C) @ (R*S*C x N): reduction step k covers channels
-        # [c0, c0 + BLOCK_K) of window tap k*BLOCK_K // C; program_id(2) takes its share of steps
-        pid_m, pid_n, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        m_ok, n_ok = rm < M, rn < N
-        ow = rm % OW
-        oh = (rm // OW) % OH
-        ih0 = oh * stride_h - pad_h  # the window's top-left input pixel, per output pixel
-        iw0 = ow * stride_w - pad_w
-        corner = ((rm // (OW * OH)).to(tl.int64) * H + ih0) * W + iw0
-        reduction = steps * BLOCK_K
-        weights = w_ptr + rn.to(tl.int64)[None, :] * reduction + rk[:, None]
-        share = tl.cdiv(steps, SPLIT)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(0, share):  # a loop from 0 with a fixed trip count: Triton pipelines it
-            step = part * share + i
-            k0 = step * BLOCK_K
-            tap = k0 // C
-            dh = tap // S
-            dw = tap - dh * S
-            ih, iw = ih0 + dh, iw0 + dw
-            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (step < steps)
-            shift = (dh * W + dw) * C + k0 - tap * C
-            a = tl.load(x_ptr + (corner * C + shift)[:, None] + rk[None, :], mask=ok[:, None], other=0.0)
-            b = tl.load(weights + k0, mask=n_ok[None, :] & (step < steps), other=0.0)
-            acc = tl.dot(a, b, acc)
-        if SPLIT > 1:
-            tile = pid_m * tl.num_programs(1) + pid_n
-            local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            tl.store(part_ptr + (tile * SPLIT + part) * (BLOCK_M * BLOCK_N) + local, acc)
-            tl.debug_barrier()  # every thread's partial is written before the tile's counter moves
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last program of the tile finishes it
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for other in tl.static_range(SPLIT):  # unrolled: the loads go out together
-                    partial = part_ptr + (tile * SPLIT + other) * (BLOCK_M * BLOCK_N) + local
-                    acc += tl.load(partial, cache_modifier=".cg")
-                tl.store(count_ptr + tile, 0)
-                finish(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
-        else:
-            finish(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
-
-    return _splitk
+    """The Triton kernel (``triton_kernels.splitk``), or None when Triton is not installed."""
+    kernels = op_library.triton_kernels()
+    return kernels.splitk if kernels else None
 
 
 def split_for(split: int, tiles: int, tile_elements: int) -> int:
@@ -265,12 +203,16 @@ def launch(
     split = split_for(split, tiles_m * tiles_n, block_m * block_n)
     workspace, count = out, out  # unused without a split
     if split > 1:
-        count = counters(x.device, tiles_m * tiles_n)
+        count = (  # traced: a graph has no state between calls, so it zeroes its own counters
+            torch.zeros(tiles_m * tiles_n, dtype=torch.int32, device=x.device)
+            if op_library.tracing()
+            else counters(x.device, tiles_m * tiles_n)
+        )
         workspace = torch.empty(
             tiles_m * tiles_n * split * block_m * block_n, dtype=torch.float32, device=x.device
         )
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    kernel()[(tiles_m, tiles_n, split)](
+    op_library.launchable(kernel())[(tiles_m, tiles_n, split)](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out, workspace, count,
         n * oh * ow, k, c, h, wd, oh, ow, s, stride[0], stride[1], padding[0], padding[1],
         r * s * c // block_k, lo, hi,

@@ -23,13 +23,12 @@ measured tactics (``kerasrt.backend.tactics``) and kept in ``triton_configs``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs, triton_epilogue
+from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
 ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -99,7 +98,7 @@ def _cuda(x, w, bias, stride, padding, activation, clip):
     return out
 
 
-op_library.define(stem_conv, cuda=_cuda, fake=_fake)
+op_library.define(stem_conv, cuda=_cuda, fake=_fake, inlinable=True)
 
 
 def signature(
@@ -126,54 +125,10 @@ def available(device: torch.device) -> bool:
 # -- the Triton kernel ---------------------------------------------------------------------------
 
 
-@functools.cache
 def kernel() -> Any:
-    """The compiled-on-first-use Triton kernel, or None when Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    bias_activation = triton_epilogue.bias_activation()
-
-    @triton.jit
-    def _stem(
-        x_ptr, w_ptr, b_ptr, y_ptr,
-        M, H, W, OH, OW, N, lo, hi,  # M output pixels, N output channels
-        C: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = rm < M, rn < N
-        ow = rm % OW
-        oh = (rm // OW) % OH
-        image = (rm // (OW * OH)).to(tl.int64)
-        ih0 = oh * STRIDE_H - PAD_H
-        iw0 = ow * STRIDE_W - PAD_W
-        rk = tl.arange(0, BLOCK_K)  # (window column, channel) of one window row, flattened
-        k_ok = rk < S * C
-        iw = iw0[:, None] + (rk // C)[None, :]
-        col_ok = m_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r in tl.static_range(R):
-            ih = ih0 + r
-            row = ((image * H + ih) * W + iw0) * C
-            ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
-            a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
-            b = tl.load(
-                w_ptr + rn[None, :] * (R * S * C) + r * S * C + rk[:, None],
-                mask=n_ok[None, :] & k_ok[:, None],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc)
-        acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
-        out = rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    return _stem
+    """The Triton kernel (``triton_kernels.stem``), or None when Triton is not installed."""
+    kernels = op_library.triton_kernels()
+    return kernels.stem if kernels else None
 
 
 def _pow2(n: int) -> int:
@@ -201,7 +156,7 @@ def launch(
     block_n = min(block_n, max(16, _pow2(k)))
     grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
-    kernel()[grid](
+    op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, out,
         n * oh * ow, h, wd, oh, ow, k, lo, hi,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],

@@ -274,27 +274,22 @@ class TorchEngine:
             tensors.append(data.to(self.device))
         return tensors
 
-    def export_package(self, path: Path) -> None:
+    def export_package(self, path: Path) -> str | None:
         """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
-        package holds code only: the weights stay in the artifact and are handed over at load."""
-        configs: dict[str, object] = {"aot_inductor.package_constants_in_so": False}
-        compiler = aoti.package_compiler()
-        if compiler is not None:
-            configs["cpp.cxx"] = (None, compiler)
-        if self.autotune:
-            configs["max_autotune"] = True
-        with torch.no_grad(), inductor_compiling():
+        package holds code only: the weights stay in the artifact and are handed over at load.
+        Returns the package's digest when it loaded in a test process here (``aoti.vouch``)."""
+        with torch.no_grad(), inductor_compiling(), op_library.inlining_kernels():
             exported = torch.export.export(self.module, tuple(self.example_inputs()))
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(path), inductor_configs=configs
-            )
+            aoti.compile_package(exported, path, weights_inside=False, autotune=self.autotune)
         problem = aoti.package_problem(path, self.device)  # tested now: loads here skip the test
-        if problem is not None:
-            warnings.warn(
-                f"the compiled engine package {path.name} cannot be used on this machine ({problem}); "
-                "a load will compile the engine instead",
-                stacklevel=2,
-            )
+        if problem is None:
+            return aoti.package_digest(path)
+        warnings.warn(
+            f"the compiled engine package {path.name} cannot be used on this machine ({problem}); "
+            "a load will compile the engine instead",
+            stacklevel=2,
+        )
+        return None
 
     def load_package(self, path: Path) -> None:
         """Run the AOTInductor package at ``path`` from now on, on this engine's own weights

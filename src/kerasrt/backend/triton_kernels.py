@@ -1,0 +1,281 @@
+"""kerasrt's Triton kernels, at module level so that Inductor can compile them into a graph.
+
+An op's CUDA kernel launches them directly; when AOTInductor traces an engine for a package
+it sees them through ``torch.library.wrap_triton`` (``op_library.inlining_kernels``) and
+compiles them with the rest of the engine: the package holds their machine code, and a
+loading process compiles nothing. Inductor finds a kernel's helpers by name among this module's
+globals, which is why no kernel here is a closure.
+
+Importing this module needs Triton; ``op_library.triton_kernels()`` returns None without it.
+Activation codes are indices into ``cudnn_conv.ACTIVATIONS`` ("none", "relu", "clamp",
+"silu"), so a kernel and a cuDNN graph fuse the same set; ``lo``/``hi`` bound "clamp".
+"""
+
+import triton
+import triton.language as tl
+
+# shapes vary per layer: specializing on them (== 1, % 16) would compile a kernel per layer
+_SPLITK_VARYING = ("M", "N", "H", "W", "OH", "OW", "S", "stride_h", "stride_w", "pad_h", "pad_w", "steps")
+
+
+@triton.jit
+def bias_activation(acc, b_ptr, channel, channel_ok, lo, hi, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """acc with bias and activation applied (channels on the accumulator's last axis)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = tl.minimum(tl.maximum(acc, lo), hi)
+    elif ACT == 3:
+        acc = acc / (1.0 + tl.exp(-acc))
+    return acc
+
+
+@triton.jit
+def finish_tile(
+    acc, rows, channels, rows_ok, channels_ok, N, b_ptr, r_ptr, y_ptr, lo, hi,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+):  # fmt: skip
+    """Adds the residual, applies bias and activation and stores one (pixels x channels) tile
+    of a channels-last output with ``N`` channels."""
+    out = rows.to(tl.int64)[:, None] * N + channels[None, :]
+    ok = rows_ok[:, None] & channels_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
+    acc = bias_activation(acc, b_ptr, channels, channels_ok, lo, hi, HAS_BIAS, ACT)
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def pointwise(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    M, N, K, lo, hi,  # the product (M x K) @ (K x N): pixels, output channels, input channels
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """act(x @ w^T + residual + bias) over channels-last pixels: ``pointwise_conv``."""
+    # programs walk GROUP_M row blocks per column block, so the x rows they share stay in L2
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    rows = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(x_ptr + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+
+
+@triton.jit(do_not_specialize=("M", "OH", "OW", "H2", "W2", "stride_h", "stride_w"))
+def dual(
+    h_ptr, w_ptr, x_ptr, ws_ptr, b_ptr, y_ptr,
+    M, N, K1, K2, OH, OW, H2, W2, stride_h, stride_w, lo, hi,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """act(h @ w^T + x[strided] @ ws^T + bias) in one accumulator: ``dual_conv``."""
+    # (M x (K1 + K2)) @ ((K1 + K2) x N): h's pixel rows, then x's at the shortcut's stride
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    rows = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K1, BLOCK_K):
+        a = tl.load(h_ptr + rows[:, None] * K1 + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + rn[None, :] * K1 + (k0 + rk)[:, None], mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    rows2 = ((rm // (OW * OH)).to(tl.int64) * H2 + oh * stride_h) * W2 + ow * stride_w
+    for k0 in range(0, K2, BLOCK_K):
+        a = tl.load(x_ptr + rows2[:, None] * K2 + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+        b = tl.load(ws_ptr + rn[None, :] * K2 + (k0 + rk)[:, None], mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, lo, hi, HAS_BIAS, False, ACT)
+
+
+@triton.jit(do_not_specialize=_SPLITK_VARYING)
+def splitk(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, C, H, W, OH, OW, S, stride_h, stride_w, pad_h, pad_w, steps, lo, hi,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """An implicit-GEMM convolution whose reduction is split over programs: ``splitk_conv``."""
+    # (M output pixels x R*S*C) @ (R*S*C x N): reduction step k covers channels
+    # [c0, c0 + BLOCK_K) of window tap k*BLOCK_K // C; program_id(2) takes its share of steps
+    pid_m, pid_n, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    ih0 = oh * stride_h - pad_h  # the window's top-left input pixel, per output pixel
+    iw0 = ow * stride_w - pad_w
+    corner = ((rm // (OW * OH)).to(tl.int64) * H + ih0) * W + iw0
+    reduction = steps * BLOCK_K
+    weights = w_ptr + rn.to(tl.int64)[None, :] * reduction + rk[:, None]
+    share = tl.cdiv(steps, SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, share):  # a loop from 0 with a fixed trip count: Triton pipelines it
+        step = part * share + i
+        k0 = step * BLOCK_K
+        tap = k0 // C
+        dh = tap // S
+        dw = tap - dh * S
+        ih, iw = ih0 + dh, iw0 + dw
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (step < steps)
+        shift = (dh * W + dw) * C + k0 - tap * C
+        a = tl.load(x_ptr + (corner * C + shift)[:, None] + rk[None, :], mask=ok[:, None], other=0.0)
+        b = tl.load(weights + k0, mask=n_ok[None, :] & (step < steps), other=0.0)
+        acc = tl.dot(a, b, acc)
+    if SPLIT > 1:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(part_ptr + (tile * SPLIT + part) * (BLOCK_M * BLOCK_N) + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before the tile's counter moves
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the last program of the tile finishes it
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for other in tl.static_range(SPLIT):  # unrolled: the loads go out together
+                partial = part_ptr + (tile * SPLIT + other) * (BLOCK_M * BLOCK_N) + local
+                acc += tl.load(partial, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)
+            finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+    else:
+        finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+
+
+@triton.jit
+def stem(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, H, W, OH, OW, N, lo, hi,  # M output pixels, N output channels
+    C: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A convolution over few input channels, one window row per reduction step: ``stem_conv``."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    image = (rm // (OW * OH)).to(tl.int64)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    rk = tl.arange(0, BLOCK_K)  # (window column, channel) of one window row, flattened
+    k_ok = rk < S * C
+    iw = iw0[:, None] + (rk // C)[None, :]
+    col_ok = m_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(R):
+        ih = ih0 + r
+        row = ((image * H + ih) * W + iw0) * C
+        ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
+        a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
+        b = tl.load(
+            w_ptr + rn[None, :] * (R * S * C) + r * S * C + rk[:, None],
+            mask=n_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc)
+    acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
+    out = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def depthwise_tiles(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    NP, C, H, W, OH, OW,
+    sxn, sxh, sxw, syn, syh, syw,
+    lo, hi,
+    K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """A depthwise convolution over (pixels x channels) tiles: ``depthwise_conv``."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok, c_ok = p < NP, c < C
+    n = (p // (OH * OW)).to(tl.int64)
+    oh = (p // OW) % OH
+    ow = p % OW
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(K):
+        ih = oh * STRIDE_H - PAD_T + kh
+        for kw in tl.static_range(K):
+            iw = ow * STRIDE_W - PAD_L + kw
+            inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows = n * sxn + ih * sxh + iw * sxw
+            xv = tl.load(x_ptr + rows[:, None] + c[None, :], mask=inside[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + kh * K + kw, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = bias_activation(acc, b_ptr, c, c_ok, lo, hi, HAS_BIAS, ACT)
+    out = n * syn + oh * syh + ow * syw
+    tl.store(
+        y_ptr + out[:, None] + c[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=p_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def depthwise_rows(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    H, W, OH, OW, ROW_BLOCKS, sxn, sxh, syn, syh,
+    lo, hi,
+    C: tl.constexpr, K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A depthwise convolution over rows of flattened (column, channel) elements: ``depthwise_conv``."""
+    pid = tl.program_id(0)
+    n = (pid // ROW_BLOCKS).to(tl.int64)
+    oh = (pid % ROW_BLOCKS) * ROWS + tl.arange(0, ROWS)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ow = j // C
+    c = j % C
+    row_ok, col_ok = oh < OH, ow < OW
+    x_img = x_ptr + n * sxn
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for kh in tl.static_range(K):
+        ih = oh * STRIDE_H - PAD_T + kh
+        h_ok = row_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(K):
+            iw = ow * STRIDE_W - PAD_L + kw
+            w_ok = col_ok & (iw >= 0) & (iw < W)
+            wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=col_ok, other=0.0)
+            xv = tl.load(
+                x_img + ih[:, None] * sxh + (iw * C + c)[None, :],
+                mask=h_ok[:, None] & w_ok[None, :],
+                other=0.0,
+            )
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = bias_activation(acc, b_ptr, c, col_ok, lo, hi, HAS_BIAS, ACT)
+    tl.store(
+        y_ptr + n * syn + oh[:, None] * syh + j[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
