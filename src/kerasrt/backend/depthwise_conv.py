@@ -190,14 +190,14 @@ def launch(
         op_library.launchable(tiles_kernel())[grid](
             x, w, b, out, n * oh * ow, c, h, wd, oh, ow,
             x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
-            lo, hi, BLOCK_P=first, BLOCK_C=second, **common,
+            LO=lo, HI=hi, BLOCK_P=first, BLOCK_C=second, **common,
         )  # fmt: skip
     else:
         row_blocks = (oh + first - 1) // first
         grid = (n * row_blocks, (ow * c + second - 1) // second)
         op_library.launchable(rows_kernel())[grid](
             x, w, b, out, h, wd, oh, ow, row_blocks, x.stride(0), x.stride(2), out.stride(0), out.stride(2),
-            lo, hi, C=c, ROWS=first, BLOCK=second, **common,
+            LO=lo, HI=hi, C=c, ROWS=first, BLOCK=second, **common,
         )  # fmt: skip
 
 

@@ -156,8 +156,8 @@ def launch(
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         h, w, x, ws, bias if bias is not None else w, out,
-        pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1], lo, hi,
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1],
+        LO=lo, HI=hi, HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -140,8 +140,8 @@ def launch(
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
-        pixels, channels_out, c, lo, hi,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
+        pixels, channels_out, c,
+        LO=lo, HI=hi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

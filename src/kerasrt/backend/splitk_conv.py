@@ -215,8 +215,8 @@ def launch(
     op_library.launchable(kernel())[(tiles_m, tiles_n, split)](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out, workspace, count,
         n * oh * ow, k, c, h, wd, oh, ow, s, stride[0], stride[1], padding[0], padding[1],
-        r * s * c // block_k, lo, hi,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
+        r * s * c // block_k,
+        LO=lo, HI=hi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -158,9 +158,9 @@ def launch(
     lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, out,
-        n * oh * ow, h, wd, oh, ow, k, lo, hi,
+        n * oh * ow, h, wd, oh, ow, k,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        LO=lo, HI=hi, HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(16, _pow2(s * c)),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

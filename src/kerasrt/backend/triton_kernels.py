@@ -8,7 +8,9 @@ globals, which is why no kernel here is a closure.
 
 Importing this module needs Triton; ``op_library.triton_kernels()`` returns None without it.
 Activation codes are indices into ``cudnn_conv.ACTIVATIONS`` ("none", "relu", "clamp",
-"silu"), so a kernel and a cuDNN graph fuse the same set; ``lo``/``hi`` bound "clamp".
+"silu"), so a kernel and a cuDNN graph fuse the same set; ``LO``/``HI`` bound "clamp". They
+are constexpr, not arguments: an AOTInductor compile types a Python float argument as
+float64, and float64 clamps made MobileNetV2's kernels 5-30% slower in a package.
 """
 
 import triton
@@ -19,14 +21,23 @@ _SPLITK_VARYING = ("M", "N", "H", "W", "OH", "OW", "S", "stride_h", "stride_w", 
 
 
 @triton.jit
-def bias_activation(acc, b_ptr, channel, channel_ok, lo, hi, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+def bias_activation(
+    acc,
+    b_ptr,
+    channel,
+    channel_ok,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+):
     """acc with bias and activation applied (channels on the accumulator's last axis)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:
-        acc = tl.minimum(tl.maximum(acc, lo), hi)
+        acc = tl.minimum(tl.maximum(acc, LO), HI)
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
     return acc
@@ -34,8 +45,8 @@ def bias_activation(acc, b_ptr, channel, channel_ok, lo, hi, HAS_BIAS: tl.conste
 
 @triton.jit
 def finish_tile(
-    acc, rows, channels, rows_ok, channels_ok, N, b_ptr, r_ptr, y_ptr, lo, hi,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    acc, rows, channels, rows_ok, channels_ok, N, b_ptr, r_ptr, y_ptr,
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
 ):  # fmt: skip
     """Adds the residual, applies bias and activation and stores one (pixels x channels) tile
     of a channels-last output with ``N`` channels."""
@@ -43,15 +54,15 @@ def finish_tile(
     ok = rows_ok[:, None] & channels_ok[None, :]
     if HAS_RES:
         acc += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
-    acc = bias_activation(acc, b_ptr, channels, channels_ok, lo, hi, HAS_BIAS, ACT)
+    acc = bias_activation(acc, b_ptr, channels, channels_ok, LO, HI, HAS_BIAS, ACT)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def pointwise(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-    M, N, K, lo, hi,  # the product (M x K) @ (K x N): pixels, output channels, input channels
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    M, N, K,  # the product (M x K) @ (K x N): pixels, output channels, input channels
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """act(x @ w^T + residual + bias) over channels-last pixels: ``pointwise_conv``."""
@@ -74,14 +85,14 @@ def pointwise(
         a = tl.load(x_ptr + rows[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc)
-    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, LO, HI, HAS_BIAS, HAS_RES, ACT)
 
 
 @triton.jit(do_not_specialize=("M", "OH", "OW", "H2", "W2", "stride_h", "stride_w"))
 def dual(
     h_ptr, w_ptr, x_ptr, ws_ptr, b_ptr, y_ptr,
-    M, N, K1, K2, OH, OW, H2, W2, stride_h, stride_w, lo, hi,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    M, N, K1, K2, OH, OW, H2, W2, stride_h, stride_w,
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """act(h @ w^T + x[strided] @ ws^T + bias) in one accumulator: ``dual_conv``."""
@@ -110,14 +121,14 @@ def dual(
         a = tl.load(x_ptr + rows2[:, None] * K2 + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
         b = tl.load(ws_ptr + rn[None, :] * K2 + (k0 + rk)[:, None], mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, lo, hi, HAS_BIAS, False, ACT)
+    finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, LO, HI, HAS_BIAS, False, ACT)
 
 
 @triton.jit(do_not_specialize=_SPLITK_VARYING)
 def splitk(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, C, H, W, OH, OW, S, stride_h, stride_w, pad_h, pad_w, steps, lo, hi,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    M, N, C, H, W, OH, OW, S, stride_h, stride_w, pad_h, pad_w, steps,
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """An implicit-GEMM convolution whose reduction is split over programs: ``splitk_conv``."""
@@ -161,18 +172,18 @@ def splitk(
                 partial = part_ptr + (tile * SPLIT + other) * (BLOCK_M * BLOCK_N) + local
                 acc += tl.load(partial, cache_modifier=".cg")
             tl.store(count_ptr + tile, 0)
-            finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+            finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, LO, HI, HAS_BIAS, HAS_RES, ACT)
     else:
-        finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, lo, hi, HAS_BIAS, HAS_RES, ACT)
+        finish_tile(acc, rm, rn, m_ok, n_ok, N, b_ptr, r_ptr, y_ptr, LO, HI, HAS_BIAS, HAS_RES, ACT)
 
 
 @triton.jit
 def stem(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    M, H, W, OH, OW, N, lo, hi,  # M output pixels, N output channels
+    M, H, W, OH, OW, N,  # M output pixels, N output channels
     C: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """A convolution over few input channels, one window row per reduction step: ``stem_conv``."""
@@ -200,7 +211,7 @@ def stem(
             other=0.0,
         )
         acc = tl.dot(a, b, acc)
-    acc = bias_activation(acc, b_ptr, rn, n_ok, lo, hi, HAS_BIAS, ACT)
+    acc = bias_activation(acc, b_ptr, rn, n_ok, LO, HI, HAS_BIAS, ACT)
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -210,9 +221,9 @@ def depthwise_tiles(
     x_ptr, w_ptr, b_ptr, y_ptr,
     NP, C, H, W, OH, OW,
     sxn, sxh, sxw, syn, syh, syw,
-    lo, hi,
     K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    PAD_T: tl.constexpr, PAD_L: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """A depthwise convolution over (pixels x channels) tiles: ``depthwise_conv``."""
@@ -232,7 +243,7 @@ def depthwise_tiles(
             xv = tl.load(x_ptr + rows[:, None] + c[None, :], mask=inside[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + c * (K * K) + kh * K + kw, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    acc = bias_activation(acc, b_ptr, c, c_ok, lo, hi, HAS_BIAS, ACT)
+    acc = bias_activation(acc, b_ptr, c, c_ok, LO, HI, HAS_BIAS, ACT)
     out = n * syn + oh * syh + ow * syw
     tl.store(
         y_ptr + out[:, None] + c[None, :],
@@ -245,9 +256,9 @@ def depthwise_tiles(
 def depthwise_rows(
     x_ptr, w_ptr, b_ptr, y_ptr,
     H, W, OH, OW, ROW_BLOCKS, sxn, sxh, syn, syh,
-    lo, hi,
     C: tl.constexpr, K: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_T: tl.constexpr, PAD_L: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    PAD_T: tl.constexpr, PAD_L: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A depthwise convolution over rows of flattened (column, channel) elements: ``depthwise_conv``."""
@@ -273,7 +284,7 @@ def depthwise_rows(
                 other=0.0,
             )
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    acc = bias_activation(acc, b_ptr, c, col_ok, lo, hi, HAS_BIAS, ACT)
+    acc = bias_activation(acc, b_ptr, c, col_ok, LO, HI, HAS_BIAS, ACT)
     tl.store(
         y_ptr + n * syn + oh[:, None] * syh + j[None, :],
         acc.to(y_ptr.dtype.element_ty),
