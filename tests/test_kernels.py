@@ -84,6 +84,19 @@ def test_the_op_computes_the_ir_conv_fused(has_bias, has_residual, activation, c
     torch.library.opcheck(CUDNN_OP, args)  # schema, fake (meta) kernel and dispatch agree
 
 
+def test_op_outputs_are_dense_channels_last_buffers() -> None:
+    """The ops' outputs are made as NHWC buffers seen through a permutation (Inductor lowers
+    empty(memory_format=channels_last) contiguous): the same strides as PyTorch's channels-last
+    layout, for odd sizes too, and each element its own memory."""
+    like = torch.zeros(1, dtype=torch.float16)
+    for shape in [(2, 24, 7, 5), (1, 3, 1, 9), (3, 1, 4, 4)]:
+        out = cudnn_conv.empty_channels_last(shape, like)
+        expected = torch.empty(shape, memory_format=torch.channels_last)
+        assert out.shape == expected.shape and out.stride() == expected.stride()
+        assert out.dtype == torch.float16 and out.is_contiguous(memory_format=torch.channels_last)
+        assert out.untyped_storage().nbytes() == out.numel() * 2
+
+
 def test_the_call_key_names_every_fact_a_plan_depends_on() -> None:
     """The key is memoized on a tuple of the call's facts: equal facts give the same text, and
     a change in any one (layout, dtype, epilogue, attribute) gives another."""
