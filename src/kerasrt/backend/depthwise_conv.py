@@ -7,8 +7,9 @@ activation), and, where Keras pads asymmetrically before a strided depthwise con
 (ZeroPadding2D), first writes a padded copy of the input. ``kerasrt::depthwise_conv`` reads
 the unpadded input once (the padding is a bounds mask) and writes the activated output once.
 
-Like ``kerasrt::cudnn_conv`` it is a torch custom op: Inductor calls it as an extern kernel,
-AOTInductor packages call it through the dispatcher. Its CPU kernel is the reference
+Like ``kerasrt::cudnn_conv`` it is a torch custom op: Inductor calls it as an extern kernel;
+AOTInductor packages carry its Triton kernel compiled in (``op_library.inlining_kernels``).
+Its CPU kernel is the reference
 composition (the op's definition); the CUDA kernel launches a Triton program whose design
 and tile shape (a "config", chosen per signature by measured tactics,
 ``kerasrt.backend.tactics``) is kept in ``triton_configs``.
