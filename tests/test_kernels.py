@@ -4,6 +4,7 @@ The cuDNN kernels themselves need a GPU: ``bench/gpu_checks.py`` checks their nu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,31 @@ def test_op_outputs_are_dense_channels_last_buffers() -> None:
         assert out.shape == expected.shape and out.stride() == expected.stride()
         assert out.dtype == torch.float16 and out.is_contiguous(memory_format=torch.channels_last)
         assert out.untyped_storage().nbytes() == out.numel() * 2
+
+
+def test_packages_inline_an_op_only_where_it_runs_kerasrt_kernels(monkeypatch) -> None:
+    """While a package is exported (``inlining_kernels``), an op on a device with kerasrt's
+    Triton kernels is traced into its CUDA implementation (there: its launches; here, without
+    Triton, its PyTorch composition); on any other device, or outside an export, it stays one
+    op call."""
+
+    class Pointwise(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.ops.kerasrt.pointwise_conv(x, w, None, None, "relu", [])
+
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 1, 1)
+
+    def calls(inlining: bool) -> set[str]:
+        with op_library.inlining_kernels() if inlining else contextlib.nullcontext():
+            ep = torch.export.export(Pointwise(), (x, w)).run_decompositions()
+        return {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+
+    assert calls(inlining=True) == {"kerasrt.pointwise_conv.default"}  # the CPU runs no Triton
+    monkeypatch.setattr(op_library, "kernels_device", lambda device: True)
+    assert calls(inlining=False) == {"kerasrt.pointwise_conv.default"}
+    inlined = calls(inlining=True)
+    assert "aten.convolution.default" in inlined and not any(c.startswith("kerasrt.") for c in inlined)
 
 
 def test_the_call_key_names_every_fact_a_plan_depends_on() -> None:

@@ -60,13 +60,18 @@ def _decomposition(cuda: Callable) -> Callable:
     otherwise keep the op whole."""
 
     def rule(mode: Any, op: Any, types: Any, args: tuple, kwargs: dict) -> Any:
-        on_cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
-        if not (on_cuda and getattr(_STATE, "inlining", False)):
+        on_device = any(isinstance(a, torch.Tensor) and kernels_device(a.device) for a in args)
+        if not (on_device and getattr(_STATE, "inlining", False)):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode, _switch("tracing"):
             return cuda(*args, **kwargs)
 
     return rule
+
+
+def kernels_device(device: torch.device) -> bool:
+    """Whether an op on ``device`` runs kerasrt's own (Triton) kernels, which inlining traces."""
+    return device.type == "cuda"
 
 
 @contextlib.contextmanager
