@@ -59,14 +59,9 @@ def finish_tile(
 
 
 @triton.jit
-def pointwise(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-    M, N, K,  # the product (M x K) @ (K x N): pixels, output channels, input channels
-    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """act(x @ w^T + residual + bias) over channels-last pixels: ``pointwise_conv``."""
-    # programs walk GROUP_M row blocks per column block, so the x rows they share stay in L2
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (rows, columns) of this program's tile of an (M x N) output, on a 1-D grid: programs
+    walk GROUP_M row blocks per column block, so the input rows they share stay in L2."""
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * blocks_n
@@ -74,8 +69,18 @@ def pointwise(
     group_m = min(blocks_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def pointwise(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    M, N, K,  # the product (M x K) @ (K x N): pixels, output channels, input channels
+    LO: tl.constexpr, HI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """act(x @ w^T + residual + bias) over channels-last pixels: ``pointwise_conv``."""
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok, n_ok = rm < M, rn < N
     rows = rm.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -97,15 +102,7 @@ def dual(
 ):  # fmt: skip
     """act(h @ w^T + x[strided] @ ws^T + bias) in one accumulator: ``dual_conv``."""
     # (M x (K1 + K2)) @ ((K1 + K2) x N): h's pixel rows, then x's at the shortcut's stride
-    pid = tl.program_id(0)
-    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
     rows = rm.to(tl.int64)
