@@ -37,6 +37,13 @@ GRAPH_VERSION = 5
 another are void)."""
 
 
+def epilogue_constants(activation: str, clip: Sequence[float]) -> dict[str, Any]:
+    """The constexpr arguments of kerasrt's Triton kernels' epilogue (``triton_kernels``):
+    the activation's code and the clamp bounds (zero unless it clamps)."""
+    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
+    return {"ACT": ACTIVATIONS.index(activation), "LO": lo, "HI": hi}
+
+
 def epilogue_inputs(node: Any) -> tuple[bool, bool]:
     """(has bias, has residual) of an IR conv or conv_fused node: the operands after x and w."""
     if node.op == "conv":

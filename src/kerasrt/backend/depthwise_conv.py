@@ -24,7 +24,6 @@ import torch
 
 from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
-ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CONFIGS = (
     ("tiles", 32, 64, 4),
@@ -180,25 +179,24 @@ def launch(
     w = w.contiguous()
     n, c, h, wd = x.shape
     oh, ow = out.shape[2:]
-    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     b = bias if bias is not None else w
     common = dict(
         K=w.shape[-1], STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_T=padding[0], PAD_L=padding[2],
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation), num_warps=warps,
+        HAS_BIAS=bias is not None, **cudnn_conv.epilogue_constants(activation, clip), num_warps=warps,
     )  # fmt: skip
     if variant == "tiles":
         grid = ((n * oh * ow + first - 1) // first, (c + second - 1) // second)
         op_library.launchable(tiles_kernel())[grid](
             x, w, b, out, n * oh * ow, c, h, wd, oh, ow,
             x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
-            LO=lo, HI=hi, BLOCK_P=first, BLOCK_C=second, **common,
+            BLOCK_P=first, BLOCK_C=second, **common,
         )  # fmt: skip
     else:
         row_blocks = (oh + first - 1) // first
         grid = (n * row_blocks, (ow * c + second - 1) // second)
         op_library.launchable(rows_kernel())[grid](
             x, w, b, out, h, wd, oh, ow, row_blocks, x.stride(0), x.stride(2), out.stride(0), out.stride(2),
-            LO=lo, HI=hi, C=c, ROWS=first, BLOCK=second, **common,
+            C=c, ROWS=first, BLOCK=second, **common,
         )  # fmt: skip
 
 

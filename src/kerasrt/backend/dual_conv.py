@@ -25,7 +25,6 @@ import torch
 
 from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_configs
 
-ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CHANNEL_MULTIPLE = 16
 """Both inputs' channels must be a multiple of this (a reduction step's least size)."""
@@ -153,11 +152,10 @@ def launch(
         block_k //= 2
     pixels, channels_out = n * oh * ow, w.shape[0]
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
-    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         h, w, x, ws, bias if bias is not None else w, out,
         pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1],
-        LO=lo, HI=hi, HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        HAS_BIAS=bias is not None, **cudnn_conv.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

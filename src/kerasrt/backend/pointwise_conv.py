@@ -22,7 +22,6 @@ import torch
 
 from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
-ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CONFIGS = (
     (128, 64, 32, 4, 3),
@@ -137,11 +136,10 @@ def launch(
     pixels, channels_out = n * h * wd, w.shape[0]
     block_k = min(block_k, max(16, 1 << (c - 1).bit_length()))
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
-    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
         pixels, channels_out, c,
-        LO=lo, HI=hi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cudnn_conv.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -28,7 +28,6 @@ import torch
 
 from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
-ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CONFIGS = (
     (32, 64, 128, 8, 4, 3),
@@ -211,12 +210,11 @@ def launch(
         workspace = torch.empty(
             tiles_m * tiles_n * split * block_m * block_n, dtype=torch.float32, device=x.device
         )
-    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[(tiles_m, tiles_n, split)](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out, workspace, count,
         n * oh * ow, k, c, h, wd, oh, ow, s, stride[0], stride[1], padding[0], padding[1],
         r * s * c // block_k,
-        LO=lo, HI=hi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS.index(activation),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cudnn_conv.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

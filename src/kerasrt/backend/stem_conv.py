@@ -30,7 +30,6 @@ import torch
 
 from kerasrt.backend import cudnn_conv, op_library, triton_configs
 
-ACTIVATIONS = cudnn_conv.ACTIVATIONS
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_ROW = 64
 """The most elements (S x C) one window row may have: a row is one step of the reduction."""
@@ -155,12 +154,11 @@ def launch(
     oh, ow = out.shape[2:]
     block_n = min(block_n, max(16, _pow2(k)))
     grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
-    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, out,
         n * oh * ow, h, wd, oh, ow, k,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        LO=lo, HI=hi, HAS_BIAS=bias is not None, ACT=ACTIVATIONS.index(activation),
+        HAS_BIAS=bias is not None, **cudnn_conv.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(16, _pow2(s * c)),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
