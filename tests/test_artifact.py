@@ -319,8 +319,8 @@ def test_a_package_tested_where_it_was_built_loads_without_a_test_process(
 
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "building"))
     path, x, expected = _small_compiled_artifact(tmp_path)
-    (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()
-    (digest,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["tested"].values()
+    compiled = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]
+    (package,), (digest,) = compiled["files"].values(), compiled["tested"].values()
     assert digest == aoti.package_digest(path / package)
 
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "fresh"))
