@@ -13,7 +13,7 @@ from keras import layers as L
 
 import kerasrt
 from kerasrt.backend.torch_backend import TorchEngine
-from kerasrt.ir.graph import Graph, verify
+from kerasrt.ir.graph import Graph, torch_dtype, verify
 from kerasrt.passes.precision import FP32_OPS, lower_precision
 from kerasrt.settings import PRECISION_RTOL
 from kerasrt_testing import assert_close, keras_reference, random_input, randomize
@@ -49,13 +49,39 @@ def test_lowering_converts_weights_once_and_keeps_sensitive_ops_in_fp32() -> Non
     assert dtypes == {"matmul": "float16", "relu": "float16", "softmax": "float32", "reduce_mean": "float32"}
     assert [c.dtype for c in g.constants.values() if c.users] == ["float16"]  # the weight, once
     assert fired["constants_converted"] == 1
-    # one cast down at the input, one shared cast up feeding both fp32 ops (CSE), none at outputs
-    assert Counter(n.attrs["dtype"] for n in g.nodes if n.op == "cast") == {"float16": 1, "float32": 1}
+    # the input is staged (taken in FP16, no cast down); one shared cast up feeding both fp32
+    # ops (CSE); none at the outputs
+    assert [v.dtype for v in g.inputs] == ["float16"] and fired["inputs_staged"] == 1
+    assert Counter(n.attrs["dtype"] for n in g.nodes if n.op == "cast") == {"float32": 1}
     assert [v.dtype for v in g.outputs] == ["float32", "float32"]
-    after = TorchEngine(g.nodes, g.inputs, g.outputs, torch.device("cpu"))(*inputs)
+    after = TorchEngine(g.nodes, g.inputs, g.outputs, torch.device("cpu"))(inputs[0].half())
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
     assert {"softmax", "layer_norm", "reduce_sum"} <= FP32_OPS
+
+
+def test_an_input_staged_only_where_every_reader_casts_it_down() -> None:
+    g = Graph()
+    staged = g.add_input("staged", (2, 3), "float32")
+    sensitive = g.add_input("sensitive", (2, 3), "float32")  # also read by an fp32 op
+    ids = g.add_input("ids", (2, 3), "int64")
+    passed = g.add_input("passed", (2, 3), "float32")  # a graph output as it is
+    a = g.add_node("relu", [staged]).outputs[0]
+    b = g.add_node("add", [a, g.add_node("relu", [sensitive]).outputs[0]]).outputs[0]
+    s = g.add_node("softmax", [sensitive], {"dim": 1}).outputs[0]
+    c = g.add_node("cast", [ids], {"dtype": "float32"}).outputs[0]
+    g.outputs = [g.add_node("add", [b, c]).outputs[0], s, g.add_node("relu", [passed]).outputs[0], passed]
+    inputs = [torch.randn(2, 3), torch.randn(2, 3), torch.arange(6).reshape(2, 3), torch.randn(2, 3)]
+    before = TorchEngine(g.nodes, g.inputs, g.outputs, torch.device("cpu"))(*inputs)
+    fired = lower_precision(g, "FP16")
+    verify(g)
+    assert [v.dtype for v in g.inputs] == ["float16", "float32", "int64", "float32"]
+    assert fired["inputs_staged"] == 1
+    assert not any(n.op == "cast" and n.inputs[0] is g.inputs[0] for n in g.nodes)
+    staged_inputs = [t.to(torch_dtype(v.dtype)) for t, v in zip(inputs, g.inputs)]
+    after = TorchEngine(g.nodes, g.inputs, g.outputs, torch.device("cpu"))(*staged_inputs)
+    for x, y in zip(after, before):
+        torch.testing.assert_close(x, y, rtol=1e-2, atol=1e-2)
 
 
 def test_fallback_layers_get_their_traced_dtypes() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.frontend.importer import InputSpec, import_model
-from kerasrt.ir.graph import Graph, Value
+from kerasrt.ir.graph import Graph, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.passes import Budget, optimize
 from kerasrt.runtime import KerasSource, fallback_runner
@@ -45,7 +45,7 @@ class Divergence:
 
 def evaluate(graph: Graph, inputs: Sequence[torch.Tensor], keras: KerasSource) -> dict[int, torch.Tensor]:
     """Every value of ``graph`` on ``inputs`` (reference implementations, CPU), by id."""
-    env: dict[int, torch.Tensor] = {id(v): t for v, t in zip(graph.inputs, inputs)}
+    env: dict[int, torch.Tensor] = {id(v): t.to(torch_dtype(v.dtype)) for v, t in zip(graph.inputs, inputs)}
     for value in graph.constants.values():
         env[id(value)] = value.data
     with torch.inference_mode():

@@ -137,6 +137,7 @@ class Program:
             and settings.cuda_graphs
             and all(s.kind != "fallback" for s in self.segments)
         )
+        self.input_dtypes = [torch_dtype(v.dtype) for v in graph.inputs]  # staged inputs: low precision
         slot: dict[int, int] = {id(v): i for i, v in enumerate(graph.inputs)}
         for seg in self.segments:
             for out in seg.outputs:
@@ -236,16 +237,22 @@ class Program:
         return lambda *tensors: [run_layer(*tensors)[i] for i in positions]
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on ``inputs`` of the model's dtypes: a staged input (``precision.stage_inputs``)
+        is cast as it is copied into the CUDA graph's input buffer, or before the first segment."""
         if self.graphable:
             if self._graph is None:
                 try:
-                    self._graph = CudaGraphRunner(self.run, inputs)
+                    self._graph = CudaGraphRunner(self.run, self.staged(inputs))
                 except RuntimeError as exc:  # e.g. an op that syncs with the host cannot be captured
                     log.warning("running without a CUDA graph: capture failed (%s)", str(exc).splitlines()[0])
                     self.graphable = False
-                    return self.run(inputs)
+                    return self.run(self.staged(inputs))
             return self._graph(inputs)
-        return self.run(inputs)
+        return self.run(self.staged(inputs))
+
+    def staged(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``inputs`` in the dtypes the graph takes them in."""
+        return [t.to(dtype) for t, dtype in zip(inputs, self.input_dtypes)]
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run every segment in order (no CUDA graph)."""
@@ -262,8 +269,9 @@ class CudaGraphRunner:
     """Replays a static-shape function as one captured CUDA graph.
 
     The function runs a few times first (compiling, autotuning and warming the allocator),
-    then once under capture. Each call copies the inputs into the captured input buffers,
-    replays, and returns copies of the output buffers (the next replay overwrites them).
+    then once under capture. Each call copies the inputs into the captured input buffers
+    (casting them to the buffers' dtypes), replays, and returns copies of the output buffers
+    (the next replay overwrites them).
     """
 
     WARMUP_RUNS = 3

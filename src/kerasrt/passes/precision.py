@@ -5,8 +5,14 @@ precision. Every float32 value an op reads is cast to the low precision, except 
 in ``FP32_OPS`` (softmax, normalization, reductions, exp/log/pow: what overflows or loses
 sums in 16 bits, the list ``torch.autocast`` keeps in float32), which read float32 and whose
 results go on in float32 until the next op casts them down. Keras fallback layers get the
-dtypes they were traced with. Graph inputs and outputs keep their dtypes: the engine casts
-at its edges, and the casts fuse into the neighbouring kernels when the engine is compiled.
+dtypes they were traced with. Graph outputs keep their dtypes: the engine casts at its
+edge, and the cast fuses into the kernel before it when the engine is compiled.
+
+A float32 graph input that is only ever cast to the low precision is *staged*: the input
+itself becomes low precision and the runtime casts the caller's tensor as it takes it in
+(``runtime.Program``). With a CUDA graph that cast is the copy into the graph's input buffer,
+which it does anyway: the engine no longer reads a float32 copy of the input, and the buffer
+is half the size (ResNet50 at batch 128: 37 MiB less, one pass over the input fewer).
 """
 
 from __future__ import annotations
@@ -91,8 +97,31 @@ def lower_precision(graph: Graph, precision: str, fp32_ops: Iterable[str] | None
     fired.update(
         PassManager((Pass("precision_cleanup", (remove_noop, cast_round_trip)), CSE)).run(graph).counts
     )
+    fired["inputs_staged"] = stage_inputs(graph, low)
     graph.meta["precision"] = {"mode": precision, "dtype": low, "fp32_ops": sorted(keep_fp32)}
     return fired
+
+
+def stage_inputs(graph: Graph, low: str) -> int:
+    """Make every float32 graph input read only through casts to ``low`` an input of dtype
+    ``low`` (the casts removed): the caller's tensor is cast as the runtime takes it in.
+    Returns the number of inputs staged."""
+    staged = 0
+    for value in graph.inputs:
+        users = list(value.users)
+        if (
+            value.dtype != "float32"
+            or not users
+            or any(v is value for v in graph.outputs)
+            or not all(n.op == "cast" and n.attrs["dtype"] == low for n in users)
+        ):
+            continue
+        value.dtype = low
+        for cast in users:
+            graph.replace_uses(cast.outputs[0], value)
+        staged += 1
+    graph.remove_unused()
+    return staged
 
 
 @rule("cast_round_trip", "cast")
