@@ -3,6 +3,8 @@ first inference, and does the loaded model run at the compiled model's speed?
 
     source .whl/activate.sh && python bench/load_time.py [MODEL] [BATCH]
 
+MODEL: a keras.applications name (default ResNet50) or BERT (the suite's BERT-base encoder).
+
 With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
 and first inference. LOAD_MODES lists the loads to run (default
 "no-cuda-graph,cuda-graph,fresh-machine"; a "profiled" load runs with CUDA graphs and prints
@@ -100,9 +102,16 @@ def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from kerasrt_testing import random_input, randomize  # calibrated random weights, as the suite's
 
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-    randomize(model, calibration=random_input((16, 224, 224, 3)))  # raw init overflows FP16 in MobileNetV2
-    x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype("float32")
+    if name == "BERT":  # the suite's BERT-base encoder, token ids in
+        from suite import SEQ, VOCAB, bert_encoder
+
+        model = randomize(bert_encoder())
+        x = np.random.default_rng(0).integers(0, VOCAB, (batch, SEQ)).astype("int32")
+    else:
+        model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+        # calibrated: raw init overflows FP16 in MobileNetV2
+        randomize(model, calibration=random_input((16, 224, 224, 3)))
+        x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype("float32")
     t = time.perf_counter()
     conv = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch)
     optimized = conv.convert()
