@@ -242,7 +242,7 @@ class Program:
         if self.graphable:
             if self._graph is None:
                 try:
-                    self._graph = CudaGraphRunner(self.run, self.staged(inputs))
+                    self._graph = CudaGraphRunner(self.run, inputs, self.input_dtypes)
                 except RuntimeError as exc:  # e.g. an op that syncs with the host cannot be captured
                     log.warning("running without a CUDA graph: capture failed (%s)", str(exc).splitlines()[0])
                     self.graphable = False
@@ -277,9 +277,14 @@ class CudaGraphRunner:
     WARMUP_RUNS = 3
 
     def __init__(
-        self, fn: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]], example: Sequence[torch.Tensor]
+        self,
+        fn: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
+        example: Sequence[torch.Tensor],
+        dtypes: Sequence[torch.dtype],
     ):
-        self.static_inputs = [t.clone() for t in example]
+        """``dtypes``: those of the input buffers (``fn`` takes its inputs in them)."""
+        # cast as copied: no temporary of the input is alive while the warm-up runs take memory
+        self.static_inputs = [torch.empty_like(t, dtype=d).copy_(t) for t, d in zip(example, dtypes)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
