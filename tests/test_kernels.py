@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import keras
@@ -279,6 +280,46 @@ def test_tactics_are_measured_once_per_shape_and_cached_by_environment(
     with caplog.at_level(logging.WARNING, logger="kerasrt.cache"):
         tactics.choose(graph.nodes, cpu, "auto")
     assert "unreadable cache file" in caplog.text and len(fake_cudnn) == 12
+
+
+def test_triton_candidates_are_precompiled_once_per_untimed_shape(fake_cudnn, monkeypatch) -> None:
+    graph = kerasrt.Converter(residual_cnn(), batch_size=2, precision_mode="FP16").convert().primary_graph()
+    batches: list[list] = []
+    monkeypatch.setattr(tactics, "precompile", lambda jobs, device: batches.append(list(jobs)))
+    cpu = torch.device("cpu")
+    convs = [n for n in graph.nodes if tactics.eligible(n)]
+    tactics.choose(graph.nodes + convs[:1], cpu, "auto")  # a shape seen twice is compiled once
+    assert len(batches) == 1 and len(batches[0]) == len(fake_cudnn) == 4
+    candidates, operands = batches[0][0]
+    ops = operands()  # the operands of a timing, made only when a job runs
+    assert ops.x.shape[0] == 2 and ops.x.is_contiguous(memory_format=torch.channels_last)
+    assert candidates(ops) == {}  # no Triton kernel runs on the CPU
+    tactics.choose(graph.nodes, cpu, "auto")  # all cached: nothing to compile or time
+    assert batches[1] == [] and len(fake_cudnn) == 4
+
+
+def test_a_launch_within_precompiling_compiles_only_and_only_in_its_thread() -> None:
+    calls: list[tuple] = []
+
+    class Kernel:  # records what a Triton JIT function would be asked to do
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("compile", grid, args, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("launch", grid, args, kwargs))
+
+    kernel = Kernel()
+    with op_library.precompiling():
+        op_library.launchable(kernel)[(2, 1)](1, 2, BLOCK=16)
+        other = threading.Thread(target=lambda: op_library.launchable(kernel)[(3,)](5))
+        other.start()
+        other.join()
+    op_library.launchable(kernel)[(4,)](6)
+    assert calls == [
+        ("compile", (2, 1), (1, 2), {"BLOCK": 16}),
+        ("launch", (3,), (5,), {}),
+        ("launch", (4,), (6,), {}),
+    ]
 
 
 def test_which_convolutions_are_candidates() -> None:

@@ -33,7 +33,9 @@ _LIBRARY = torch.library.Library("kerasrt", "FRAGMENT")  # kept alive: it owns t
 NAMES: list[str] = []
 """The names of the ops defined so far (``torch.ops.kerasrt.<name>``)."""
 
-_STATE = threading.local()  # .inlining: export wants kernels inlined; .tracing: inside a decomposition
+_STATE = threading.local()
+# .inlining: export wants kernels inlined; .tracing: inside a decomposition; .precompiling:
+# launches compile their kernel without running it
 
 
 def define(default: Callable, *, cuda: Callable, fake: Callable, inlinable: bool = False) -> None:
@@ -94,10 +96,31 @@ def tracing() -> bool:
     return getattr(_STATE, "tracing", False)
 
 
+def precompiling() -> contextlib.AbstractContextManager[None]:
+    """Within (in this thread): a ``launchable`` kernel launch compiles the kernel for its
+    arguments, as the launch would, and runs nothing. Triton compiles with Python's GIL
+    released for much of the work, so threads compile several kernels at once
+    (``tactics.precompile``)."""
+    return _switch("precompiling")
+
+
+class _Precompile:
+    """``kernel[grid](*args, **kwargs)`` that only compiles (Triton's ``warmup``)."""
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
+
+
 def launchable(kernel: Any) -> Any:
     """``kernel`` (a Triton JIT function) as an op's CUDA kernel launches it: itself on real
-    tensors, ``torch.library.wrap_triton(kernel)`` when traced, so Inductor sees the launch."""
-    return torch.library.wrap_triton(kernel) if tracing() else kernel
+    tensors, ``torch.library.wrap_triton(kernel)`` when traced, so Inductor sees the launch;
+    within ``precompiling()``, a launch that compiles only."""
+    if tracing():
+        return torch.library.wrap_triton(kernel)
+    return _Precompile(kernel) if getattr(_STATE, "precompiling", False) else kernel
 
 
 @functools.cache

@@ -25,6 +25,8 @@ table.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -36,13 +38,23 @@ from typing import Any
 import torch
 
 from kerasrt import cache
-from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv, splitk_conv, stem_conv, triton_configs
+from kerasrt.backend import (
+    cudnn_conv,
+    depthwise_conv,
+    op_library,
+    pointwise_conv,
+    splitk_conv,
+    stem_conv,
+    triton_configs,
+)
 from kerasrt.backend.aoti import engine_environment
 from kerasrt.errors import ConversionError
 from kerasrt.ir.graph import Node, Value, torch_dtype
 
 log = logging.getLogger(__name__)
 
+PRECOMPILE_THREADS = 8
+"""Threads compiling Triton candidates at once (``precompile``)."""
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
 CANDIDATES_VERSION = 4
 """Bumped whenever the candidate kernels or config lists change (indices measured for
@@ -314,17 +326,21 @@ def depthwise_signature(node: Node, ops: cudnn_conv.Operands, padding: list[int]
     return depthwise_conv.signature(ops.x, ops.w, ops.bias, stride, padding, act, clip)
 
 
+def depthwise_candidates(node: Node, ops: cudnn_conv.Operands, padding: list[int]) -> Candidates:
+    """The depthwise Triton kernel's configs, and a launch of one config on ``ops``."""
+    stride, act, clip = depthwise_conv.op_arguments(node)
+
+    def launch(config: tuple) -> None:
+        depthwise_conv.launch(config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip)
+
+    return {"triton": (depthwise_conv.CONFIGS, launch)}
+
+
 def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], mode: str) -> Choice:
     """The fastest Triton tile config and, in "auto", Inductor's way: materialize the zero
     padding, cuDNN's depthwise conv, one epilogue pass (bias + activation)."""
-    stride, act, clip = depthwise_conv.op_arguments(node)
-    best = best_config(
-        depthwise_conv.CONFIGS,
-        lambda config: depthwise_conv.launch(
-            config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip
-        ),
-        node,
-    )
+    stride, _, _ = depthwise_conv.op_arguments(node)
+    best = best_config(*depthwise_candidates(node, ops, padding)["triton"], node)
     top, bottom, left, right = padding
     symmetric = top == bottom and left == right
     z = torch.empty_like(ops.out)
@@ -371,38 +387,63 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
         return {}
     env = environment(device)
     table = choice_table(env)
+    entries = [_conv_entry(node, device, mode) for node in convs]
+    entries += [_depthwise_entry(node, nodes, device, mode) for node in depthwise]
+    stale = {e.sig: e for e in entries if e.stale(table.get(e.sig))}
+    precompile([(e.candidates, e.operands) for e in stale.values()], device)
     chosen: dict[int, tuple[str, Choice]] = {}
-    measured = 0
-    for node in convs:
-        # the key needs only shapes and strides: no device memory unless there is timing to do
-        sig = cudnn_conv.signature(
-            example_operands(node, torch.device("meta")), *cudnn_conv.op_arguments(node)
-        )
-        choice = table.get(sig)
-        if choice is None or (mode == "auto" and choice.inductor_ms is None and choice.cudnn_ms is not None):
-            choice = _measure(node, example_operands(node, device), sig, mode)
-            table[sig] = choice
-            measured += 1
+    for e in entries:
+        choice = table.get(e.sig)
+        if e.stale(choice):
+            choice = table[e.sig] = e.measure(e.operands())
         if mode == "cudnn":
             choice = choice.own_kernel()
-        select(sig, choice)
-        chosen[id(node)] = (sig, choice)
-    for node in depthwise:
-        x, padding = depthwise_conv.ir_call(node, nodes)
-        sig = depthwise_signature(node, depthwise_operands(node, x, padding, torch.device("meta")), padding)
-        choice = table.get(sig)
-        if choice is None or (mode == "auto" and choice.inductor_ms is None):
-            choice = measure_depthwise(node, depthwise_operands(node, x, padding, device), padding, mode)
-            table[sig] = choice
-            measured += 1
-        if mode == "cudnn":
-            choice = choice.own_kernel()
-        select(sig, choice)
-        chosen[id(node)] = (sig, choice)
-    if measured:
-        log.info("timed kernel tactics for %d convolution(s)", measured)
+        select(e.sig, choice)
+        chosen[id(e.node)] = (e.sig, choice)
+    if stale:
+        log.info("timed kernel tactics for %d convolution(s)", len(stale))
         persist(env)
     return chosen
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """An eligible convolution as ``choose`` handles it: its signature (the table's key), its
+    operands made on the device (only when there is timing to do), its timing, its Triton
+    candidates, and whether a cached choice (None: none) must be timed (again)."""
+
+    node: Node
+    sig: str
+    operands: Callable[[], cudnn_conv.Operands]
+    measure: Callable[[cudnn_conv.Operands], Choice]
+    candidates: Callable[[cudnn_conv.Operands], Candidates]
+    stale: Callable[[Choice | None], bool]
+
+
+def _conv_entry(node: Node, device: torch.device, mode: str) -> _Entry:
+    sig = cudnn_conv.signature(example_operands(node, torch.device("meta")), *cudnn_conv.op_arguments(node))
+    return _Entry(
+        node,
+        sig,
+        functools.partial(example_operands, node, device),
+        functools.partial(_measure, node, sig=sig, mode=mode),
+        functools.partial(triton_candidates, node),
+        # "auto" also needs Inductor's estimate, which a choice made in "cudnn" mode lacks
+        lambda c: c is None or (mode == "auto" and c.inductor_ms is None and c.cudnn_ms is not None),
+    )
+
+
+def _depthwise_entry(node: Node, nodes: Sequence[Node], device: torch.device, mode: str) -> _Entry:
+    x, padding = depthwise_conv.ir_call(node, nodes)
+    sig = depthwise_signature(node, depthwise_operands(node, x, padding, torch.device("meta")), padding)
+    return _Entry(
+        node,
+        sig,
+        functools.partial(depthwise_operands, node, x, padding, device),
+        functools.partial(measure_depthwise, node, padding=padding, mode=mode),
+        functools.partial(depthwise_candidates, node, padding=padding),
+        lambda c: c is None or (mode == "auto" and c.inductor_ms is None),
+    )
 
 
 def triton_kernel(node: Node, device: torch.device) -> Any:
@@ -419,37 +460,72 @@ def splitk_eligible(node: Node, device: torch.device) -> bool:
     return splitk_conv.eligible(node) and splitk_conv.available(device)
 
 
-def _time_splitk(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
-    """(best config, its device ms) of the split-K kernel for ``node``, or None."""
-    if not splitk_eligible(node, ops.x.device):
-        return None
+Candidates = dict[str, tuple[Sequence[tuple], Callable[[tuple], None]]]
+
+
+def triton_candidates(node: Node, ops: cudnn_conv.Operands) -> Candidates:
+    """kerasrt's Triton kernels that can run the convolution ``node``, by tactic ("triton": the
+    pointwise or stem kernel; "splitk"): their configs, and a launch of one config on ``ops``."""
+    device = ops.x.device
     stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
-
-    def run(config: tuple) -> None:
-        if not splitk_conv.splits_as_configured(config, ops.out.shape):
-            raise ValueError("too many output tiles to split")  # (skipped, not timed)
-        splitk_conv.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, stride, padding, act, clip)
-
-    return best_config(splitk_conv.CONFIGS, run, node)
-
-
-def _time_triton(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float] | None:
-    """(best config, its device ms) of the Triton kernel for ``node``, or None without one."""
-    module = triton_kernel(node, ops.x.device)
-    stride, padding, _, act, clip = cudnn_conv.op_arguments(node)
+    found: Candidates = {}
+    module = triton_kernel(node, device)
     if module is pointwise_conv:
-        return best_config(
+        found["triton"] = (
             module.CONFIGS,
             lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.residual, ops.out, act, clip),
-            node,
         )
-    if module is stem_conv:
-        return best_config(
+    elif module is stem_conv:
+        found["triton"] = (
             module.CONFIGS,
             lambda config: module.launch(config, ops.x, ops.w, ops.bias, ops.out, stride, padding, act, clip),
-            node,
         )
-    return None
+    if splitk_eligible(node, device):
+
+        def split(config: tuple) -> None:
+            if not splitk_conv.splits_as_configured(config, ops.out.shape):
+                raise ValueError("too many output tiles to split")  # (skipped, not timed)
+            splitk_conv.launch(
+                config, ops.x, ops.w, ops.bias, ops.residual, ops.out, stride, padding, act, clip
+            )
+
+        found["splitk"] = (splitk_conv.CONFIGS, split)
+    return found
+
+
+def precompile(
+    jobs: Sequence[tuple[Callable[[cudnn_conv.Operands], Candidates], Callable[[], cudnn_conv.Operands]]],
+    device: torch.device,
+) -> None:
+    """Compile the Triton candidates of convolutions in a pool of threads before the tactics
+    time them one at a time. A job is (the convolution's candidates on given operands, its
+    operands). A cold build compiles dozens of configs (71 for ResNet50), each a few hundred
+    ms, much of it outside Python's GIL. Failures are left for the timing to meet (a config
+    that does not compile is no candidate)."""
+    if device.type != "cuda" or op_library.triton_kernels() is None or not jobs:
+        return
+
+    def compile_job(
+        job: tuple[Callable[[cudnn_conv.Operands], Candidates], Callable[[], cudnn_conv.Operands]],
+    ) -> None:
+        candidates, operands = job
+        with torch.cuda.device(device), op_library.precompiling():
+            for configs, launch in candidates(operands()).values():
+                for config in configs:
+                    try:
+                        launch(config)
+                    except Exception as exc:
+                        log.debug("precompiling Triton config %s failed: %s", config, exc)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(min(PRECOMPILE_THREADS, len(jobs))) as pool:
+        list(pool.map(compile_job, jobs))
+    torch.cuda.synchronize(device)
+    log.info(
+        "precompiled the Triton candidates of %d convolution(s) in %.1f s",
+        len(jobs),
+        time.perf_counter() - started,
+    )
 
 
 def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
@@ -460,8 +536,10 @@ def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choic
     if found is not None:
         index, cudnn_ms, plan = found
         cudnn_conv.adopt_plan(sig, index, plan)
-    triton = _time_triton(node, ops)
-    splitk = _time_splitk(node, ops)
+    timed = {
+        name: best_config(configs, run, node) for name, (configs, run) in triton_candidates(node, ops).items()
+    }
+    triton, splitk = timed.get("triton"), timed.get("splitk")
     inductor_ms = inductor_estimate_ms(node, ops) if mode == "auto" else None
     timings = {
         "cudnn": cudnn_ms,
