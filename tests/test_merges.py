@@ -92,10 +92,21 @@ def fast_merges(monkeypatch, fake_cudnn):  # noqa: F811 (the fixture imported ab
     return timed
 
 
-def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(tmp_path: Path, fast_merges) -> None:
+def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(
+    tmp_path: Path, fast_merges, monkeypatch
+) -> None:
+    precompiled: list[tuple] = []  # the merged kernel's compile jobs, made before any timing
+    monkeypatch.setattr(
+        tactics,
+        "precompile",
+        lambda jobs, device: precompiled.extend(
+            operands() for candidates, operands in jobs if candidates is merges._dual_candidates
+        ),
+    )
     model = resnet_stages()
     conv, optimized, x, got = convert_on_own_kernels(model, (2, 8, 8, 16))
     assert len(fast_merges) == 2
+    assert len(precompiled) == 2 and all(len(args) == 9 for args in precompiled)
     program = optimized.program(optimized.engine_shapes[0])
     (engine,) = program.compiled_engines.values()
     calls = [n.target for n in engine.module.graph.nodes if n.op == "call_function"]
@@ -112,7 +123,7 @@ def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(tmp_path: Pat
     kerasrt.Converter(
         model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
     ).convert()
-    assert len(fast_merges) == 2
+    assert len(fast_merges) == 2 and len(precompiled) == 2
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]

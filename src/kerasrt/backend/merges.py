@@ -20,6 +20,7 @@ residual is still live: +49 MiB of peak memory, past the 1.2x-torch.compile budg
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,11 @@ def _arguments(merge: Merge, device: torch.device) -> tuple:
     return first.x, first.w, second.x, second.w, bias, a.out, stride, act, clip
 
 
+def _dual_candidates(args: tuple) -> tactics.Candidates:
+    """The merged kernel's configs, and a launch of one config on ``args`` (``_arguments``)."""
+    return {"dual": (dual_conv.CONFIGS, lambda config: dual_conv.launch(config, *args))}
+
+
 def choose(
     nodes: Sequence[Node],
     outputs: Sequence[Value],
@@ -149,18 +155,22 @@ def choose(
     table = tactics.choice_table(env)
     merged: dict[int, tuple[str, tactics.Choice, Merge]] = {}
     measured = 0
+    comparable = []  # (merge, signature, the parts' times apart)
     for merge in candidates(nodes, outputs):
         parts = [chosen.get(id(n)) for n in (merge.lead, merge.absorbed)]
         apart = [p[1].ms for p in parts if p is not None]
         if len(apart) < 2 or None in apart:
             continue  # a part without a timed kernel: nothing to compare with
-        sig = dual_conv.signature(*_arguments(merge, torch.device("meta")))
+        comparable.append((merge, dual_conv.signature(*_arguments(merge, torch.device("meta"))), apart))
+    untimed = {sig: merge for merge, sig, _ in comparable if sig not in table}
+    tactics.precompile(
+        [(_dual_candidates, functools.partial(_arguments, merge, device)) for merge in untimed.values()],
+        device,
+    )
+    for merge, sig, apart in comparable:
         choice = table.get(sig)
         if choice is None:
-            args = _arguments(merge, device)
-            best = tactics.best_config(
-                dual_conv.CONFIGS, lambda cfg, args=args: dual_conv.launch(cfg, *args), merge.lead
-            )
+            best = tactics.best_config(*_dual_candidates(_arguments(merge, device))["dual"], merge.lead)
             measured += 1
             apart_ms = round(sum(apart), 5)
             if best is None or best[1] >= apart_ms:

@@ -493,21 +493,19 @@ def triton_candidates(node: Node, ops: cudnn_conv.Operands) -> Candidates:
     return found
 
 
-def precompile(
-    jobs: Sequence[tuple[Callable[[cudnn_conv.Operands], Candidates], Callable[[], cudnn_conv.Operands]]],
-    device: torch.device,
-) -> None:
+PrecompileJob = tuple[Callable[[Any], Candidates], Callable[[], Any]]
+"""(a convolution's Triton candidates on given operands, a function making its operands)."""
+
+
+def precompile(jobs: Sequence[PrecompileJob], device: torch.device) -> None:
     """Compile the Triton candidates of convolutions in a pool of threads before the tactics
-    time them one at a time. A job is (the convolution's candidates on given operands, its
-    operands). A cold build compiles dozens of configs (71 for ResNet50), each a few hundred
+    time them one at a time (``PrecompileJob``: the operands are made only in the job). A cold build compiles dozens of configs (71 for ResNet50), each a few hundred
     ms, much of it outside Python's GIL. Failures are left for the timing to meet (a config
     that does not compile is no candidate)."""
     if device.type != "cuda" or op_library.triton_kernels() is None or not jobs:
         return
 
-    def compile_job(
-        job: tuple[Callable[[cudnn_conv.Operands], Candidates], Callable[[], cudnn_conv.Operands]],
-    ) -> None:
+    def compile_job(job: PrecompileJob) -> None:
         candidates, operands = job
         with torch.cuda.device(device), op_library.precompiling():
             for configs, launch in candidates(operands()).values():
