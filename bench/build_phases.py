@@ -1,7 +1,7 @@
 """Where a cold convert + build goes: wall seconds per phase of converting a keras.applications
-model (tactics: cuDNN plans, each Triton kernel's configs, Inductor's estimate; the engines'
-compile on the first call), with every cache empty (fresh kerasrt, Triton and Inductor cache
-folders and CUDA's JIT cache off).
+model (tactics: cuDNN plans, the Triton candidates compiled in parallel and then each config
+timed, Inductor's estimate; the engines' compile on the first call), with every cache empty
+(fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off).
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
 
@@ -45,21 +45,22 @@ CALLS: collections.Counter[str] = collections.Counter()
 
 def timed(module, name: str) -> None:
     """Replace ``module.name`` with a wrapper adding its wall time to SECONDS[name]; a call
-    made inside another call of the same function (compile_fx calls itself) is not counted
-    again."""
+    made inside another call of the same function in the same thread (compile_fx calls
+    itself) is not counted again. Calls in several threads at once (the tactics' parallel
+    Triton compiles) each count: their sum exceeds the wall time they took."""
     original = getattr(module, name)
-    depth = [0]
+    depth = threading.local()
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        if depth[0]:
+        if getattr(depth, "n", 0):
             return original(*args, **kwargs)
         begin = time.perf_counter()
-        depth[0] += 1
+        depth.n = 1
         try:
             return original(*args, **kwargs)
         finally:
-            depth[0] -= 1
+            depth.n = 0
             SECONDS[name] += time.perf_counter() - begin
             CALLS[name] += 1
 
@@ -104,8 +105,8 @@ def main(name: str, batch: int) -> None:
     timed(runtime.CudaGraphRunner, "__init__")  # warm-up runs (compiling) and the capture
     for phase in (
         "measure_cudnn",
-        "_time_triton",
-        "_time_splitk",
+        "precompile",
+        "best_config",
         "inductor_estimate_ms",
         "measure_depthwise",
         "choose",
