@@ -61,6 +61,9 @@ def torch_peer(name: str, batch: int, warmup: int, iters: int) -> Result | None:
     """torch.compile (reduce-overhead, freezing) of torchvision's / transformers' model, fp16."""
     torch._inductor.config.freezing = True
     dev = torch.device("cuda")
+    # the last peer's CUDA-graph pool outlives it (cudagraph trees are global): free it first,
+    # or this window sees it freed and reports less than nothing
+    torch._dynamo.reset()
     memory = MemoryWatch(dev).start()
     if name == "BERT-base encoder":
         from transformers import BertConfig, BertModel

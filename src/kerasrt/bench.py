@@ -168,6 +168,9 @@ class MemoryWatch:
     def start(self) -> MemoryWatch:
         if self.device.type == "cuda":
             gc.collect()  # what earlier systems left must not be freed inside this window
+            # nor cuBLAS's workspaces (one per stream, allocator memory): torch.compile's
+            # CUDA graphs free them before capturing, which read as a negative peak
+            torch._C._cuda_clearCublasWorkspaces()
             torch.cuda.empty_cache()
             _sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
