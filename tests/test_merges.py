@@ -146,3 +146,27 @@ def test_merges_that_lose_to_their_parts_are_not_taken(monkeypatch, fast_merges)
     env = tactics.environment(torch.device("cpu"))
     lost = [c for s, c in tactics.choice_table(env).items() if merges.is_merge_signature(s)]
     assert len(lost) == 2 and {(c.kernel, c.apart_ms, c.triton_ms) for c in lost} == {("apart", 1.0, 1.5)}
+
+
+def test_a_first_build_reports_its_compiling_and_timing_and_a_cached_one_does_not(fast_merges) -> None:
+    def build() -> list[str]:
+        heard: list[str] = []
+        kerasrt.Converter(
+            resnet_stages(),
+            batch_size=2,
+            precision_mode="FP16",
+            compiler="eager",
+            conv_kernels="cudnn",
+            progress=heard.append,
+        ).convert()
+        return [m for m in heard if m.startswith(("building", "compiling", "timing"))]
+
+    first = build()
+    shapes = len({s for s in first if s.startswith("timing kernels")})
+    assert shapes >= 2 and first == [
+        "building the engines for input shapes (2, 8, 8, 16)",
+        f"compiling kernel candidates for {shapes} convolution shape(s)",
+        *(f"timing kernels for convolution shape {i} of {shapes}" for i in range(1, shapes + 1)),
+        "timing merged kernels for 2 pair(s) of convolutions",
+    ]
+    assert build() == ["building the engines for input shapes (2, 8, 8, 16)"]  # all cached

@@ -20,10 +20,8 @@ from kerasrt.ir.graph import verify as verify_graph
 from kerasrt.ir.ops import OPS
 from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
-from kerasrt.runtime import KerasSource, OptimizedModel, ShapeKey, TensorSpec, with_batch
+from kerasrt.runtime import KerasSource, OptimizedModel, Progress, ShapeKey, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
-
-Progress = Callable[[str], None]
 
 
 def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
@@ -215,6 +213,7 @@ class Converter:
             builder=builder,
             device=self.device,
             name=model.name,
+            progress=self.progress,
         )
         self._optimized.program(key)
         if profile is not None:  # and the profile's max engine

@@ -29,6 +29,8 @@ from kerasrt.settings import ConversionSettings
 
 log = logging.getLogger(__name__)
 ShapeKey = tuple[tuple[int, ...], ...]
+Progress = Callable[[str], None]
+"""Hears what a long step is doing (the CLI shows it beside its spinner)."""
 
 
 def with_batch(shapes: ShapeKey, batch: int) -> ShapeKey:
@@ -118,8 +120,10 @@ class Program:
         device: torch.device,
         keras: KerasSource,
         compiled: CompiledEngines | None = None,
+        progress: Progress | None = None,
     ):
         self.graph = graph
+        self.progress = progress
         self.device = device
         self.keras = keras
         kept_ops = set(graph.meta.get("kept_op_types", ()))
@@ -194,10 +198,11 @@ class Program:
         mode = settings.conv_kernels
         if mode == "auto" and not self.graphable:
             mode = "inductor"
-        choices = tactics.choose(seg.nodes, self.device, mode)
+        choices = tactics.choose(seg.nodes, self.device, mode, self.progress)
         self.kernel_choices.update(choices.values())
         own = {node: choice.kernel for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
-        for sig, choice, merge in merges.choose(seg.nodes, seg.outputs, choices, self.device).values():
+        merged = merges.choose(seg.nodes, seg.outputs, choices, self.device, self.progress)
+        for sig, choice, merge in merged.values():
             self.kernel_choices[sig] = choice
             own[id(merge.lead)] = merge.kernel
             own[id(merge.absorbed)] = merges.ABSORBED
@@ -320,8 +325,10 @@ class OptimizedModel:
         device: str | torch.device = "auto",
         name: str = "model",
         packages: dict[ShapeKey, CompiledEngines] | None = None,
+        progress: Progress | None = None,
     ):
         self.device = resolve_device(device)
+        self.progress = progress  # told of engine builds (tactics can take minutes)
         self.settings = settings
         self.inputs = list(inputs)
         self.output_names = list(output_names)
@@ -356,7 +363,11 @@ class OptimizedModel:
             log.info("building an engine for input shapes %s", key)
             graph = self.builder(key)
             self.graphs[key] = graph
-        program = Program(graph, self.settings, self.device, self.keras, self.packages.get(key))
+        if self.progress is not None:
+            self.progress(f"building the engines for input shapes {', '.join(_fmt(s) for s in key)}")
+        program = Program(
+            graph, self.settings, self.device, self.keras, self.packages.get(key), self.progress
+        )
         self._programs[key] = program
         self.graphs.move_to_end(key)
         while len(self.graphs) > self.settings.maximum_cached_engines:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -146,9 +146,11 @@ def choose(
     outputs: Sequence[Value],
     chosen: Mapping[int, tuple[str, tactics.Choice]],
     device: torch.device,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[int, tuple[str, tactics.Choice, Merge]]:
     """The merges among ``nodes`` that beat their two convolutions' ``chosen`` kernels, by
-    the lead's ``id``: (signature, choice, merge). Needs the Triton kernel on ``device``."""
+    the lead's ``id``: (signature, choice, merge). Needs the Triton kernel on ``device``.
+    ``progress`` hears of the timing."""
     if not chosen or not dual_conv.available(device):
         return {}  # nothing timed to compare with (conv_kernels="inductor"), or no Triton
     env = tactics.environment(device)
@@ -163,6 +165,8 @@ def choose(
             continue  # a part without a timed kernel: nothing to compare with
         comparable.append((merge, dual_conv.signature(*_arguments(merge, torch.device("meta"))), apart))
     untimed = {sig: merge for merge, sig, _ in comparable if sig not in table}
+    if untimed and progress is not None:
+        progress(f"timing merged kernels for {len(untimed)} pair(s) of convolutions")
     tactics.precompile(
         [(_dual_candidates, functools.partial(_arguments, merge, device)) for merge in untimed.values()],
         device,

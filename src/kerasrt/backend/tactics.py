@@ -366,11 +366,17 @@ def measure_depthwise(node: Node, ops: cudnn_conv.Operands, padding: list[int], 
 # -- choosing -------------------------------------------------------------------------------------
 
 
-def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, tuple[str, Choice]]:
+def choose(
+    nodes: Sequence[Node],
+    device: torch.device,
+    mode: str,
+    progress: Callable[[str], None] | None = None,
+) -> dict[int, tuple[str, Choice]]:
     """Kernel choices for the eligible convolutions among ``nodes``, by ``id(node)``:
     (signature, choice). "inductor" chooses nothing; "cudnn" takes kerasrt's kernels (fused
     cuDNN graphs, the Triton pointwise and depthwise kernels; the faster of two) wherever
-    they run; "auto" times them against Inductor's way and takes the fastest."""
+    they run; "auto" times them against Inductor's way and takes the fastest. ``progress``
+    hears of the compiling and timing, which takes minutes for some models' first build."""
     if mode == "inductor":
         return {}
     convs = [n for n in nodes if eligible(n)]
@@ -390,11 +396,17 @@ def choose(nodes: Sequence[Node], device: torch.device, mode: str) -> dict[int, 
     entries = [_conv_entry(node, device, mode) for node in convs]
     entries += [_depthwise_entry(node, nodes, device, mode) for node in depthwise]
     stale = {e.sig: e for e in entries if e.stale(table.get(e.sig))}
+    say = progress or (lambda _message: None)
+    if stale:
+        say(f"compiling kernel candidates for {len(stale)} convolution shape(s)")
     precompile([(e.candidates, e.operands) for e in stale.values()], device)
     chosen: dict[int, tuple[str, Choice]] = {}
+    timed = 0
     for e in entries:
         choice = table.get(e.sig)
         if e.stale(choice):
+            timed += 1
+            say(f"timing kernels for convolution shape {timed} of {len(stale)}")
             choice = table[e.sig] = e.measure(e.operands())
         if mode == "cudnn":
             choice = choice.own_kernel()
