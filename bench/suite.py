@@ -104,6 +104,13 @@ def torch_peer(name: str, batch: int, warmup: int, iters: int) -> Result | None:
     return result
 
 
+def log_step(model: str, message: str) -> None:
+    """Print which system and batch the suite is at; the build's own steps ("kerasrt, batch 1:
+    timing kernels ...", one per layer or shape) are left to the CLI's spinner."""
+    if ": " not in message:
+        print(f"[{time.strftime('%X')}] {model}: {message}", flush=True)
+
+
 def markdown(results: list[Result], env: dict) -> str:
     lines = [
         f"Card: {env['device']}; torch {env['torch']}, keras {env['keras']}, triton {env.get('triton')}; "
@@ -170,7 +177,7 @@ def main() -> None:
                     args.systems.split(","),
                     iters=args.iters,
                     converter_kwargs={"autotune": args.autotune},
-                    progress=lambda m, name=name: print(f"[{time.strftime('%X')}] {name}: {m}", flush=True),
+                    progress=lambda m, name=name: log_step(name, m),
                 )
                 if not args.no_peers:
                     rows.append(torch_peer(name, batch, 10, args.iters))

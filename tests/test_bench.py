@@ -10,7 +10,7 @@ import keras
 import pytest
 from keras import layers as L
 
-from kerasrt.bench import SCHEMA_VERSION, SYSTEMS
+from kerasrt.bench import SCHEMA_VERSION, SYSTEMS, bench_keras_model
 from kerasrt.cli import main
 from kerasrt_testing import randomize
 
@@ -63,6 +63,17 @@ def test_bench_an_artifact_runs_its_own_engines_at_its_shapes(model_file: Path, 
         assert row["max_rel_err"] < 0.05 and row["build_s"] >= 0
     assert saved["note"].startswith("the artifact's engines (loaded)")
     assert "artifact" not in other["note"]
+
+
+def test_bench_reports_each_system_and_kerasrt_s_build_steps(model_file: Path) -> None:
+    heard: list[str] = []
+    model = keras.saving.load_model(model_file)
+    bench_keras_model(
+        model, [2], systems=["kerasrt", "keras-eager"], warmup=1, iters=2, progress=heard.append
+    )
+    assert heard[0] == "kerasrt, batch 2" and heard[-1] == "keras-eager, batch 2"
+    assert "kerasrt, batch 2: building the engines for input shapes (2, 6, 6, 2)" in heard
+    assert all(m.startswith("kerasrt, batch 2: ") for m in heard[1:-1])  # the build's own steps
 
 
 @pytest.mark.parametrize(

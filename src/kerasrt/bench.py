@@ -317,7 +317,14 @@ def bench_keras_model(
                 continue
             memory = MemoryWatch(dev).start()
             call, build, note = _prepare_system(
-                system, keras_model, precision, tensors, dev, converter_kwargs, artifact
+                system,
+                keras_model,
+                precision,
+                tensors,
+                dev,
+                converter_kwargs,
+                artifact,
+                lambda detail, head=f"{system}, batch {batch}": say(f"{head}: {detail}"),
             )
             build_peak = memory.build_done()
             transfers = host if system == "kerasrt" else None
@@ -358,8 +365,10 @@ def _prepare_system(
     device: torch.device,
     converter_kwargs: dict[str, Any] | None,
     artifact: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[Callable[[], Any], float | None, str]:
-    """Build ``system`` for these inputs; returns (call, build seconds, note)."""
+    """Build ``system`` for these inputs (kerasrt's build reports to ``progress``); returns
+    (call, build seconds, note)."""
     from kerasrt.converter import Converter
 
     begin = time.perf_counter()
@@ -380,6 +389,7 @@ def _prepare_system(
             precision_mode=precision,
             input_shapes=[tuple(t.shape) for t in tensors],
             device=str(device),
+            progress=progress,
             **(converter_kwargs or {}),
         ).convert()
         optimized(*tensors)  # compile, autotune, capture
