@@ -4,7 +4,10 @@ equivalent PyTorch model (torchvision, transformers), same card, same inputs.
 
 Run on the GPU machine:
     source .whl/activate.sh && python bench/suite.py --out $OUT/suite.json [--quick]
-Writes the JSON record and prints a markdown table for BENCHMARKS.md.
+Writes the JSON record (after every batch) and prints a markdown table for BENCHMARKS.md.
+``--resume`` keeps the rows already in ``--out`` (same card and torch) and measures only the
+models and batches it lacks: a run cut short, or one split over calls with a time limit,
+ends in one record. Each row names the host and process that measured it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import sys
 import time
 import traceback
@@ -111,10 +116,12 @@ def log_step(model: str, message: str) -> None:
         print(f"[{time.strftime('%X')}] {model}: {message}", flush=True)
 
 
-def markdown(results: list[Result], env: dict) -> str:
+def markdown(results: list[Result], env: dict, command: str) -> str:
+    runs = {(r.extra.get("host"), r.extra.get("pid")) for r in results}
     lines = [
         f"Card: {env['device']}; torch {env['torch']}, keras {env['keras']}, triton {env.get('triton')}; "
-        f"{env['date']}; command: `python bench/suite.py`",
+        f"{env['date']}; command: `{command}`"
+        + (f" (rows from {len(runs)} runs, resumed)" if len(runs) > 1 else ""),
         "",
         "| model | batch | system | p50 ms | throughput /s | vs kerasrt | max rel err | build s | peak MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -154,21 +161,26 @@ def main() -> None:
     parser.add_argument("--autotune", action="store_true")
     parser.add_argument("--models", help="comma-separated subset of the suite's model names")
     parser.add_argument("--batches", help="comma-separated subset of each model's batch sizes")
+    parser.add_argument("--resume", action="store_true", help="keep --out's rows, measure only the rest")
     args = parser.parse_args()
     env = environment()
     print(json.dumps(env), flush=True)
-    results: list[Result] = []
+    results = previous_results(args.out, env) if args.resume else []
+    done = {(r.extra.get("model"), r.batch) for r in results if r.system != "error"}
+    results = [r for r in results if (r.extra.get("model"), r.batch) in done]  # errors are retried
     suite = keras_models(args.quick)
     if args.models:
         suite = {k: v for k, v in suite.items() if k in args.models.split(",")}
     for name, (make, batches) in suite.items():
+        batches = [b for b in batches if not args.batches or str(b) in args.batches.split(",")]
+        batches = [b for b in batches if (name, b) not in done]
+        if not batches:
+            continue
         model = make()
         # trained-like weights: fresh ones give near-constant tiny logits that fp16 flushes to 0
         image = name != "BERT-base encoder"
         randomize(model, calibration=random_input((16, 224, 224, 3)) if image else None)
         for batch in batches:
-            if args.batches and str(batch) not in args.batches.split(","):
-                continue
             try:
                 rows = bench_keras_model(
                     model,
@@ -187,17 +199,34 @@ def main() -> None:
                     Result("error", batch, args.precision, {}, 0.0, 0, note=traceback.format_exc()[-300:])
                 ]
             for r in rows:
-                r.extra["model"] = name
+                r.extra.update(model=name, host=socket.gethostname(), pid=os.getpid())
                 print(json.dumps(r.to_json()), flush=True)
             results += rows
             torch.cuda.empty_cache()
             save(args.out, env, results)  # after every batch: a run cut short keeps what it measured
-    print(markdown(results, env))
+    print(markdown(results, env, shlex.join(["python", *sys.argv])))
 
 
 def save(path: str, env: dict, results: list[Result]) -> None:
-    with open(path, "w") as fh:
+    """Write the record atomically: a run killed while saving keeps the previous one."""
+    with open(path + ".tmp", "w") as fh:
         json.dump({"schema": 1, **env, "results": [r.to_json() for r in results]}, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def previous_results(path: str, env: dict) -> list[Result]:
+    """The rows of an earlier record at ``path`` (none if there is none); refuses a record
+    made on another card or torch, whose rows would not compare with this run's."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        data = json.load(fh)
+    for key in ("device", "torch"):
+        if data.get(key) != env.get(key):
+            sys.exit(
+                f"--resume: {path} was measured with {key} {data.get(key)!r}, this run has {env.get(key)!r}"
+            )
+    return [Result(**row) for row in data["results"]]
 
 
 if __name__ == "__main__":
