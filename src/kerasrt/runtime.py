@@ -123,7 +123,6 @@ class Program:
         progress: Progress | None = None,
     ):
         self.graph = graph
-        self.progress = progress
         self.device = device
         self.keras = keras
         kept_ops = set(graph.meta.get("kept_op_types", ()))
@@ -170,7 +169,7 @@ class Program:
                         if n.outputs[0].name in compiled.kernel_convs
                     }
                 else:
-                    own = self._choose_kernels(seg, settings) if seg.kind == "engine" else {}
+                    own = self._choose_kernels(seg, settings, progress) if seg.kind == "engine" else {}
                 args = (seg.nodes, seg.inputs, seg.outputs, device, compiler, settings.autotune)
                 try:
                     engine = TorchEngine(*args, package=package, kernel_convs=own)
@@ -180,7 +179,7 @@ class Program:
                     warnings.warn(
                         f"cannot load compiled engine {package.name} ({exc}); recompiling it", stacklevel=2
                     )
-                    own = self._choose_kernels(seg, settings)
+                    own = self._choose_kernels(seg, settings, progress)
                     engine = TorchEngine(*args, kernel_convs=own)
                 self.steps.append((engine, ins, outs))
                 if engine.kernel_convs:
@@ -189,7 +188,9 @@ class Program:
                     )
         self._graph: CudaGraphRunner | None = None
 
-    def _choose_kernels(self, seg: Segment, settings: ConversionSettings) -> dict[int, str]:
+    def _choose_kernels(
+        self, seg: Segment, settings: ConversionSettings, progress: Progress | None
+    ) -> dict[int, str]:
         """The convolutions of an engine segment to run on kerasrt's kernels (node id ->
         kernel, see ``TorchEngine``), by measured tactics, with the merges of neighbouring
         convolutions that beat them (``merges.choose``). "auto" considers them only for
@@ -198,10 +199,10 @@ class Program:
         mode = settings.conv_kernels
         if mode == "auto" and not self.graphable:
             mode = "inductor"
-        choices = tactics.choose(seg.nodes, self.device, mode, self.progress)
+        choices = tactics.choose(seg.nodes, self.device, mode, progress)
         self.kernel_choices.update(choices.values())
         own = {node: choice.kernel for node, (_, choice) in choices.items() if choice.kernel != "inductor"}
-        merged = merges.choose(seg.nodes, seg.outputs, choices, self.device, self.progress)
+        merged = merges.choose(seg.nodes, seg.outputs, choices, self.device, progress)
         for sig, choice, merge in merged.values():
             self.kernel_choices[sig] = choice
             own[id(merge.lead)] = merge.kernel
