@@ -25,7 +25,6 @@ table.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import json
@@ -39,6 +38,7 @@ import torch
 
 from kerasrt import cache
 from kerasrt.backend import (
+    compile_pool,
     cudnn_conv,
     depthwise_conv,
     op_library,
@@ -53,8 +53,6 @@ from kerasrt.ir.graph import Node, Value, torch_dtype
 
 log = logging.getLogger(__name__)
 
-PRECOMPILE_THREADS = 8
-"""Threads compiling Triton candidates at once (``precompile``)."""
 MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
 CANDIDATES_VERSION = 4
 """Bumped whenever the candidate kernels or config lists change (indices measured for
@@ -510,31 +508,34 @@ PrecompileJob = tuple[Callable[[Any], Candidates], Callable[[], Any]]
 
 
 def precompile(jobs: Sequence[PrecompileJob], device: torch.device) -> None:
-    """Compile the Triton candidates of convolutions in a pool of threads before the tactics
-    time them one at a time (``PrecompileJob``: the operands are made only in the job). A cold build compiles dozens of configs (71 for ResNet50), each a few hundred
-    ms, much of it outside Python's GIL. Failures are left for the timing to meet (a config
-    that does not compile is no candidate)."""
+    """Compile the Triton candidates of convolutions before the tactics time them one at a
+    time (``PrecompileJob``: the operands are made only in the job). A cold build compiles
+    dozens to hundreds of configs (71 for ResNet50, 294 for EfficientNetB0), each a few
+    hundred ms: the launches are collected here, without compiling, and compiled in worker
+    processes (``compile_pool``). Failures are left for the timing to meet (a config that
+    does not compile is no candidate)."""
     if device.type != "cuda" or op_library.triton_kernels() is None or not jobs:
         return
 
-    def compile_job(job: PrecompileJob) -> None:
-        candidates, operands = job
+    def launch_all() -> None:
         with torch.cuda.device(device), op_library.precompiling():
-            for configs, launch in candidates(operands()).values():
-                for config in configs:
-                    try:
-                        launch(config)
-                    except Exception as exc:
-                        log.debug("precompiling Triton config %s failed: %s", config, exc)
+            for candidates, operands in jobs:
+                for configs, launch in candidates(operands()).values():
+                    for config in configs:
+                        try:
+                            launch(config)
+                        except Exception as exc:
+                            log.debug("launching Triton config %s to compile it failed: %s", config, exc)
 
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(min(PRECOMPILE_THREADS, len(jobs))) as pool:
-        list(pool.map(compile_job, jobs))
-    torch.cuda.synchronize(device)
+    requests = compile_pool.collect(launch_all)
+    workers = compile_pool.compile_requests(requests)
     log.info(
-        "precompiled the Triton candidates of %d convolution(s) in %.1f s",
+        "compiled %d Triton kernel(s) for %d convolution(s) in %.1f s (%d worker process(es))",
+        len(requests),
         len(jobs),
         time.perf_counter() - started,
+        workers,
     )
 
 

@@ -1,0 +1,271 @@
+"""Compiling Triton kernels in worker processes, ahead of their first launch.
+
+A cold build compiles hundreds of Triton candidates (294 for EfficientNetB0 at batch 1). In
+threads they contend for Python's GIL: 8 threads reached about 6 compiles a second and 16
+no more (BENCHMARKS.md, thirteenth round). Processes compile in parallel for real:
+
+1. ``collect`` runs the launches (within ``op_library.precompiling()``, so each is a
+   warm-up) with Triton's ``jit_cache_hook`` set. The hook sees each specialization a launch
+   would compile, records it (Triton's own JSON of it) and tells Triton to skip compiling.
+2. ``compile_requests`` hands the requests to worker processes. Each worker rebuilds the
+   specialization with ``JITFunction.preload``, which compiles it into Triton's on-disk
+   cache (``TRITON_CACHE_DIR``, inherited).
+3. The parent's first real launch of each kernel finds its binary in that cache.
+
+Workers are fresh interpreters (``python -m kerasrt.backend.compile_pool``) fed one request
+at a time over a pipe. They are not multiprocessing children, which would import the
+user's ``__main__`` again. A few threads here take requests from the same queue, and
+compile whatever a worker failed to or left undone because it died.
+``KERASRT_COMPILE_WORKERS`` sets how many workers may run; 0 compiles everything here.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WORKERS_VARIABLE = "KERASRT_COMPILE_WORKERS"
+MAX_WORKERS = 16
+"""Workers at most, unless ``KERASRT_COMPILE_WORKERS`` asks for more (one per CPU core)."""
+MIN_REQUESTS = 128
+REQUESTS_PER_WORKER = 4
+"""Workers start for ``MIN_REQUESTS`` or more requests, one per this many at most. Sixteen
+workers took about 7 s to start on the H100 machine and then compiled about 17 kernels a
+second, against 7-10 a second for 8 threads here: they pay off above about 100 requests
+(ResNet50's 67 took 10.9 s in workers, 7.0 s in threads; EfficientNetB0's 231, 20.5 s
+against 31.1 s)."""
+THREADS = 8
+"""Threads compiling here when no worker runs (and for what no worker compiled)."""
+THREADS_BESIDE_WORKERS = 4
+"""Threads compiling here while workers run (they take the first requests as workers start)."""
+REPLY_TIMEOUT_S = 600.0
+"""A worker silent this long on one request is stopped, and the request compiled here."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One kernel specialization to compile: the Triton JIT function (its module and
+    qualified name), Triton's JSON of the specialization, and the CUDA device index."""
+
+    module: str
+    name: str
+    specialization: str
+    device: int
+
+
+def collect(launches: Callable[[], None], runtime: Any = None) -> list[Request]:
+    """What the Triton launches in ``launches`` would compile, in order, without duplicates,
+    compiling none of it. ``launches`` runs in this thread; kernels launched by other threads
+    meanwhile compile as usual. ``runtime``: Triton's ``knobs.runtime`` (a test's stand-in)."""
+    if runtime is None:
+        import triton
+
+        runtime = triton.knobs.runtime
+    found: dict[Request, None] = {}
+    collecting = threading.get_ident()
+    previous = runtime.jit_cache_hook
+
+    def hook(**kwargs: Any) -> bool | None:
+        if threading.get_ident() != collecting:
+            return previous(**kwargs) if previous is not None else None
+        fn, compile_ = kwargs["fn"], kwargs["compile"]
+        request = Request(fn.module, fn.name, compile_["specialization_data"], int(compile_["device"]))
+        found[request] = None
+        return True  # recorded: Triton skips compiling it
+
+    runtime.jit_cache_hook = hook
+    try:
+        launches()
+    finally:
+        runtime.jit_cache_hook = previous
+    return list(found)
+
+
+def worker_count(requests: int) -> int:
+    """How many workers to start for ``requests`` compiles: one per CPU core this process may
+    use (``MAX_WORKERS`` at most), or ``KERASRT_COMPILE_WORKERS``; none for fewer than
+    ``MIN_REQUESTS``."""
+    if requests < MIN_REQUESTS:
+        return 0
+    configured = os.environ.get(WORKERS_VARIABLE, "").strip()
+    limit = min(usable_cores(), MAX_WORKERS)
+    if configured:
+        try:
+            limit = max(int(configured), 0)
+        except ValueError:
+            log.warning("ignoring %s=%r: not a whole number", WORKERS_VARIABLE, configured)
+    return min(limit, requests // REQUESTS_PER_WORKER)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def compile_requests(requests: Sequence[Request]) -> int:
+    """Compile ``requests`` into Triton's cache, in worker processes where there are enough to
+    pay for their start. Threads here take requests from the same queue meanwhile (the
+    first ones while the workers start), and compile whatever a worker failed to. Returns
+    how many workers ran. Failures are logged, not raised: a kernel that does not compile
+    fails again where it is launched, and the tactics drop that candidate."""
+    queue = collections.deque(requests)
+    workers = worker_count(len(requests))
+    failed: list[Request] = []
+    environment = _worker_environment() if workers else {}
+    threads = [
+        threading.Thread(target=_serve, args=(queue, failed, environment), name=f"kerasrt-compile-worker-{i}")
+        for i in range(workers)
+    ]
+    local = THREADS_BESIDE_WORKERS if workers else THREADS
+    threads += [
+        threading.Thread(target=_drain, args=(queue,), name=f"kerasrt-compile-{i}") for i in range(local)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        log.debug("compiling %d kernel(s) here that no worker compiled", len(failed))
+        _drain(collections.deque(failed), THREADS)
+    return workers
+
+
+def _serve(queue: collections.deque[Request], failed: list[Request], environment: dict[str, str]) -> None:
+    """Start a worker and feed it requests from ``queue`` until none are left; what it did
+    not compile goes to ``failed``."""
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=environment,
+            text=True,
+        )
+    except OSError as exc:
+        log.warning("cannot start a compile worker (%s); compiling in this process", exc)
+        return
+    try:
+        while True:
+            try:
+                request = queue.popleft()
+            except IndexError:
+                return
+            reply = _ask(worker, request)
+            if reply is None or not reply.get("ok"):
+                failed.append(request)
+                log.debug("a worker did not compile %s.%s: %s", request.module, request.name, reply)
+            if reply is None:
+                return  # the worker died or hung: the threads here drain the rest
+    finally:
+        _stop(worker)
+
+
+def _worker_environment() -> dict[str, str]:
+    """This process's environment (Triton's cache folder included), with kerasrt importable."""
+    environment = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the kerasrt package
+    paths = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    try:
+        import triton
+
+        environment["TRITON_CACHE_DIR"] = str(triton.knobs.cache.dir)  # where this process looks
+    except (ImportError, AttributeError):
+        pass
+    return environment
+
+
+def _ask(worker: subprocess.Popen, request: Request) -> dict | None:
+    """Send one request and wait for its reply; None when the worker died or stayed silent."""
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        worker.stdin.write(json.dumps(asdict(request)) + "\n")
+        worker.stdin.flush()
+        ready, _, _ = select.select([worker.stdout], [], [], REPLY_TIMEOUT_S)
+        line = worker.stdout.readline() if ready else ""
+    except (BrokenPipeError, OSError, ValueError):
+        return None
+    try:
+        return json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    try:
+        if worker.stdin is not None:
+            worker.stdin.close()
+        worker.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        worker.kill()
+        worker.wait()
+
+
+def _drain(queue: collections.deque[Request], threads: int = 1) -> None:
+    """Compile requests from ``queue`` in this process until none are left, in ``threads``
+    threads (each compile also fills the kernel's in-memory cache, as its launch would)."""
+    if threads > 1:
+        pool = [threading.Thread(target=_drain, args=(queue,)) for _ in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        return
+    while True:
+        try:
+            request = queue.popleft()
+        except IndexError:
+            return
+        try:
+            _compile(request)
+        except Exception as exc:  # the launch meets it again and drops the candidate
+            log.debug("precompiling %s.%s failed: %s", request.module, request.name, exc)
+
+
+def _compile(request: Request) -> None:
+    kernel: Any = importlib.import_module(request.module)
+    for part in request.name.split("."):
+        kernel = getattr(kernel, part)
+    if request.device:
+        import torch
+
+        with torch.cuda.device(request.device):
+            kernel.preload(request.specialization)
+    else:
+        kernel.preload(request.specialization)
+
+
+def serve_requests() -> None:
+    """A worker's loop: one JSON request per line on stdin, one JSON reply per line on the
+    original stdout. Anything the compilers print goes to stderr instead, never into the
+    replies."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        try:
+            _compile(Request(**json.loads(line)))
+            reply: dict[str, Any] = {"ok": True}
+        except Exception as exc:  # reported to the parent, which compiles it again
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    serve_requests()

@@ -1,0 +1,149 @@
+"""The Triton compile pool: collecting what launches would compile, and compiling it in worker
+processes (real ones, running a stand-in kernel module: CI has no GPU and no Triton)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import textwrap
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from kerasrt.backend import compile_pool
+from kerasrt.backend.compile_pool import Request
+
+
+class FakeKernel:
+    """Calls Triton's ``jit_cache_hook`` the way a JIT function's first launch of a
+    specialization does, and compiles (records) it only when the hook does not say skip."""
+
+    def __init__(self, runtime: SimpleNamespace, compiled: list[str]):
+        self.runtime, self.compiled = runtime, compiled
+
+    def warmup(self, spec: str, device: int = 0) -> None:
+        hook = self.runtime.jit_cache_hook
+        fn = SimpleNamespace(module="fake_kernels", name="Kernels.conv")
+        if hook is not None and hook(fn=fn, compile={"specialization_data": spec, "device": device}):
+            return
+        self.compiled.append(spec)
+
+
+def test_collect_records_specializations_in_order_and_compiles_none() -> None:
+    previous_calls: list[str] = []
+    runtime = SimpleNamespace(
+        jit_cache_hook=lambda **kw: previous_calls.append(kw["compile"]["specialization_data"])
+    )
+    previous = runtime.jit_cache_hook
+    compiled: list[str] = []
+    kernel = FakeKernel(runtime, compiled)
+
+    def launches() -> None:
+        kernel.warmup('{"BLOCK": 64}')
+        kernel.warmup('{"BLOCK": 32}', device=1)
+        kernel.warmup('{"BLOCK": 64}')  # the same specialization again: one request
+        other = threading.Thread(target=kernel.warmup, args=('{"other": 1}',))
+        other.start()  # another thread's launch compiles as usual, past the previous hook
+        other.join()
+
+    requests = compile_pool.collect(launches, runtime)
+    assert requests == [
+        Request("fake_kernels", "Kernels.conv", '{"BLOCK": 64}', 0),
+        Request("fake_kernels", "Kernels.conv", '{"BLOCK": 32}', 1),
+    ]
+    assert compiled == ['{"other": 1}'] and previous_calls == ['{"other": 1}']
+    assert runtime.jit_cache_hook is previous  # restored
+
+    def failing() -> None:
+        kernel.warmup("{}")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compile_pool.collect(failing, runtime)
+    assert runtime.jit_cache_hook is previous
+
+
+FAKE_KERNELS = textwrap.dedent(
+    """
+    import json, os, pathlib
+
+    class Kernels:
+        class conv:
+            @staticmethod
+            def preload(spec):
+                data = json.loads(spec)
+                os.write(1, b"compiler chatter on fd 1\\n")  # must not corrupt a worker's replies
+                if data.get("fail"):
+                    raise RuntimeError("does not compile")
+                if data.get("crash") and os.getpid() != int(os.environ["FAKE_PARENT_PID"]):
+                    os._exit(3)  # a worker dies mid-request
+                pathlib.Path(os.environ["FAKE_OUT"], str(data["id"])).write_text(str(os.getpid()))
+    """
+)
+
+
+@pytest.fixture
+def fake_kernels(tmp_path, monkeypatch):
+    """A kernel module importable here and in workers; compiled ids land in ``out``."""
+    (tmp_path / "fake_kernels.py").write_text(FAKE_KERNELS)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_OUT", str(out))
+    monkeypatch.setenv("FAKE_PARENT_PID", str(os.getpid()))
+    sys.modules.pop("fake_kernels", None)
+    yield out
+    sys.modules.pop("fake_kernels", None)
+
+
+def request(**spec) -> Request:
+    return Request("fake_kernels", "Kernels.conv", json.dumps(spec), 0)
+
+
+def test_workers_compile_the_requests_and_this_process_what_they_did_not(fake_kernels, monkeypatch) -> None:
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "2")
+    monkeypatch.setattr(compile_pool, "THREADS_BESIDE_WORKERS", 0)  # workers take every request
+    monkeypatch.setattr(compile_pool, "MIN_REQUESTS", 32)
+    requests = [request(id=i) for i in range(40)] + [
+        request(id="bad", fail=True),
+        request(id="dies", crash=True),
+    ]
+    assert compile_pool.compile_requests(requests) == 2
+    compiled = {p.name: int(p.read_text()) for p in fake_kernels.iterdir()}
+    assert set(compiled) == {str(i) for i in range(40)} | {"dies"}  # "bad" compiles nowhere
+    assert compiled["dies"] == os.getpid()  # its worker died: compiled here instead
+    workers = {pid for name, pid in compiled.items() if name != "dies"}
+    assert os.getpid() not in workers and 1 <= len(workers) <= 2  # (one may start late and find none)
+
+
+def test_without_workers_everything_compiles_here(fake_kernels, monkeypatch, caplog) -> None:
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    with caplog.at_level(logging.DEBUG, logger="kerasrt.backend.compile_pool"):
+        assert (
+            compile_pool.compile_requests([request(id=i) for i in range(40)] + [request(id="x", fail=True)])
+            == 0
+        )
+    compiled = {p.name: int(p.read_text()) for p in fake_kernels.iterdir()}
+    assert set(compiled) == {str(i) for i in range(40)} and set(compiled.values()) == {os.getpid()}
+    assert "does not compile" in caplog.text
+
+
+def test_how_many_workers(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(compile_pool.WORKERS_VARIABLE, raising=False)
+    cores = min(compile_pool.usable_cores(), compile_pool.MAX_WORKERS)
+    assert compile_pool.worker_count(compile_pool.MIN_REQUESTS - 1) == 0  # a few: compiled here
+    assert compile_pool.worker_count(1000) == cores
+    n = compile_pool.MIN_REQUESTS + 12
+    assert compile_pool.worker_count(n) == min(cores, n // compile_pool.REQUESTS_PER_WORKER)
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    assert compile_pool.worker_count(1000) == 0
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "64")
+    assert compile_pool.worker_count(1000) == 64
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "many")
+    with caplog.at_level(logging.WARNING, logger="kerasrt.backend.compile_pool"):
+        assert compile_pool.worker_count(1000) == cores
+    assert "KERASRT_COMPILE_WORKERS='many'" in caplog.text
