@@ -1,7 +1,9 @@
 """Where a cold convert + build goes: wall seconds per phase of converting a keras.applications
-model (tactics: cuDNN plans, the Triton candidates compiled in parallel and then each config
-timed, Inductor's estimate; the engines' compile on the first call), with every cache empty
-(fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off).
+model (tactics: cuDNN plans, the Triton candidates compiled in worker processes and then each
+config timed, Inductor's estimate; the engines' compile on the first call), with every cache
+empty (fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off); and the
+first call's error against Keras FP32. ``KERASRT_COMPILE_WORKERS=0`` compiles the
+candidates in threads instead.
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
 
@@ -17,6 +19,7 @@ import collections
 import faulthandler
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +41,9 @@ from torch._inductor import compile_fx  # noqa: E402
 import kerasrt  # noqa: E402
 from kerasrt import runtime  # noqa: E402
 from kerasrt.backend import tactics  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from kerasrt_testing import random_input, randomize  # noqa: E402 (calibrated random weights)
 
 SECONDS: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
@@ -95,6 +101,8 @@ def sample_main_thread(every: float) -> None:
 
 
 def main(name: str, batch: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kerasrt").setLevel(logging.INFO)  # the tactics' phases, on stderr
     if os.environ.get("STACKS_EVERY"):
         faulthandler.dump_traceback_later(float(os.environ["STACKS_EVERY"]), repeat=True)
     if os.environ.get("SAMPLE_EVERY"):
@@ -113,19 +121,24 @@ def main(name: str, batch: int) -> None:
     ):
         timed(tactics, phase)
     model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    # as the suite's: fresh weights give tiny logits (1e-8 to 1e-11) that FP16 flushes to 0
+    randomize(model, calibration=random_input((16, 224, 224, 3)))
     x = torch.randn(batch, 224, 224, 3, device="cuda")
     begin = time.perf_counter()
     optimized = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch).convert()
     converted = time.perf_counter() - begin
     print(f"converted in {converted:.1f} s; first call", file=sys.stderr, flush=True)
-    optimized(x)
+    out = optimized(x)
     torch.cuda.synchronize()
     total = time.perf_counter() - begin
+    reference = model(x).detach()  # Keras FP32
+    error = float((out.float() - reference).abs().max() / reference.abs().max())
     row = {
         "model": name,
         "batch": batch,
         "convert_s": round(converted, 1),
         "convert_and_first_call_s": round(total, 1),
+        "error": float(f"{error:.2e}"),
         "phases_s": {k: round(v, 1) for k, v in SECONDS.items()},
         "calls": dict(CALLS),
         "child_processes": child_processes(),
