@@ -147,3 +147,27 @@ def test_how_many_workers(monkeypatch, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="kerasrt.backend.compile_pool"):
         assert compile_pool.worker_count(1000) == cores
     assert "KERASRT_COMPILE_WORKERS='many'" in caplog.text
+
+
+def test_supported_needs_the_hook_and_preload(monkeypatch) -> None:
+    import types
+
+    def fake_triton(knobs: bool, preload: bool) -> None:
+        triton = types.ModuleType("triton")
+        if knobs:
+            triton.knobs = SimpleNamespace(runtime=SimpleNamespace(jit_cache_hook=None))
+        jit = types.ModuleType("triton.runtime.jit")
+        jit.JITFunction = type("JITFunction", (), {"preload": lambda self, data: None} if preload else {})
+        for name, module in (
+            ("triton", triton),
+            ("triton.runtime", types.ModuleType("r")),
+            ("triton.runtime.jit", jit),
+        ):
+            monkeypatch.setitem(sys.modules, name, module)
+
+    fake_triton(knobs=True, preload=True)
+    assert compile_pool.supported()
+    fake_triton(knobs=False, preload=True)  # Triton before 3.4: no knobs
+    assert not compile_pool.supported()
+    fake_triton(knobs=True, preload=False)
+    assert not compile_pool.supported()

@@ -66,6 +66,18 @@ class Request:
     device: int
 
 
+def supported() -> bool:
+    """Whether this Triton has what the pool needs: ``knobs.runtime.jit_cache_hook`` and
+    ``JITFunction.preload`` (Triton 3.4 and later)."""
+    try:
+        import triton
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return hasattr(runtime, "jit_cache_hook") and hasattr(JITFunction, "preload")
+
+
 def collect(launches: Callable[[], None], runtime: Any = None) -> list[Request]:
     """What the Triton launches in ``launches`` would compile, in order, without duplicates,
     compiling none of it. ``launches`` runs in this thread; kernels launched by other threads

@@ -25,6 +25,7 @@ table.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -517,18 +518,27 @@ def precompile(jobs: Sequence[PrecompileJob], device: torch.device) -> None:
     if device.type != "cuda" or op_library.triton_kernels() is None or not jobs:
         return
 
-    def launch_all() -> None:
+    def launch(job: PrecompileJob) -> None:
+        candidates, operands = job
         with torch.cuda.device(device), op_library.precompiling():
-            for candidates, operands in jobs:
-                for configs, launch in candidates(operands()).values():
-                    for config in configs:
-                        try:
-                            launch(config)
-                        except Exception as exc:
-                            log.debug("launching Triton config %s to compile it failed: %s", config, exc)
+            for configs, run in candidates(operands()).values():
+                for config in configs:
+                    try:
+                        run(config)
+                    except Exception as exc:
+                        log.debug("launching Triton config %s to compile it failed: %s", config, exc)
 
     started = time.perf_counter()
-    requests = compile_pool.collect(launch_all)
+    if not compile_pool.supported():  # an older Triton: the launches compile, in threads
+        with concurrent.futures.ThreadPoolExecutor(min(compile_pool.THREADS, len(jobs))) as pool:
+            list(pool.map(launch, jobs))
+        log.info(
+            "compiled the Triton candidates of %d convolution(s) in %.1f s",
+            len(jobs),
+            time.perf_counter() - started,
+        )
+        return
+    requests = compile_pool.collect(lambda: [launch(job) for job in jobs])
     workers = compile_pool.compile_requests(requests)
     log.info(
         "compiled %d Triton kernel(s) for %d convolution(s) in %.1f s (%d worker process(es))",
