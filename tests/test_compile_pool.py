@@ -68,13 +68,14 @@ def test_collect_records_specializations_in_order_and_compiles_none() -> None:
 
 FAKE_KERNELS = textwrap.dedent(
     """
-    import json, os, pathlib
+    import json, os, pathlib, time
 
     class Kernels:
         class conv:
             @staticmethod
             def preload(spec):
                 data = json.loads(spec)
+                time.sleep(data.get("sleep", 0))
                 os.write(1, b"compiler chatter on fd 1\\n")  # must not corrupt a worker's replies
                 if data.get("fail"):
                     raise RuntimeError("does not compile")
@@ -171,3 +172,23 @@ def test_supported_needs_the_hook_and_preload(monkeypatch) -> None:
     assert not compile_pool.supported()
     fake_triton(knobs=True, preload=False)
     assert not compile_pool.supported()
+
+
+def test_an_interrupted_compile_stops_after_the_requests_under_way(fake_kernels, monkeypatch) -> None:
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    monkeypatch.setattr(compile_pool, "THREADS", 1)
+    real_join = threading.Thread.join
+
+    def interrupted_join(self, timeout=None):
+        if self.name.startswith("kerasrt-compile"):
+            raise KeyboardInterrupt  # Ctrl-C while this process waits for the compiles
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        compile_pool.compile_requests([request(id=i, sleep=0.02) for i in range(200)])
+    monkeypatch.setattr(threading.Thread, "join", real_join)
+    for thread in threading.enumerate():
+        if thread.name.startswith("kerasrt-compile"):
+            thread.join()
+    assert len(list(fake_kernels.iterdir())) < 10  # not all 200 (4 s of them)

@@ -148,8 +148,12 @@ def compile_requests(requests: Sequence[Request]) -> int:
     ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C: let every thread stop after its current request
+        queue.clear()
+        raise
     if failed:
         log.debug("compiling %d kernel(s) here that no worker compiled", len(failed))
         _drain(collections.deque(failed), THREADS)
