@@ -51,8 +51,8 @@ def test_collect_records_specializations_in_order_and_compiles_none() -> None:
 
     requests = compile_pool.collect(launches, runtime)
     assert requests == [
-        Request("fake_kernels", "Kernels.conv", '{"BLOCK": 64}', 0),
-        Request("fake_kernels", "Kernels.conv", '{"BLOCK": 32}', 1),
+        compile_pool.triton_request("fake_kernels", "Kernels.conv", '{"BLOCK": 64}', 0),
+        compile_pool.triton_request("fake_kernels", "Kernels.conv", '{"BLOCK": 32}', 1),
     ]
     assert compiled == ['{"other": 1}'] and previous_calls == ['{"other": 1}']
     assert runtime.jit_cache_hook is previous  # restored
@@ -82,6 +82,9 @@ FAKE_KERNELS = textwrap.dedent(
                 if data.get("crash") and os.getpid() != int(os.environ["FAKE_PARENT_PID"]):
                     os._exit(3)  # a worker dies mid-request
                 pathlib.Path(os.environ["FAKE_OUT"], str(data["id"])).write_text(str(os.getpid()))
+
+    def whoami(x):
+        return [x, os.getpid()]
     """
 )
 
@@ -102,7 +105,7 @@ def fake_kernels(tmp_path, monkeypatch):
 
 
 def request(**spec) -> Request:
-    return Request("fake_kernels", "Kernels.conv", json.dumps(spec), 0)
+    return compile_pool.triton_request("fake_kernels", "Kernels.conv", json.dumps(spec), 0)
 
 
 def test_workers_compile_the_requests_and_this_process_what_they_did_not(fake_kernels, monkeypatch) -> None:
@@ -113,7 +116,8 @@ def test_workers_compile_the_requests_and_this_process_what_they_did_not(fake_ke
         request(id="bad", fail=True),
         request(id="dies", crash=True),
     ]
-    assert compile_pool.compile_requests(requests) == 2
+    results, workers = compile_pool.compile_requests(requests)
+    assert workers == 2 and set(results) == set(requests) - {requests[-2]}
     compiled = {p.name: int(p.read_text()) for p in fake_kernels.iterdir()}
     assert set(compiled) == {str(i) for i in range(40)} | {"dies"}  # "bad" compiles nowhere
     assert compiled["dies"] == os.getpid()  # its worker died: compiled here instead
@@ -125,12 +129,28 @@ def test_without_workers_everything_compiles_here(fake_kernels, monkeypatch, cap
     monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
     with caplog.at_level(logging.DEBUG, logger="kerasrt.backend.compile_pool"):
         assert (
-            compile_pool.compile_requests([request(id=i) for i in range(40)] + [request(id="x", fail=True)])
+            compile_pool.compile_requests([request(id=i) for i in range(40)] + [request(id="x", fail=True)])[
+                1
+            ]
             == 0
         )
     compiled = {p.name: int(p.read_text()) for p in fake_kernels.iterdir()}
     assert set(compiled) == {str(i) for i in range(40)} and set(compiled.values()) == {os.getpid()}
     assert "does not compile" in caplog.text
+
+
+def test_requests_for_workers_only_run_in_workers_and_return_results(fake_kernels, monkeypatch) -> None:
+    monkeypatch.setattr(compile_pool, "MIN_REQUESTS", 4)
+    only_workers = [Request("fake_kernels:whoami", (i,), here=False) for i in range(6)]
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "2")
+    results, workers = compile_pool.compile_requests([*only_workers, request(id="a")])
+    assert workers == 1  # 7 requests, one worker per 4
+    assert [results[r][0] for r in only_workers] == list(range(6))
+    assert {results[r][1] for r in only_workers} != {os.getpid()}  # done by the worker
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    results, workers = compile_pool.compile_requests([*only_workers, request(id="b")])
+    assert workers == 0 and list(results) == [request(id="b")]  # the others are left undone
+    assert compile_pool.run("fake_kernels:whoami", [7]) == [7, os.getpid()]
 
 
 def test_how_many_workers(monkeypatch, caplog) -> None:

@@ -208,7 +208,7 @@ def fake_cudnn(monkeypatch, tmp_path):
     the list of measured signatures."""
     measured: list[str] = []
 
-    def measure(node, ops, sig, mode):
+    def measure(node, ops, prebuilt, sig, mode):
         measured.append(sig)
         return tactics.Choice("cudnn", plan=1, cudnn_ms=0.5, inductor_ms=1.0 if mode == "auto" else None)
 
@@ -285,7 +285,9 @@ def test_tactics_are_measured_once_per_shape_and_cached_by_environment(
 def test_triton_candidates_are_precompiled_once_per_untimed_shape(fake_cudnn, monkeypatch) -> None:
     graph = kerasrt.Converter(residual_cnn(), batch_size=2, precision_mode="FP16").convert().primary_graph()
     batches: list[list] = []
-    monkeypatch.setattr(tactics, "precompile", lambda jobs, device: batches.append(list(jobs)))
+    monkeypatch.setattr(
+        tactics, "precompile", lambda jobs, device, requests=(): batches.append(list(jobs)) or {}
+    )
     cpu = torch.device("cpu")
     convs = [n for n in graph.nodes if tactics.eligible(n)]
     tactics.choose(graph.nodes + convs[:1], cpu, "auto")  # a shape seen twice is compiled once
@@ -296,6 +298,80 @@ def test_triton_candidates_are_precompiled_once_per_untimed_shape(fake_cudnn, mo
     assert candidates(ops) == {}  # no Triton kernel runs on the CPU
     tactics.choose(graph.nodes, cpu, "auto")  # all cached: nothing to compile or time
     assert batches[1] == [] and len(fake_cudnn) == 4
+
+
+def silu_cnn() -> keras.Model:
+    """EfficientNet-style convolutions: two with SiLU (cuDNN compiles their plans at run time),
+    one with ReLU."""
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", activation="silu")(inp)
+    x = L.Conv2D(16, 1, activation="silu")(x)
+    x = L.Conv2D(8, 1, activation="relu")(x)
+    return randomize(keras.Model(inp, L.GlobalAveragePooling2D()(x)))
+
+
+def test_runtime_compiled_cudnn_plans_are_built_by_workers_and_timed_from_there(
+    fake_cudnn, monkeypatch
+) -> None:
+    graph = kerasrt.Converter(silu_cnn(), batch_size=2, precision_mode="FP16").convert().primary_graph()
+    requests: list = []
+
+    def precompile(jobs, device, extra=()):
+        requests.extend(extra)  # as if workers built plans 0 and 3 of each and the rest failed
+        return {r: f"blob {r.args[1]}" for r in extra if r.args[1] in (0, 3)}
+
+    prebuilt_seen: dict[str, dict] = {}
+
+    def measure(node, ops, prebuilt, sig, mode):
+        prebuilt_seen[cudnn_conv.op_arguments(node)[3]] = prebuilt
+        return tactics.Choice("cudnn", plan=0, cudnn_ms=0.5, inductor_ms=1.0)
+
+    monkeypatch.setattr(tactics, "precompile", precompile)
+    monkeypatch.setattr(tactics, "_measure", measure)
+    convs = [n for n in graph.nodes if tactics.eligible(n)]
+    assert sorted(cudnn_conv.op_arguments(n)[3] for n in convs) == ["relu", "silu", "silu"]
+    tactics.choose(graph.nodes, torch.device("cpu"), "auto")
+    assert len(requests) == 2 * tactics.RUNTIME_PLANS  # the two SiLU convolutions only
+    assert {r.function for r in requests} == {"kerasrt.backend.cudnn_conv:serialized_plan"}
+    assert not any(r.here for r in requests)  # never built here in a worker's stead
+    described = [json.loads(r.args[0]) for r in requests if r.args[1] == 0]
+    assert sorted(d["conv"][3] for d in described) == ["silu", "silu"]
+    # as the op gets them: the image's 3 channels padded to 4
+    assert {tuple(d["operands"]["X"][0]) for d in described} == {(2, 4, 8, 8), (2, 8, 8, 8)}
+    assert prebuilt_seen == {"silu": {0: "blob 0", 3: "blob 3"}, "relu": {}}
+
+
+def test_fastest_plan_times_the_plans_workers_built(monkeypatch) -> None:
+    class Tensor:
+        def __init__(self, uid):
+            self.uid = uid
+
+        def get_uid(self):
+            return self.uid
+
+    class Graph:  # cuDNN's listing: nothing to build here
+        def get_execution_plan_count(self):
+            return 0
+
+    uids = {"X": Tensor(1), "W": Tensor(2), "Y": Tensor(6)}
+    monkeypatch.setattr(cudnn_conv, "build_graph", lambda *args, **kwargs: (Graph(), uids, "handle"))
+    times = {"a": 0.3, "b": 0.1, "c": 0.2}
+    loaded = []
+
+    def deserialized_plan(blob, plan_uids, device):
+        loaded.append((blob, plan_uids))
+        if blob == "broken":
+            raise RuntimeError("cannot deserialize")
+        return cudnn_conv.Plan(blob, plan_uids, 0, "handle")
+
+    monkeypatch.setattr(cudnn_conv, "deserialized_plan", deserialized_plan)
+    monkeypatch.setattr(tactics, "device_ms", lambda run: times[run.func.__self__.graph])
+    ops = cudnn_conv.Operands(torch.zeros(1), torch.zeros(1), None, None, torch.zeros(1))
+    args = ([1, 1], [0, 0], [1, 1], "silu", [])
+    index, ms, plan = tactics.fastest_plan(ops, *args, prebuilt={0: "a", 2: "broken", 5: "b", 7: "c"})
+    assert (index, ms, plan.graph, plan.uids) == (5, 0.1, "b", {"X": 1, "W": 2, "Y": 6})
+    assert [blob for blob, _ in loaded] == ["a", "broken", "b", "c"]
+    assert tactics.fastest_plan(ops, *args, prebuilt={1: "broken"}) is None  # none ran: built here (none)
 
 
 def test_a_launch_within_precompiling_compiles_only_and_only_in_its_thread() -> None:
@@ -359,9 +435,9 @@ def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudn
         (1.5, 1.0, "auto", "inductor"),
         (1.5, None, "cudnn", "cudnn"),
     ]:
-        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, ms=cudnn_ms: (2, ms, plan))
+        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, prebuilt=None, ms=cudnn_ms: (2, ms, plan))
         monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o, ms=inductor_ms: ms)
-        choice = tactics._measure(node, ops, "sig", mode)
+        choice = tactics._measure(node, ops, sig="sig", mode=mode)
         assert (choice.kernel, choice.plan, choice.cudnn_ms, choice.inductor_ms, choice.workspace_bytes) == (
             kernel,
             2,
@@ -369,11 +445,13 @@ def test_the_faster_kernel_wins_and_cudnn_mode_overrides_a_cached_loss(fake_cudn
             inductor_ms if mode == "auto" else None,
             4096,
         )
-    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: None)  # cuDNN has no plan for it
-    assert tactics._measure(node, ops, "sig", "auto").kernel == "inductor"
+    monkeypatch.setattr(
+        tactics, "measure_cudnn", lambda n, o, prebuilt=None: None
+    )  # cuDNN has no plan for it
+    assert tactics._measure(node, ops, sig="sig", mode="auto").kernel == "inductor"
 
     # a shape where Inductor won stays on Inductor in "auto" but goes to cuDNN when asked
-    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: (0, 1.5, plan))
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, prebuilt=None: (0, 1.5, plan))
     monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 1.0)
     auto = tactics.choose([node], torch.device("cpu"), "auto")
     forced = tactics.choose([node], torch.device("cpu"), "cudnn")
@@ -429,7 +507,7 @@ def test_mobile_blocks_run_on_the_triton_kernels(tmp_path: Path, fake_cudnn, mon
         timed.append(node.outputs[0].name)
         return tactics.Choice("triton", inductor_ms=1.0 if mode == "auto" else None, triton_ms=0.5, config=1)
 
-    def measure(node, ops, sig, mode):  # the pointwise kernel beats cuDNN on 1x1 convs
+    def measure(node, ops, prebuilt, sig, mode):  # the pointwise kernel beats cuDNN on 1x1 convs
         fast = 0.4 if pointwise_conv.eligible(node) else None
         return tactics.Choice("cudnn", plan=3, cudnn_ms=0.6, triton_ms=fast, config=2)
 
@@ -542,10 +620,10 @@ def test_the_fastest_of_three_kernels_wins(fake_cudnn, monkeypatch) -> None:
         (None, 0.7, 0.4, "inductor"),
     ]:
         found = None if cudnn_ms is None else (3, cudnn_ms, plan)
-        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, f=found: f)
+        monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, prebuilt=None, f=found: f)
         monkeypatch.setattr(tactics, "best_config", lambda configs, run, what, ms=triton_ms: (5, ms))
         monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o, ms=inductor_ms: ms)
-        choice = tactics._measure(node, ops, "sig", "auto")
+        choice = tactics._measure(node, ops, sig="sig", mode="auto")
         assert (choice.kernel, choice.cudnn_ms, choice.triton_ms, choice.config) == (
             kernel,
             cudnn_ms,
@@ -567,7 +645,9 @@ def test_without_cudnn_graphs_1x1_convolutions_still_get_the_pointwise_kernel(mo
     monkeypatch.setattr(triton_configs, "_CHOSEN", {})
     monkeypatch.setattr(cudnn_conv, "available", lambda device: False)
     monkeypatch.setattr(pointwise_conv, "available", lambda device: True)
-    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: pytest.fail("cuDNN timed without cuDNN"))
+    monkeypatch.setattr(
+        tactics, "measure_cudnn", lambda n, o, prebuilt=None: pytest.fail("cuDNN timed without cuDNN")
+    )
     monkeypatch.setattr(tactics, "best_config", lambda configs, run, what: (4, 0.2))
     monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 0.5)
     chosen = tactics.choose(nodes, torch.device("cpu"), "auto")
@@ -644,7 +724,7 @@ def test_which_convolutions_the_stem_kernel_takes() -> None:
 def test_image_stems_run_on_the_stem_kernel_where_it_timed_faster(
     tmp_path: Path, fake_cudnn, monkeypatch
 ) -> None:
-    def measure(node, ops, sig, mode):  # the stem kernel beats cuDNN on stems
+    def measure(node, ops, prebuilt, sig, mode):  # the stem kernel beats cuDNN on stems
         fast = 0.3 if stem_conv.eligible(node) else None
         return tactics.Choice("cudnn", plan=2, cudnn_ms=0.6, triton_ms=fast, config=3)
 
@@ -761,11 +841,11 @@ def test_the_splitk_kernel_wins_where_it_is_fastest(fake_cudnn, monkeypatch) -> 
     node, ops, plan = one_conv(L.Conv2D(32, 3, activation="relu"), (7, 7, 32))
     monkeypatch.setattr(splitk_conv, "available", lambda device: True)
     monkeypatch.setattr(tactics, "_measure", REAL_MEASURE)  # only the timings are faked here
-    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o: (3, 0.5, plan))
+    monkeypatch.setattr(tactics, "measure_cudnn", lambda n, o, prebuilt=None: (3, 0.5, plan))
     monkeypatch.setattr(tactics, "inductor_estimate_ms", lambda n, o: 1.0)
     for splitk_ms, kernel in [(0.3, "splitk"), (0.6, "cudnn")]:
         monkeypatch.setattr(tactics, "best_config", lambda configs, run, what, ms=splitk_ms: (2, ms))
-        choice = tactics._measure(node, ops, "sig", "auto")
+        choice = tactics._measure(node, ops, sig="sig", mode="auto")
         assert (choice.kernel, choice.splitk_ms, choice.splitk_config, choice.triton_ms) == (
             kernel,
             splitk_ms,
@@ -790,7 +870,7 @@ def splitk_cnn() -> keras.Model:
 def test_convolutions_run_on_the_splitk_kernel_where_it_timed_faster(
     tmp_path: Path, fake_cudnn, monkeypatch
 ) -> None:
-    def measure(node, ops, sig, mode):  # split-K beats cuDNN wherever it runs
+    def measure(node, ops, prebuilt, sig, mode):  # split-K beats cuDNN wherever it runs
         fast = 0.2 if splitk_conv.eligible(node) else None
         return tactics.Choice("cudnn", plan=2, cudnn_ms=0.6, splitk_ms=fast, splitk_config=1)
 

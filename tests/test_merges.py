@@ -99,8 +99,11 @@ def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(
     monkeypatch.setattr(
         tactics,
         "precompile",
-        lambda jobs, device: precompiled.extend(
-            operands() for candidates, operands in jobs if candidates is merges._dual_candidates
+        lambda jobs, device, requests=(): (
+            precompiled.extend(
+                operands() for candidates, operands in jobs if candidates is merges._dual_candidates
+            )
+            or {}
         ),
     )
     model = resnet_stages()

@@ -1,4 +1,5 @@
-"""Compiling Triton kernels in worker processes, ahead of their first launch.
+"""Compiling kernels in worker processes, ahead of their timing: Triton's, and cuDNN's
+runtime-compiled execution plans.
 
 A cold build compiles hundreds of Triton candidates (294 for EfficientNetB0 at batch 1). In
 threads they contend for Python's GIL: 8 threads reached about 6 compiles a second and 16
@@ -12,10 +13,16 @@ no more (BENCHMARKS.md, thirteenth round). Processes compile in parallel for rea
    cache (``TRITON_CACHE_DIR``, inherited).
 3. The parent's first real launch of each kernel finds its binary in that cache.
 
+A request is any function of JSON values that returns one (``Request``): cuDNN builds the
+plans of a conv + bias + SiLU graph by compiling them at run time (NVRTC), about 0.3 s a
+plan with the GIL held, so the tactics have workers build and serialize them
+(``cudnn_conv.serialized_plan``) and only deserialize and time them here.
+
 Workers are fresh interpreters (``python -m kerasrt.backend.compile_pool``) fed one request
 at a time over a pipe. They are not multiprocessing children, which would import the
-user's ``__main__`` again. A few threads here take requests from the same queue, and
-compile whatever a worker failed to or left undone because it died.
+user's ``__main__`` again. A few threads here take requests from the same queue (those
+worth doing here: ``Request.here``), and do whatever a worker failed to or left undone
+because it died.
 ``KERASRT_COMPILE_WORKERS`` sets how many workers may run; 0 compiles everything here.
 """
 
@@ -31,7 +38,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +64,33 @@ REPLY_TIMEOUT_S = 600.0
 
 @dataclass(frozen=True)
 class Request:
-    """One kernel specialization to compile: the Triton JIT function (its module and
-    qualified name), Triton's JSON of the specialization, and the CUDA device index."""
+    """One piece of compiling: ``function`` ("module:qualname") called with ``args`` (JSON
+    values), returning a JSON value (or None). ``here``: done in this process when no worker
+    does it; otherwise it is left undone (its caller does the work its own way)."""
 
-    module: str
-    name: str
-    specialization: str
-    device: int
+    function: str
+    args: tuple
+    here: bool = True
+
+
+def triton_request(module: str, name: str, specialization: str, device: int) -> Request:
+    """Compile one specialization (Triton's JSON of it) of the Triton JIT function ``name`` of
+    ``module`` for CUDA device ``device``."""
+    return Request(f"{__name__}:preload", (module, name, specialization, device))
+
+
+def preload(module: str, name: str, specialization: str, device: int) -> None:
+    """Compile a Triton specialization into Triton's cache (and the kernel's in-memory one)."""
+    kernel: Any = importlib.import_module(module)
+    for part in name.split("."):
+        kernel = getattr(kernel, part)
+    if device:
+        import torch
+
+        with torch.cuda.device(device):
+            kernel.preload(specialization)
+    else:
+        kernel.preload(specialization)
 
 
 def supported() -> bool:
@@ -94,7 +121,7 @@ def collect(launches: Callable[[], None], runtime: Any = None) -> list[Request]:
         if threading.get_ident() != collecting:
             return previous(**kwargs) if previous is not None else None
         fn, compile_ = kwargs["fn"], kwargs["compile"]
-        request = Request(fn.module, fn.name, compile_["specialization_data"], int(compile_["device"]))
+        request = triton_request(fn.module, fn.name, compile_["specialization_data"], int(compile_["device"]))
         found[request] = None
         return True  # recorded: Triton skips compiling it
 
@@ -128,23 +155,32 @@ def usable_cores() -> int:
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
-def compile_requests(requests: Sequence[Request]) -> int:
-    """Compile ``requests`` into Triton's cache, in worker processes where there are enough to
-    pay for their start. Threads here take requests from the same queue meanwhile (the
-    first ones while the workers start), and compile whatever a worker failed to. Returns
-    how many workers ran. Failures are logged, not raised: a kernel that does not compile
-    fails again where it is launched, and the tactics drop that candidate."""
-    queue = collections.deque(requests)
+def compile_requests(requests: Sequence[Request]) -> tuple[dict[Request, Any], int]:
+    """Do ``requests``: in worker processes where there are enough to pay for their start,
+    with threads here taking the ``here`` requests from the same queue meanwhile (the first
+    ones while the workers start) and doing whatever a worker failed to. Returns the
+    results of the requests done, and how many workers ran. Failures are logged, not
+    raised: a Triton kernel that does not compile fails again where it is launched, and the
+    tactics drop that candidate."""
+    requests = list(dict.fromkeys(requests))
     workers = worker_count(len(requests))
+    shared = collections.deque(r for r in requests if r.here)
+    only_workers = collections.deque(r for r in requests if not r.here) if workers else collections.deque()
+    results: dict[Request, Any] = {}
     failed: list[Request] = []
     environment = _worker_environment() if workers else {}
     threads = [
-        threading.Thread(target=_serve, args=(queue, failed, environment), name=f"kerasrt-compile-worker-{i}")
+        threading.Thread(
+            target=_serve,
+            args=((only_workers, shared), results, failed, environment),
+            name=f"kerasrt-compile-worker-{i}",
+        )
         for i in range(workers)
     ]
     local = THREADS_BESIDE_WORKERS if workers else THREADS
     threads += [
-        threading.Thread(target=_drain, args=(queue,), name=f"kerasrt-compile-{i}") for i in range(local)
+        threading.Thread(target=_drain, args=(shared, results), name=f"kerasrt-compile-{i}")
+        for i in range(local)
     ]
     for thread in threads:
         thread.start()
@@ -152,17 +188,25 @@ def compile_requests(requests: Sequence[Request]) -> int:
         for thread in threads:
             thread.join()
     except BaseException:  # Ctrl-C: let every thread stop after its current request
-        queue.clear()
+        shared.clear()
+        only_workers.clear()
         raise
-    if failed:
-        log.debug("compiling %d kernel(s) here that no worker compiled", len(failed))
-        _drain(collections.deque(failed), THREADS)
-    return workers
+    redo = collections.deque(r for r in failed if r.here)
+    if redo:
+        log.debug("doing %d request(s) here that no worker did", len(redo))
+        _drain(redo, results, THREADS)
+    return results, workers
 
 
-def _serve(queue: collections.deque[Request], failed: list[Request], environment: dict[str, str]) -> None:
-    """Start a worker and feed it requests from ``queue`` until none are left; what it did
-    not compile goes to ``failed``."""
+def _serve(
+    queues: tuple[collections.deque[Request], ...],
+    results: dict[Request, Any],
+    failed: list[Request],
+    environment: dict[str, str],
+) -> None:
+    """Start a worker and feed it requests from ``queues`` (the first until empty, then the
+    next) until none are left; its results go to ``results``, what it did not do to
+    ``failed``."""
     try:
         worker = subprocess.Popen(
             [sys.executable, "-m", __name__],
@@ -177,18 +221,28 @@ def _serve(queue: collections.deque[Request], failed: list[Request], environment
         return
     try:
         while True:
-            try:
-                request = queue.popleft()
-            except IndexError:
+            request = _next(queues)
+            if request is None:
                 return
             reply = _ask(worker, request)
-            if reply is None or not reply.get("ok"):
-                failed.append(request)
-                log.debug("a worker did not compile %s.%s: %s", request.module, request.name, reply)
+            if reply is not None and reply.get("ok"):
+                results[request] = reply.get("result")
+                continue
+            failed.append(request)
+            log.debug("a worker did not do %s%s: %s", request.function, request.args[:2], reply)
             if reply is None:
                 return  # the worker died or hung: the threads here drain the rest
     finally:
         _stop(worker)
+
+
+def _next(queues: tuple[collections.deque[Request], ...]) -> Request | None:
+    for queue in queues:
+        try:
+            return queue.popleft()
+        except IndexError:
+            continue
+    return None
 
 
 def _worker_environment() -> dict[str, str]:
@@ -210,7 +264,7 @@ def _ask(worker: subprocess.Popen, request: Request) -> dict | None:
     """Send one request and wait for its reply; None when the worker died or stayed silent."""
     assert worker.stdin is not None and worker.stdout is not None
     try:
-        worker.stdin.write(json.dumps(asdict(request)) + "\n")
+        worker.stdin.write(json.dumps({"function": request.function, "args": request.args}) + "\n")
         worker.stdin.flush()
         ready, _, _ = select.select([worker.stdout], [], [], REPLY_TIMEOUT_S)
         line = worker.stdout.readline() if ready else ""
@@ -232,11 +286,12 @@ def _stop(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
-def _drain(queue: collections.deque[Request], threads: int = 1) -> None:
-    """Compile requests from ``queue`` in this process until none are left, in ``threads``
-    threads (each compile also fills the kernel's in-memory cache, as its launch would)."""
+def _drain(queue: collections.deque[Request], results: dict[Request, Any], threads: int = 1) -> None:
+    """Do requests from ``queue`` in this process until none are left, in ``threads``
+    threads (a Triton compile here also fills the kernel's in-memory cache, as its launch
+    would)."""
     if threads > 1:
-        pool = [threading.Thread(target=_drain, args=(queue,)) for _ in range(threads)]
+        pool = [threading.Thread(target=_drain, args=(queue, results)) for _ in range(threads)]
         for thread in pool:
             thread.start()
         for thread in pool:
@@ -248,22 +303,18 @@ def _drain(queue: collections.deque[Request], threads: int = 1) -> None:
         except IndexError:
             return
         try:
-            _compile(request)
-        except Exception as exc:  # the launch meets it again and drops the candidate
-            log.debug("precompiling %s.%s failed: %s", request.module, request.name, exc)
+            results[request] = run(request.function, request.args)
+        except Exception as exc:  # a Triton launch meets it again and drops the candidate
+            log.debug("%s%s failed: %s", request.function, request.args[:2], exc)
 
 
-def _compile(request: Request) -> None:
-    kernel: Any = importlib.import_module(request.module)
-    for part in request.name.split("."):
-        kernel = getattr(kernel, part)
-    if request.device:
-        import torch
-
-        with torch.cuda.device(request.device):
-            kernel.preload(request.specialization)
-    else:
-        kernel.preload(request.specialization)
+def run(function: str, args: Sequence[Any]) -> Any:
+    """Call ``function`` ("module:qualname") with ``args``."""
+    module, _, name = function.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target(*args)
 
 
 def serve_requests() -> None:
@@ -275,9 +326,9 @@ def serve_requests() -> None:
     sys.stdout = sys.stderr
     for line in sys.stdin:
         try:
-            _compile(Request(**json.loads(line)))
-            reply: dict[str, Any] = {"ok": True}
-        except Exception as exc:  # reported to the parent, which compiles it again
+            request = json.loads(line)
+            reply: dict[str, Any] = {"ok": True, "result": run(request["function"], request["args"])}
+        except Exception as exc:  # reported to the parent, which may do it again
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()

@@ -14,7 +14,9 @@ reference composition, the op's definition.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -381,6 +383,64 @@ def build_graph(
     g.create_execution_plans([getattr(cudnn.heur_mode, mode) for mode in heuristics])
     g.check_support()
     return g, uids, handle
+
+
+# -- plans built in other processes (``compile_pool``) ------------------------------------------
+
+
+def plan_description(
+    tensors: Operands,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+    device: torch.device | None = None,
+) -> str:
+    """JSON of everything ``build_graph`` needs from a call, for a process that has none of
+    its tensors: the operands' shapes and strides, dtype, CUDA device index (``device``, or
+    the tensors'), conv arguments."""
+    operands = {
+        name: [list(t.shape), list(t.stride())]
+        for name, t in (("X", tensors.x), ("W", tensors.w), ("B", tensors.bias), ("R", tensors.residual))
+        if t is not None
+    }
+    operands["Y"] = [list(tensors.out.shape), list(tensors.out.stride())]
+    return json.dumps(
+        {
+            "dtype": str(tensors.x.dtype).replace("torch.", ""),
+            "device": (device or tensors.x.device).index or 0,
+            "operands": operands,
+            "conv": [list(stride), list(padding), list(dilation), activation, list(clip)],
+        },
+        sort_keys=True,
+    )
+
+
+def serialized_plan(description: str, index: int) -> str:
+    """Build execution plan ``index`` of the graph of a described call (``plan_description``)
+    and return it serialized (base64). Run in compile workers: cuDNN compiles the plans of
+    conv + bias + SiLU at run time, and serializes only such plans."""
+    d = json.loads(description)
+    device = torch.device("cuda", d["device"])
+    dtype = getattr(torch, d["dtype"])
+    made = {
+        name: torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        for name, (shape, strides) in d["operands"].items()
+    }
+    tensors = Operands(made["X"], made["W"], made.get("B"), made.get("R"), made["Y"])
+    graph, _, _ = build_graph(tensors, *d["conv"])
+    graph.build_plan_at_index(index)
+    return base64.b64encode(bytes(graph.serialize())).decode("ascii")
+
+
+def deserialized_plan(blob: str, uids: dict[str, int], device: torch.device) -> Plan:
+    """The plan a worker serialized (``serialized_plan``), ready to run here. ``uids``: the
+    graph's tensor uids by operand name (the same in every process that builds the graph)."""
+    handle = _handle(device.index or 0)
+    graph = frontend().pygraph(handle=handle)
+    graph.deserialize(base64.b64decode(blob))
+    return Plan(graph, dict(uids), graph.get_workspace_size(), handle)
 
 
 def plan_for(

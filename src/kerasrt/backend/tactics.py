@@ -58,6 +58,12 @@ MAX_PLANS = 32  # cuDNN plans timed per convolution, at most
 CANDIDATES_VERSION = 4
 """Bumped whenever the candidate kernels or config lists change (indices measured for
 another set are void)."""
+RUNTIME_PLANS = 12
+"""cuDNN plans of a conv + bias + SiLU graph built in compile workers (cuDNN compiles each at
+run time, about 0.3 s; the fastest was among the first 6 in EfficientNetB0's)."""
+RUNTIME_PLANS = 12
+"""cuDNN plans of a conv + bias + SiLU graph built in compile workers (cuDNN compiles each at
+run time, about 0.3 s; the fastest was among the first 6 in EfficientNetB0's)."""
 PLAN_BUILD_BUDGET_S = 2.0
 """Stop trying further plans of one convolution once building its plans took this long:
 precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
@@ -253,10 +259,12 @@ def best_config(
     return best
 
 
-def measure_cudnn(node: Node, ops: cudnn_conv.Operands) -> tuple[int, float, cudnn_conv.Plan] | None:
+def measure_cudnn(
+    node: Node, ops: cudnn_conv.Operands, prebuilt: dict[int, str] | None = None
+) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) of the fused cuDNN graph of ``node`` on
-    ``ops`` (``fastest_plan``), or None."""
-    return fastest_plan(ops, *cudnn_conv.op_arguments(node), what=node)
+    ``ops`` (``fastest_plan``; ``prebuilt``: plans built in workers), or None."""
+    return fastest_plan(ops, *cudnn_conv.op_arguments(node), what=node, prebuilt=prebuilt)
 
 
 def fastest_plan(
@@ -270,9 +278,12 @@ def fastest_plan(
     heuristics: Sequence[str] = cudnn_conv.HEURISTICS,
     max_plans: int = MAX_PLANS,
     build_budget_s: float = PLAN_BUILD_BUDGET_S,
+    prebuilt: dict[int, str] | None = None,
 ) -> tuple[int, float, cudnn_conv.Plan] | None:
     """(best plan index, its time, the built plan) over cuDNN's listed plans for the fused
-    convolution (up to ``max_plans``, within ``build_budget_s`` of building), or None."""
+    convolution (up to ``max_plans``, within ``build_budget_s`` of building), or None.
+    ``prebuilt``: plans serialized by compile workers, by index; when any of them runs,
+    those are the candidates and nothing is built here."""
     try:
         g, uids, handle = cudnn_conv.build_graph(
             ops, stride, padding, dilation, activation, clip, heuristics=heuristics
@@ -280,6 +291,10 @@ def fastest_plan(
     except Exception as exc:  # cuDNN has no engine for this graph
         log.info("cuDNN cannot fuse %s: %s", what, exc)
         return None
+    if prebuilt:
+        found = _fastest_prebuilt(ops, {name: t.get_uid() for name, t in uids.items()}, prebuilt, what)
+        if found is not None:
+            return found
     pack = ops.pack(uids)
     frontend = cudnn_conv.frontend()
     best: tuple[int, float] | None = None
@@ -307,6 +322,23 @@ def fastest_plan(
         return None
     g.build_plan_at_index(best[0])
     return best[0], best[1], cudnn_conv.Plan(g, uids, g.get_workspace_size(), handle)
+
+
+def _fastest_prebuilt(
+    ops: cudnn_conv.Operands, uids: dict[str, int], prebuilt: dict[int, str], what: object
+) -> tuple[int, float, cudnn_conv.Plan] | None:
+    """``fastest_plan`` over plans that workers built and serialized."""
+    best: tuple[int, float, cudnn_conv.Plan] | None = None
+    for index, blob in sorted(prebuilt.items()):
+        try:
+            plan = cudnn_conv.deserialized_plan(blob, uids, ops.x.device)
+            ms = device_ms(functools.partial(plan.run, ops))
+        except Exception as exc:  # a plan that does not load or run is not a candidate
+            log.debug("cuDNN plan %d of %s (built in a worker) failed: %s", index, what, exc)
+            continue
+        if best is None or ms < best[1]:
+            best = (index, ms, plan)
+    return best
 
 
 def depthwise_operands(node: Node, x: Value, padding: list[int], device: torch.device) -> cudnn_conv.Operands:
@@ -398,7 +430,12 @@ def choose(
     say = progress or (lambda _message: None)
     if stale:
         say(f"compiling kernel candidates for {len(stale)} convolution shape(s)")
-    precompile([(e.candidates, e.operands) for e in stale.values()], device)
+    plans = {
+        sig: _plan_requests(e.node, device) for sig, e in stale.items() if _runtime_compiled(e.node, device)
+    }
+    built = precompile(
+        [(e.candidates, e.operands) for e in stale.values()], device, [r for rs in plans.values() for r in rs]
+    )
     chosen: dict[int, tuple[str, Choice]] = {}
     timed = 0
     for e in entries:
@@ -406,7 +443,8 @@ def choose(
         if e.stale(choice):
             timed += 1
             say(f"timing kernels for convolution shape {timed} of {len(stale)}")
-            choice = table[e.sig] = e.measure(e.operands())
+            prebuilt = {i: built[r] for i, r in enumerate(plans.get(e.sig, ())) if built.get(r)}
+            choice = table[e.sig] = e.measure(e.operands(), prebuilt)
         if mode == "cudnn":
             choice = choice.own_kernel()
         select(e.sig, choice)
@@ -420,13 +458,14 @@ def choose(
 @dataclass(frozen=True)
 class _Entry:
     """An eligible convolution as ``choose`` handles it: its signature (the table's key), its
-    operands made on the device (only when there is timing to do), its timing, its Triton
+    operands made on the device (only when there is timing to do), its timing (given the
+    cuDNN plans workers built for it, by index), its Triton
     candidates, and whether a cached choice (None: none) must be timed (again)."""
 
     node: Node
     sig: str
     operands: Callable[[], cudnn_conv.Operands]
-    measure: Callable[[cudnn_conv.Operands], Choice]
+    measure: Callable[[cudnn_conv.Operands, dict[int, str]], Choice]
     candidates: Callable[[cudnn_conv.Operands], Candidates]
     stale: Callable[[Choice | None], bool]
 
@@ -451,7 +490,7 @@ def _depthwise_entry(node: Node, nodes: Sequence[Node], device: torch.device, mo
         node,
         sig,
         functools.partial(depthwise_operands, node, x, padding, device),
-        functools.partial(measure_depthwise, node, padding=padding, mode=mode),
+        lambda ops, _prebuilt: measure_depthwise(node, ops, padding, mode),
         functools.partial(depthwise_candidates, node, padding=padding),
         lambda c: c is None or (mode == "auto" and c.inductor_ms is None),
     )
@@ -508,15 +547,19 @@ PrecompileJob = tuple[Callable[[Any], Candidates], Callable[[], Any]]
 """(a convolution's Triton candidates on given operands, a function making its operands)."""
 
 
-def precompile(jobs: Sequence[PrecompileJob], device: torch.device) -> None:
+def precompile(
+    jobs: Sequence[PrecompileJob], device: torch.device, requests: Sequence[compile_pool.Request] = ()
+) -> dict[compile_pool.Request, Any]:
     """Compile the Triton candidates of convolutions before the tactics time them one at a
-    time (``PrecompileJob``: the operands are made only in the job). A cold build compiles
-    dozens to hundreds of configs (71 for ResNet50, 294 for EfficientNetB0), each a few
+    time (``PrecompileJob``: the operands are made only in the job), and do the other
+    compile ``requests`` (cuDNN plans to build) alongside. A cold build compiles dozens to
+    hundreds of configs (67 kernels for ResNet50, 231 for EfficientNetB0), each a few
     hundred ms: the launches are collected here, without compiling, and compiled in worker
-    processes (``compile_pool``). Failures are left for the timing to meet (a config that
-    does not compile is no candidate)."""
-    if device.type != "cuda" or op_library.triton_kernels() is None or not jobs:
-        return
+    processes (``compile_pool``). Returns the results of ``requests`` that were done.
+    Failures are left for the timing to meet (a config that does not compile is no
+    candidate)."""
+    if device.type != "cuda" or op_library.triton_kernels() is None or not (jobs or requests):
+        return {}
 
     def launch(job: PrecompileJob) -> None:
         candidates, operands = job
@@ -530,29 +573,52 @@ def precompile(jobs: Sequence[PrecompileJob], device: torch.device) -> None:
 
     started = time.perf_counter()
     if not compile_pool.supported():  # an older Triton: the launches compile, in threads
-        with concurrent.futures.ThreadPoolExecutor(min(compile_pool.THREADS, len(jobs))) as pool:
-            list(pool.map(launch, jobs))
+        if jobs:
+            with concurrent.futures.ThreadPoolExecutor(min(compile_pool.THREADS, len(jobs))) as pool:
+                list(pool.map(launch, jobs))
         log.info(
             "compiled the Triton candidates of %d convolution(s) in %.1f s",
             len(jobs),
             time.perf_counter() - started,
         )
-        return
-    requests = compile_pool.collect(lambda: [launch(job) for job in jobs])
-    workers = compile_pool.compile_requests(requests)
+        return {}
+    kernels = compile_pool.collect(lambda: [launch(job) for job in jobs])
+    results, workers = compile_pool.compile_requests([*requests, *kernels])
     log.info(
-        "compiled %d Triton kernel(s) for %d convolution(s) in %.1f s (%d worker process(es))",
-        len(requests),
+        "compiled %d Triton kernel(s) for %d convolution(s) and did %d of %d other request(s) in %.1f s "
+        "(%d worker process(es))",
+        len(kernels),
         len(jobs),
+        sum(r in results for r in requests),
+        len(requests),
         time.perf_counter() - started,
         workers,
     )
+    return {r: results[r] for r in requests if r in results}
 
 
-def _measure(node: Node, ops: cudnn_conv.Operands, sig: str, mode: str) -> Choice:
-    """cuDNN's best plan, for 1x1 convolutions and stems a Triton kernel's best config, the
-    split-K kernel's best config, and in "auto" Inductor's estimate: the fastest wins."""
-    found = measure_cudnn(node, ops) if cudnn_conv.available(ops.x.device) else None
+def _runtime_compiled(node: Node, device: torch.device) -> bool:
+    """Whether cuDNN compiles the plans of the fused graph of ``node`` at run time (conv +
+    bias + SiLU has no precompiled kernel): those are built in compile workers."""
+    return eligible(node) and cudnn_conv.op_arguments(node)[3] == "silu" and cudnn_conv.available(device)
+
+
+def _plan_requests(node: Node, device: torch.device) -> list[compile_pool.Request]:
+    """Compile-worker requests for the first ``RUNTIME_PLANS`` cuDNN plans of ``node``'s graph
+    (an index past cuDNN's list fails in the worker and is not a candidate)."""
+    ops = example_operands(node, torch.device("meta"))  # shapes and strides only
+    description = cudnn_conv.plan_description(ops, *cudnn_conv.op_arguments(node), device=device)
+    function = f"{cudnn_conv.__name__}:serialized_plan"
+    return [compile_pool.Request(function, (description, i), here=False) for i in range(RUNTIME_PLANS)]
+
+
+def _measure(
+    node: Node, ops: cudnn_conv.Operands, prebuilt: dict[int, str] | None = None, *, sig: str, mode: str
+) -> Choice:
+    """cuDNN's best plan (among ``prebuilt`` where workers built them), for 1x1 convolutions
+    and stems a Triton kernel's best config, the split-K kernel's best config, and in "auto"
+    Inductor's estimate: the fastest wins."""
+    found = measure_cudnn(node, ops, prebuilt) if cudnn_conv.available(ops.x.device) else None
     cudnn_ms = None
     if found is not None:
         index, cudnn_ms, plan = found
