@@ -1,9 +1,10 @@
 """Compiling kernels in worker processes, ahead of their timing: Triton's, and cuDNN's
 runtime-compiled execution plans.
 
-A cold build compiles hundreds of Triton candidates (294 for EfficientNetB0 at batch 1). In
-threads they contend for Python's GIL: 8 threads reached about 6 compiles a second and 16
-no more (BENCHMARKS.md, thirteenth round). Processes compile in parallel for real:
+A cold build compiles hundreds of Triton candidates (231 kernels for EfficientNetB0 at batch
+1). In threads they contend for Python's GIL: 8 threads compiled 7-10 kernels a second, and
+16 threads were no faster (BENCHMARKS.md, thirteenth and fourteenth rounds). Processes
+compile in parallel for real:
 
 1. ``collect`` runs the launches (within ``op_library.precompiling()``, so each is a
    warm-up) with Triton's ``jit_cache_hook`` set. The hook sees each specialization a launch
@@ -23,7 +24,8 @@ at a time over a pipe. They are not multiprocessing children, which would import
 user's ``__main__`` again. A few threads here take requests from the same queue (those
 worth doing here: ``Request.here``), and do whatever a worker failed to or left undone
 because it died.
-``KERASRT_COMPILE_WORKERS`` sets how many workers may run; 0 compiles everything here.
+``KERASRT_COMPILE_WORKERS`` sets how many workers may run. With 0, the Triton kernels compile
+here in threads, and the cuDNN plans are built where they are timed, as before workers.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ THREADS = 8
 THREADS_BESIDE_WORKERS = 4
 """Threads compiling here while workers run (they take the first requests as workers start)."""
 REPLY_TIMEOUT_S = 600.0
-"""A worker silent this long on one request is stopped, and the request compiled here."""
+"""A worker silent this long on one request is stopped; the request is then done here (if
+``here``) or left undone."""
 
 
 @dataclass(frozen=True)

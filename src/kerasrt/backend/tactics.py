@@ -61,9 +61,6 @@ another set are void)."""
 RUNTIME_PLANS = 12
 """cuDNN plans of a conv + bias + SiLU graph built in compile workers (cuDNN compiles each at
 run time, about 0.3 s; the fastest was among the first 6 in EfficientNetB0's)."""
-RUNTIME_PLANS = 12
-"""cuDNN plans of a conv + bias + SiLU graph built in compile workers (cuDNN compiles each at
-run time, about 0.3 s; the fastest was among the first 6 in EfficientNetB0's)."""
 PLAN_BUILD_BUDGET_S = 2.0
 """Stop trying further plans of one convolution once building its plans took this long:
 precompiled kernels build in milliseconds, runtime-compiled ones (NVRTC) ~0.5 s each."""
@@ -459,8 +456,8 @@ def choose(
 class _Entry:
     """An eligible convolution as ``choose`` handles it: its signature (the table's key), its
     operands made on the device (only when there is timing to do), its timing (given the
-    cuDNN plans workers built for it, by index), its Triton
-    candidates, and whether a cached choice (None: none) must be timed (again)."""
+    cuDNN plans workers built for it, by index), its Triton candidates, and whether a
+    cached choice (None: none) must be timed (again)."""
 
     node: Node
     sig: str
