@@ -339,6 +339,10 @@ def test_runtime_compiled_cudnn_plans_are_built_by_workers_and_timed_from_there(
     # as the op gets them: the image's 3 channels padded to 4
     assert {tuple(d["operands"]["X"][0]) for d in described} == {(2, 4, 8, 8), (2, 8, 8, 8)}
     assert prebuilt_seen == {"silu": {0: "blob 0", 3: "blob 3"}, "relu": {}}
+    for node in convs:  # a worker's operands look to cuDNN exactly like the timing's
+        ops = tactics.example_operands(node, torch.device("cpu"))
+        d = json.loads(cudnn_conv.plan_description(ops, *cudnn_conv.op_arguments(node)))
+        assert cudnn_conv.described_operands(d, torch.device("cpu")).described() == ops.described()
 
 
 def test_fastest_plan_times_the_plans_workers_built(monkeypatch) -> None:

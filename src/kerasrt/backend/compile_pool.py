@@ -84,9 +84,7 @@ def triton_request(module: str, name: str, specialization: str, device: int) -> 
 
 def preload(module: str, name: str, specialization: str, device: int) -> None:
     """Compile a Triton specialization into Triton's cache (and the kernel's in-memory one)."""
-    kernel: Any = importlib.import_module(module)
-    for part in name.split("."):
-        kernel = getattr(kernel, part)
+    kernel = _lookup(module, name)
     if device:
         import torch
 
@@ -314,10 +312,15 @@ def _drain(queue: collections.deque[Request], results: dict[Request, Any], threa
 def run(function: str, args: Sequence[Any]) -> Any:
     """Call ``function`` ("module:qualname") with ``args``."""
     module, _, name = function.partition(":")
+    return _lookup(module, name)(*args)
+
+
+def _lookup(module: str, qualname: str) -> Any:
+    """The object named ``qualname`` in ``module`` (imported)."""
     target: Any = importlib.import_module(module)
-    for part in name.split("."):
+    for part in qualname.split("."):
         target = getattr(target, part)
-    return target(*args)
+    return target
 
 
 def serve_requests() -> None:

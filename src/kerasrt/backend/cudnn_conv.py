@@ -398,19 +398,13 @@ def plan_description(
     device: torch.device | None = None,
 ) -> str:
     """JSON of everything ``build_graph`` needs from a call, for a process that has none of
-    its tensors: the operands' shapes and strides, dtype, CUDA device index (``device``, or
-    the tensors'), conv arguments."""
-    operands = {
-        name: [list(t.shape), list(t.stride())]
-        for name, t in (("X", tensors.x), ("W", tensors.w), ("B", tensors.bias), ("R", tensors.residual))
-        if t is not None
-    }
-    operands["Y"] = [list(tensors.out.shape), list(tensors.out.stride())]
+    its tensors: the operands as cuDNN sees them (``Operands.described``), dtype, CUDA device
+    index (``device``, or the tensors'), conv arguments."""
     return json.dumps(
         {
             "dtype": str(tensors.x.dtype).replace("torch.", ""),
             "device": (device or tensors.x.device).index or 0,
-            "operands": operands,
+            "operands": tensors.described(),
             "conv": [list(stride), list(padding), list(dilation), activation, list(clip)],
         },
         sort_keys=True,
@@ -422,16 +416,20 @@ def serialized_plan(description: str, index: int) -> str:
     and return it serialized (base64). Run in compile workers: cuDNN compiles the plans of
     conv + bias + SiLU at run time, and serializes only such plans."""
     d = json.loads(description)
-    device = torch.device("cuda", d["device"])
-    dtype = getattr(torch, d["dtype"])
-    made = {
-        name: torch.empty_strided(shape, strides, dtype=dtype, device=device)
-        for name, (shape, strides) in d["operands"].items()
-    }
-    tensors = Operands(made["X"], made["W"], made.get("B"), made.get("R"), made["Y"])
-    graph, _, _ = build_graph(tensors, *d["conv"])
+    graph, _, _ = build_graph(described_operands(d, torch.device("cuda", d["device"])), *d["conv"])
     graph.build_plan_at_index(index)
     return base64.b64encode(bytes(graph.serialize())).decode("ascii")
+
+
+def described_operands(description: dict[str, Any], device: torch.device) -> Operands:
+    """Empty operands on ``device`` that cuDNN sees as the described ones (the bias made
+    (1, K, 1, 1), which is how ``Operands.described`` gives it)."""
+    dtype = getattr(torch, description["dtype"])
+    made = {
+        name: torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        for name, (shape, strides) in description["operands"].items()
+    }
+    return Operands(made["X"], made["W"], made.get("B"), made.get("R"), made["Y"])
 
 
 def deserialized_plan(blob: str, uids: dict[str, int], device: torch.device) -> Plan:

@@ -97,15 +97,15 @@ def tracing() -> bool:
 
 
 def precompiling() -> contextlib.AbstractContextManager[None]:
-    """Within (in this thread): a ``launchable`` kernel launch compiles the kernel for its
-    arguments, as the launch would, and runs nothing. Triton compiles with Python's GIL
-    released for much of the work, so threads compile several kernels at once
-    (``tactics.precompile``)."""
+    """Within (in this thread): a ``launchable`` kernel launch is Triton's warm-up for its
+    arguments, and runs nothing. ``tactics.precompile`` launches the candidates so, for
+    ``compile_pool.collect`` to record what each would compile (or, with an older Triton, to
+    compile them in threads)."""
     return _switch("precompiling")
 
 
 class _Precompile:
-    """``kernel[grid](*args, **kwargs)`` that only compiles (Triton's ``warmup``)."""
+    """``kernel[grid](*args, **kwargs)`` that runs nothing (Triton's ``warmup``)."""
 
     def __init__(self, kernel: Any):
         self.kernel = kernel
