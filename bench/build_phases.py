@@ -2,8 +2,9 @@
 model (tactics: cuDNN plans, the Triton candidates compiled in worker processes and then each
 config timed, Inductor's estimate; the engines' compile on the first call), with every cache
 empty (fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off); the
-first call's error against Keras FP32, and the median of 50 calls (CUDA events, inputs on
-the device) to compare the engines different builds chose. ``KERASRT_COMPILE_WORKERS=0`` compiles the
+first call's error against Keras FP32, and the median of 50 calls (``kerasrt.bench``'s CUDA
+event timing, as the suite's, inputs on the device) to compare the engines different
+builds chose. ``KERASRT_COMPILE_WORKERS=0`` compiles the
 candidates in threads instead.
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
@@ -42,6 +43,7 @@ from torch._inductor import compile_fx  # noqa: E402
 import kerasrt  # noqa: E402
 from kerasrt import runtime  # noqa: E402
 from kerasrt.backend import tactics  # noqa: E402
+from kerasrt.bench import latency_stats, sample_latencies  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kerasrt_testing import random_input, randomize  # noqa: E402 (calibrated random weights)
@@ -134,23 +136,14 @@ def main(name: str, batch: int) -> None:
     total = time.perf_counter() - begin
     reference = model(x).detach()  # Keras FP32
     error = float((out.float() - reference).abs().max() / reference.abs().max())
-    for _ in range(10):  # warm
-        optimized(x)
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        optimized(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    latency = latency_stats(sample_latencies(lambda: optimized(x), x.device))  # as the suite times
     row = {
         "model": name,
         "batch": batch,
         "convert_s": round(converted, 1),
         "convert_and_first_call_s": round(total, 1),
         "error": float(f"{error:.2e}"),
-        "p50_ms": round(sorted(times)[len(times) // 2], 3),  # the engine built, per call
+        "p50_ms": latency["p50"],  # the engine built, per call
         "phases_s": {k: round(v, 1) for k, v in SECONDS.items()},
         "calls": dict(CALLS),
         "child_processes": child_processes(),
