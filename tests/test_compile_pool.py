@@ -153,6 +153,28 @@ def test_requests_for_workers_only_run_in_workers_and_return_results(fake_kernel
     assert compile_pool.run("fake_kernels:whoami", [7]) == [7, os.getpid()]
 
 
+def test_gpu_requests_go_to_the_first_gpu_workers_only(fake_kernels, monkeypatch) -> None:
+    monkeypatch.setattr(compile_pool, "MIN_REQUESTS", 8)
+    monkeypatch.setenv(compile_pool.GPU_WORKERS_VARIABLE, "1")
+    monkeypatch.setattr(compile_pool, "THREADS_BESIDE_WORKERS", 0)
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "3")
+    gpu = [Request("fake_kernels:whoami", (i,), here=False, gpu=True) for i in range(12)]
+    plain = [request(id=i, sleep=0.05) for i in range(12)]
+    results, workers = compile_pool.compile_requests([*plain, *gpu])
+    assert workers == 3 and set(results) == {*plain, *gpu}
+    gpu_pids = {results[r][1] for r in gpu}
+    plain_pids = {int(p.read_text()) for p in fake_kernels.iterdir()}
+    assert len(gpu_pids) == 1 and os.getpid() not in gpu_pids | plain_pids  # one worker took them all
+    assert plain_pids - gpu_pids  # while the others compiled the rest
+    monkeypatch.setenv(compile_pool.GPU_WORKERS_VARIABLE, "0")  # none: left to their callers
+    results, workers = compile_pool.compile_requests([*plain, *gpu])
+    assert workers == 3 and set(results) == set(plain)
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    here = Request("fake_kernels:whoami", ("here",), gpu=True)  # no worker: done here, as any
+    results, workers = compile_pool.compile_requests([here, *gpu])
+    assert workers == 0 and results == {here: ["here", os.getpid()]}
+
+
 def test_how_many_workers(monkeypatch, caplog) -> None:
     monkeypatch.delenv(compile_pool.WORKERS_VARIABLE, raising=False)
     cores = min(compile_pool.usable_cores(), compile_pool.MAX_WORKERS)

@@ -334,6 +334,7 @@ def test_runtime_compiled_cudnn_plans_are_built_by_workers_and_timed_from_there(
     assert len(requests) == 2 * tactics.RUNTIME_PLANS  # the two SiLU convolutions only
     assert {r.function for r in requests} == {"kerasrt.backend.cudnn_conv:serialized_plan"}
     assert not any(r.here for r in requests)  # never built here in a worker's stead
+    assert all(r.gpu for r in requests)  # a cuDNN handle: only the GPU workers take them
     described = [json.loads(r.args[0]) for r in requests if r.args[1] == 0]
     assert sorted(d["conv"][3] for d in described) == ["silu", "silu"]
     # as the op gets them: the image's 3 channels padded to 4

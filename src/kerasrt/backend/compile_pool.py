@@ -17,7 +17,8 @@ compile in parallel for real:
 A request is any function of JSON values that returns one (``Request``): cuDNN builds the
 plans of a conv + bias + SiLU graph by compiling them at run time (NVRTC), about 0.3 s a
 plan with the GIL held, so the tactics have workers build and serialize them
-(``cudnn_conv.serialized_plan``) and only deserialize and time them here.
+(``cudnn_conv.serialized_plan``) and only deserialize and time them here. Those requests
+need a CUDA context in the worker, so only a few workers take them (``GPU_WORKERS``).
 
 Workers are fresh interpreters (``python -m kerasrt.backend.compile_pool``) fed one request
 at a time over a pipe. They are not multiprocessing children, which would import the
@@ -26,6 +27,8 @@ worth doing here: ``Request.here``), and do whatever a worker failed to or left 
 because it died.
 ``KERASRT_COMPILE_WORKERS`` sets how many workers may run. With 0, the Triton kernels compile
 here in threads, and the cuDNN plans are built where they are timed, as before workers.
+``KERASRT_COMPILE_GPU_WORKERS`` sets how many of them may build cuDNN plans, each holding about
+0.55 GB of GPU memory while the build lasts; with 0, the plans are built where they are timed.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ THREADS = 8
 """Threads compiling here when no worker runs (and for what no worker compiled)."""
 THREADS_BESIDE_WORKERS = 4
 """Threads compiling here while workers run (they take the first requests as workers start)."""
+GPU_WORKERS_VARIABLE = "KERASRT_COMPILE_GPU_WORKERS"
+GPU_WORKERS = 8
+"""Workers that take ``gpu`` requests, unless ``KERASRT_COMPILE_GPU_WORKERS`` says otherwise.
+Each holds a CUDA context from its first such request on, about 0.55 GB on an H100:
+EfficientNetB0's cold build at batch 1 peaked at 11.9 GB of GPU memory with all 16 workers
+building cuDNN plans, 5.5 GB with 4 of them and 3.2 GB without workers; with 4 its build
+took 71 s against 61 s (H100, BENCHMARKS.md, fifteenth round)."""
 REPLY_TIMEOUT_S = 600.0
 """A worker silent this long on one request is stopped; the request is then done here (if
 ``here``) or left undone."""
@@ -69,11 +79,14 @@ REPLY_TIMEOUT_S = 600.0
 class Request:
     """One piece of compiling: ``function`` ("module:qualname") called with ``args`` (JSON
     values), returning a JSON value (or None). ``here``: done in this process when no worker
-    does it; otherwise it is left undone (its caller does the work its own way)."""
+    does it; otherwise it is left undone (its caller does the work its own way). ``gpu``: the
+    worker doing it creates a CUDA context (a cuDNN handle), so only ``GPU_WORKERS`` of the
+    workers take such requests (or the first ``KERASRT_COMPILE_GPU_WORKERS``)."""
 
     function: str
     args: tuple
     here: bool = True
+    gpu: bool = False
 
 
 def triton_request(module: str, name: str, specialization: str, device: int) -> Request:
@@ -140,14 +153,19 @@ def worker_count(requests: int) -> int:
     ``MIN_REQUESTS``."""
     if requests < MIN_REQUESTS:
         return 0
-    configured = os.environ.get(WORKERS_VARIABLE, "").strip()
-    limit = min(usable_cores(), MAX_WORKERS)
+    limit = _configured(WORKERS_VARIABLE, min(usable_cores(), MAX_WORKERS))
+    return min(limit, requests // REQUESTS_PER_WORKER)
+
+
+def _configured(variable: str, default: int) -> int:
+    """The whole number in environment variable ``variable`` (0 at least), else ``default``."""
+    configured = os.environ.get(variable, "").strip()
     if configured:
         try:
-            limit = max(int(configured), 0)
+            return max(int(configured), 0)
         except ValueError:
-            log.warning("ignoring %s=%r: not a whole number", WORKERS_VARIABLE, configured)
-    return min(limit, requests // REQUESTS_PER_WORKER)
+            log.warning("ignoring %s=%r: not a whole number", variable, configured)
+    return default
 
 
 def usable_cores() -> int:
@@ -159,21 +177,33 @@ def usable_cores() -> int:
 def compile_requests(requests: Sequence[Request]) -> tuple[dict[Request, Any], int]:
     """Do ``requests``: in worker processes where there are enough to pay for their start,
     with threads here taking the ``here`` requests from the same queue meanwhile (the first
-    ones while the workers start) and doing whatever a worker failed to. Returns the
+    ones while the workers start) and doing whatever a worker failed to; the ``gpu`` requests
+    only in the first ``GPU_WORKERS`` workers (or here, if ``here``). Returns the
     results of the requests done, and how many workers ran. Failures are logged, not
     raised: a Triton kernel that does not compile fails again where it is launched, and the
     tactics drop that candidate."""
     requests = list(dict.fromkeys(requests))
     workers = worker_count(len(requests))
-    shared = collections.deque(r for r in requests if r.here)
-    only_workers = collections.deque(r for r in requests if not r.here) if workers else collections.deque()
+
+    def queue(takes: Callable[[Request], bool]) -> collections.deque[Request]:
+        return collections.deque(r for r in requests if takes(r))
+
+    only_gpu_workers = queue(lambda r: workers > 0 and r.gpu)
+    only_workers = queue(lambda r: workers > 0 and not r.gpu and not r.here)
+    shared = queue(lambda r: r.here and not (workers > 0 and r.gpu))
+    gpu_workers = _configured(GPU_WORKERS_VARIABLE, GPU_WORKERS)
     results: dict[Request, Any] = {}
     failed: list[Request] = []
     environment = _worker_environment() if workers else {}
     threads = [
         threading.Thread(
             target=_serve,
-            args=((only_workers, shared), results, failed, environment),
+            args=(
+                (only_gpu_workers, only_workers, shared) if i < gpu_workers else (only_workers, shared),
+                results,
+                failed,
+                environment,
+            ),
             name=f"kerasrt-compile-worker-{i}",
         )
         for i in range(workers)
@@ -189,10 +219,10 @@ def compile_requests(requests: Sequence[Request]) -> tuple[dict[Request, Any], i
         for thread in threads:
             thread.join()
     except BaseException:  # Ctrl-C: let every thread stop after its current request
-        shared.clear()
-        only_workers.clear()
+        for pending in (shared, only_workers, only_gpu_workers):
+            pending.clear()
         raise
-    redo = collections.deque(r for r in failed if r.here)
+    redo = collections.deque(r for r in [*failed, *only_gpu_workers] if r.here)
     if redo:
         log.debug("doing %d request(s) here that no worker did", len(redo))
         _drain(redo, results, THREADS)

@@ -606,7 +606,9 @@ def _plan_requests(node: Node, device: torch.device) -> list[compile_pool.Reques
     ops = example_operands(node, torch.device("meta"))  # shapes and strides only
     description = cudnn_conv.plan_description(ops, *cudnn_conv.op_arguments(node), device=device)
     function = f"{cudnn_conv.__name__}:serialized_plan"
-    return [compile_pool.Request(function, (description, i), here=False) for i in range(RUNTIME_PLANS)]
+    return [
+        compile_pool.Request(function, (description, i), here=False, gpu=True) for i in range(RUNTIME_PLANS)
+    ]
 
 
 def _measure(
