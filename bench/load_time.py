@@ -48,7 +48,7 @@ if profile:  # time kerasrt's first-call work per function, next to the profile
         setattr(module, name, wrapper)
     from kerasrt.backend import aoti
     import subprocess
-    for module, name in ((cudnn_conv, "plan_for"), (cudnn_conv, "build_graph"),
+    for module, name in ((cudnn_conv, "plan_for"), (cudnn_conv, "build_graph"), (cudnn_conv, "deserialized_plan"),
                          (pointwise_conv, "launch"), (depthwise_conv, "launch"),
                          (aoti, "package_problem"), (aoti, "load_package")):
         timed(module, name)
@@ -127,7 +127,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         path = conv.save(os.path.join(tmp, "art"))
-        print(json.dumps({"save_with_aot_engines_s": time.perf_counter() - t}), flush=True)
+        saved_s = time.perf_counter() - t
+        plan_files = [
+            path / e["compiled"]["cudnn_plans"]
+            for e in json.loads((path / "manifest.json").read_text())["engines"]
+            if e.get("compiled", {}).get("cudnn_plans")
+        ]
+        plans = sum(len(json.loads(f.read_text())["plans"]) for f in plan_files)
+        size = sum(f.stat().st_size for f in plan_files)
+        print(
+            json.dumps({"save_with_aot_engines_s": saved_s, "cudnn_plans": plans, "cudnn_plans_bytes": size})
+        )
         np.save(os.path.join(tmp, "x.npy"), x)
         for mode in os.environ.get("LOAD_MODES", "no-cuda-graph,cuda-graph,fresh-machine").split(","):
             out = os.path.join(tmp, f"y-{mode}.npy")

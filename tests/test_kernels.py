@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -32,7 +33,7 @@ from kerasrt.backend import (
     triton_configs,
 )
 from kerasrt.backend.torch_backend import TorchEngine
-from kerasrt.errors import ConversionError
+from kerasrt.errors import ArtifactError, ConversionError
 from kerasrt.ir.graph import Graph
 from kerasrt.ir.ops import OPS
 from kerasrt_testing import keras_reference, random_input, randomize
@@ -218,10 +219,13 @@ def fake_cudnn(monkeypatch, tmp_path):
     monkeypatch.setattr(tactics, "_TABLES", {})
     monkeypatch.setattr(cudnn_conv, "_CHOSEN", {})
     monkeypatch.setattr(cudnn_conv, "_PLANS", {})
+    monkeypatch.setattr(cudnn_conv, "_SAVED", {})
     return measured
 
 
-def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Path, fake_cudnn) -> None:
+def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(
+    tmp_path: Path, fake_cudnn, monkeypatch
+) -> None:
     model = residual_cnn()
     # "auto" leaves programs that are not CUDA-graph replays (all on a CPU) to Inductor
     auto = kerasrt.Converter(model, batch_size=2, precision_mode="FP16").convert()
@@ -241,10 +245,35 @@ def test_chosen_convolutions_run_on_the_op_and_artifacts_keep_them(tmp_path: Pat
     assert set(cudnn_conv._CHOSEN.values()) == {1}  # the measured plan is the one run
     assert "4 on fused cuDNN kernels, 0 on Inductor's" in conv.summary(print_fn=None)
 
+    # as on a GPU, but cuDNN serializes only the first conv's plan
+    sigs = sorted(program.kernel_choices)
+    cudnn_conv._PLANS.update({s: cudnn_conv.Plan(SerializingGraph(), {"X": 1}, 0, "h") for s in sigs})
+    cudnn_conv._PLANS[sigs[0]] = cudnn_conv.Plan(
+        SerializingGraph(b"cubin"), {"X": Uid(1), "Y": Uid(4)}, 0, "h"
+    )
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
     assert entry["compiled"]["kernel_convs"] == program.kernel_convs
     assert {c["kernel"] for c in entry["tactics"]["choices"].values()} == {"cudnn"}
+    plans = json.loads((path / entry["compiled"]["cudnn_plans"]).read_text())
+    assert plans == {
+        "cudnn": cudnn_conv.cudnn_version(),
+        "plans": {sigs[0]: {"plan": 1, "uids": {"X": 1, "Y": 4}, "blob": "Y3ViaW4="}},
+    }
+    cudnn_conv._SAVED.clear()
+    kerasrt.load(path).program(optimized.engine_shapes[0])  # the engines take their saved plans
+    assert list(cudnn_conv._SAVED) == [sigs[0]] and cudnn_conv._SAVED[sigs[0]]["blob"] == "Y3ViaW4="
+    cudnn_conv._SAVED.clear()
+    with monkeypatch.context() as m:
+        m.setattr(cudnn_conv, "cudnn_version", lambda: "another cuDNN")  # its plans would not load
+        kerasrt.load(path).program(optimized.engine_shapes[0])
+    assert cudnn_conv._SAVED == {}
+    plans_file = path / entry["compiled"]["cudnn_plans"]
+    good = plans_file.read_text()
+    plans_file.write_text('{"cudnn": "9", "plans": {"sig": {"blob": "x"}}}')
+    with pytest.raises(ArtifactError, match=r"cudnn_plans\.json is corrupt"):
+        kerasrt.load(path)
+    plans_file.write_text(good)
 
     # a fresh process, without the fake: the packages call the op as they were built to
     fresh = run_packages_in_fresh_process(path, x, tmp_path)
@@ -377,6 +406,89 @@ def test_fastest_plan_times_the_plans_workers_built(monkeypatch) -> None:
     assert (index, ms, plan.graph, plan.uids) == (5, 0.1, "b", {"X": 1, "W": 2, "Y": 6})
     assert [blob for blob, _ in loaded] == ["a", "broken", "b", "c"]
     assert tactics.fastest_plan(ops, *args, prebuilt={1: "broken"}) is None  # none ran: built here (none)
+
+
+class SerializingGraph:
+    """A built cuDNN graph as far as saving plans goes: ``blob`` None = a plan cuDNN does not
+    serialize."""
+
+    def __init__(self, blob: bytes | None = None):
+        self.blob = blob
+
+    def serialize(self) -> list[int]:
+        if self.blob is None:
+            raise RuntimeError("only runtime-compiled plans serialize")
+        return list(self.blob)  # as cuDNN's frontend returns it
+
+    def deserialize(self, data: bytes) -> None:
+        self.blob = bytes(data)
+
+    def get_workspace_size(self) -> int:
+        return 0
+
+
+class Uid:
+    def __init__(self, uid: int):
+        self.uid = uid
+
+    def get_uid(self) -> int:
+        return self.uid
+
+
+def test_saved_cudnn_plans_load_instead_of_being_built_again(monkeypatch, caplog) -> None:
+    built: list[tuple] = []
+
+    def build_graph(*args, **kwargs):
+        built.append(args)
+        raise RuntimeError("building needs cuDNN")
+
+    monkeypatch.setattr(
+        cudnn_conv, "frontend", lambda: SimpleNamespace(pygraph=lambda handle: SerializingGraph())
+    )
+    monkeypatch.setattr(cudnn_conv, "_handle", lambda index: "handle")
+    monkeypatch.setattr(cudnn_conv, "build_graph", build_graph)
+    monkeypatch.setattr(cudnn_conv, "_CHOSEN", {"runtime": 3})
+    monkeypatch.setattr(cudnn_conv, "_SAVED", {})
+    monkeypatch.setattr(
+        cudnn_conv,
+        "_PLANS",
+        {
+            "runtime": cudnn_conv.Plan(SerializingGraph(b"cubin"), {"X": Uid(1), "Y": Uid(5)}, 0, "h"),
+            "not serialized": cudnn_conv.Plan(SerializingGraph(), {"X": Uid(1)}, 0, "h"),
+            "unfused": None,
+            "loaded": cudnn_conv.Plan(SerializingGraph(), {"X": 1}, 0, "h", serialized="bG9hZGVk"),
+        },
+    )
+    saved = cudnn_conv.serialized_plans(["runtime", "not serialized", "unfused", "loaded", "never run"])
+    assert saved == {
+        "runtime": {"plan": 3, "uids": {"X": 1, "Y": 5}, "blob": "Y3ViaW4="},  # base64 of b"cubin"
+        "loaded": {"plan": 0, "uids": {"X": 1}, "blob": "bG9hZGVk"},  # its blob as it came
+    }
+
+    # a loading process: the plan of the call's signature deserializes while its index holds
+    ops = cudnn_conv.Operands(
+        torch.zeros(1, 4, 8, 8).to(memory_format=torch.channels_last),
+        torch.zeros(8, 4, 3, 3).to(memory_format=torch.channels_last),
+        torch.zeros(8),
+        None,
+        torch.zeros(1, 8, 8, 8).to(memory_format=torch.channels_last),
+    )
+    args = ([1, 1], [1, 1], [1, 1], "silu", [])
+    key = cudnn_conv.signature(ops, *args)
+    monkeypatch.setattr(cudnn_conv, "_PLANS", {})
+    cudnn_conv.offer_saved_plans({key: saved["runtime"]})
+    cudnn_conv.choose_plan(key, 2)  # another plan chosen since: built, not loaded
+    with caplog.at_level(logging.WARNING, logger="kerasrt.backend.cudnn_conv"):
+        assert cudnn_conv.plan_for(ops, *args) is None and len(built) == 1
+    cudnn_conv.choose_plan(key, 3)
+    plan = cudnn_conv.plan_for(ops, *args)
+    assert plan is not None and len(built) == 1
+    assert (plan.graph.blob, plan.uids, plan.serialized) == (b"cubin", {"X": 1, "Y": 5}, "Y3ViaW4=")
+    cudnn_conv.offer_saved_plans({key: {**saved["runtime"], "blob": "damaged"}})
+    monkeypatch.setattr(cudnn_conv, "_PLANS", {})
+    with caplog.at_level(logging.WARNING, logger="kerasrt.backend.cudnn_conv"):
+        assert cudnn_conv.plan_for(ops, *args) is None  # does not load: built instead
+    assert len(built) == 2 and "saved cuDNN plan" in caplog.text
 
 
 def test_a_launch_within_precompiling_compiles_only_and_only_in_its_thread() -> None:

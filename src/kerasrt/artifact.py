@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
-from kerasrt.backend import aoti, tactics
+from kerasrt.backend import aoti, cudnn_conv, tactics
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 KERAS_MODEL = "keras_model.keras"
+CUDNN_PLANS = "cudnn_plans.json"
 
 
 def _versions() -> dict[str, str]:
@@ -88,6 +89,11 @@ def save(
                     "tested": {str(i): digest for i, digest in tested.items()},
                     "kernel_convs": dict(sorted(program.kernel_convs.items())),
                 }
+                plans = program.cudnn_plans()
+                if plans:  # JSON: cuDNN's own serialization (kernel binaries), no Python objects
+                    document = {"cudnn": cudnn_conv.cudnn_version(), "plans": plans}
+                    (tmp / folder / CUDNN_PLANS).write_text(json.dumps(document, sort_keys=True))
+                    entry["compiled"]["cudnn_plans"] = f"{folder}/{CUDNN_PLANS}"
             engines.append(entry)
         manifest = {
             "format": FORMAT,
@@ -217,6 +223,7 @@ def load(
                     {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
                     _kernel_convs(compiled),
                     {s: tactics.Choice(**c) for s, c in (measured or {}).get("choices", {}).items()},
+                    _cudnn_plans(root, compiled),
                 )
             else:
                 warnings.warn(
@@ -253,6 +260,23 @@ def _inside(root: Path, relative: str) -> Path:
     if root.resolve() not in path.parents or not path.is_file():
         raise ArtifactError(f"{root}: compiled engine file {relative!r} is missing or outside the artifact")
     return path
+
+
+def _cudnn_plans(root: Path, compiled: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cuDNN plans saved with compiled engines, if this machine's cuDNN built them (any
+    other builds them again at the first call)."""
+    relative = compiled.get("cudnn_plans")
+    if not relative:
+        return {}
+    path = _inside(root, relative)
+    try:
+        document = json.loads(path.read_text())
+        version, plans = document["cudnn"], document["plans"]
+        if not all(isinstance(p, dict) and {"plan", "uids", "blob"} <= p.keys() for p in plans.values()):
+            raise ValueError("a plan lacks its index, uids or blob")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path} is corrupt: {exc}") from None
+    return plans if version == cudnn_conv.cudnn_version() else {}
 
 
 def _kernel_convs(compiled: dict[str, Any]) -> dict[str, str]:

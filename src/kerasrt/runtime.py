@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from kerasrt.backend import merges, tactics
+from kerasrt.backend import cudnn_conv, merges, tactics
 from kerasrt.backend.torch_backend import TorchEngine, is_supported, precision_scope
 from kerasrt.errors import EngineNotBuiltError, InputSignatureError
 from kerasrt.frontend import keras_adapter as ka
@@ -98,12 +98,14 @@ def fallback_runner(
 @dataclass
 class CompiledEngines:
     """Engines compiled ahead of time (a loaded artifact's): AOTInductor packages by engine
-    segment index, the convolutions (by output name) they run on cuDNN, and the kernel
-    choices (by signature) they were built with."""
+    segment index, the convolutions (by output name) they run on cuDNN, the kernel choices
+    (by signature) they were built with, and cuDNN's serialized plans of those choices
+    (``cudnn_conv.serialized_plans``) where cuDNN would compile them again."""
 
     files: dict[int, Path]
     kernel_convs: dict[str, str] = field(default_factory=dict)
     choices: dict[str, tactics.Choice] = field(default_factory=dict)
+    cudnn_plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Program:
@@ -154,6 +156,7 @@ class Program:
         if compiled is not None:
             self.kernel_choices.update(compiled.choices)
             tactics.adopt(compiled.choices)
+            cudnn_conv.offer_saved_plans(compiled.cudnn_plans)
         for seg in self.segments:
             ins = [slot[id(v)] for v in seg.inputs]
             outs = [slot[id(v)] for v in seg.outputs]
@@ -235,6 +238,11 @@ class Program:
             if digest is not None:
                 tested[index] = digest
         return files, tested
+
+    def cudnn_plans(self) -> dict[str, dict[str, Any]]:
+        """cuDNN's serialized plans of this program's cuDNN convolutions, where it has them
+        (the runtime-compiled ones): saved with the compiled engines."""
+        return cudnn_conv.serialized_plans(s for s, c in self.kernel_choices.items() if c.kernel == "cudnn")
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
         (node,) = seg.nodes
