@@ -29,7 +29,8 @@ import threading
 import time
 import traceback
 
-for variable in ("KERASRT_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+CACHE_VARIABLES = ("KERASRT_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+for variable in CACHE_VARIABLES:
     os.environ[variable] = tempfile.mkdtemp(prefix=variable.lower())
 os.environ["CUDA_CACHE_DISABLE"] = "1"
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -147,6 +148,7 @@ def main(name: str, batch: int) -> None:
         "phases_s": {k: round(v, 1) for k, v in SECONDS.items()},
         "calls": dict(CALLS),
         "child_processes": child_processes(),
+        "cache_dirs": {v: os.environ[v] for v in CACHE_VARIABLES},  # kept after exit (tactics)
     }
     print(json.dumps(row), flush=True)
 
