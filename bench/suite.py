@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import socket
@@ -162,7 +163,13 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated subset of the suite's model names")
     parser.add_argument("--batches", help="comma-separated subset of each model's batch sizes")
     parser.add_argument("--resume", action="store_true", help="keep --out's rows, measure only the rest")
+    parser.add_argument(
+        "--log", action="store_true", help="kerasrt's INFO log on stderr (the builds' phases)"
+    )
     args = parser.parse_args()
+    if args.log:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("kerasrt").setLevel(logging.INFO)
     env = environment()
     print(json.dumps(env), flush=True)
     results = previous_results(args.out, env) if args.resume else []
