@@ -263,8 +263,8 @@ def _inside(root: Path, relative: str) -> Path:
 
 
 def _cudnn_plans(root: Path, compiled: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The cuDNN plans saved with compiled engines, if this machine's cuDNN built them (any
-    other builds them again at the first call)."""
+    """The cuDNN plans saved with compiled engines, if saved by this machine's cuDNN version
+    (with another, the engines build their plans at the first call)."""
     relative = compiled.get("cudnn_plans")
     if not relative:
         return {}

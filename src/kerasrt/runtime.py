@@ -100,7 +100,7 @@ class CompiledEngines:
     """Engines compiled ahead of time (a loaded artifact's): AOTInductor packages by engine
     segment index, the convolutions (by output name) they run on cuDNN, the kernel choices
     (by signature) they were built with, and cuDNN's serialized plans of those choices
-    (``cudnn_conv.serialized_plans``) where cuDNN would compile them again."""
+    (``cudnn_conv.serialized_plans``), deserialized where they run instead of built again."""
 
     files: dict[int, Path]
     kernel_convs: dict[str, str] = field(default_factory=dict)
@@ -240,8 +240,8 @@ class Program:
         return files, tested
 
     def cudnn_plans(self) -> dict[str, dict[str, Any]]:
-        """cuDNN's serialized plans of this program's cuDNN convolutions, where it has them
-        (the runtime-compiled ones): saved with the compiled engines."""
+        """cuDNN's serialized plans of this program's cuDNN convolutions (those it has built and
+        cuDNN serializes: every one, on the H100), saved with the compiled engines."""
         return cudnn_conv.serialized_plans(s for s, c in self.kernel_choices.items() if c.kernel == "cudnn")
 
     def _fallback_step(self, seg: Segment) -> Callable[..., Sequence[torch.Tensor]]:
