@@ -121,9 +121,9 @@ def differences(a: dict[str, dict], b: dict[str, dict]) -> list[dict]:
 
 def chosen_ms(table: dict[str, dict]) -> float:
     """The summed device ms the tactics measured for their chosen kernels (one call each)."""
-    timed = {"cudnn": "cudnn_ms", "triton": "triton_ms", "splitk": "splitk_ms", "inductor": "inductor_ms"}
-    timed["apart"] = "apart_ms"
-    return round(sum(c.get(timed.get(c["kernel"], ""), None) or 0.0 for c in table.values()), 4)
+    from kerasrt.backend.tactics import Choice
+
+    return round(sum(Choice(**c).ms or 0.0 for c in table.values()), 4)
 
 
 def main(model: str, batch: int, rounds: int) -> None:
