@@ -35,8 +35,7 @@ for variable in CACHE_VARIABLES:
 os.environ["CUDA_CACHE_DISABLE"] = "1"
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras  # noqa: E402 (after the cache folders are set)
-import torch  # noqa: E402
+import torch  # noqa: E402 (after the cache folders are set)
 import triton.compiler.compiler  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 from torch._inductor import compile_fx  # noqa: E402
@@ -47,7 +46,7 @@ from kerasrt.backend import tactics  # noqa: E402
 from kerasrt.bench import latency_stats, sample_latencies  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from kerasrt_testing import random_input, randomize  # noqa: E402 (calibrated random weights)
+from kerasrt_testing import calibrated_application  # noqa: E402 (calibrated random weights)
 
 SECONDS: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
@@ -124,9 +123,7 @@ def main(name: str, batch: int) -> None:
         "choose",
     ):
         timed(tactics, phase)
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-    # as the suite's: fresh weights give tiny logits (1e-8 to 1e-11) that FP16 flushes to 0
-    randomize(model, calibration=random_input((16, 224, 224, 3)))
+    model = calibrated_application(name)  # as the suite's
     x = torch.randn(batch, 224, 224, 3, device="cuda")
     begin = time.perf_counter()
     optimized = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch).convert()

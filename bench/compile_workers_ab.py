@@ -31,9 +31,8 @@ import json, logging, os, sys, time
 import keras, torch, kerasrt
 from kerasrt.bench import latency_stats, sample_latencies
 sys.path.insert(0, sys.argv[3])
-from kerasrt_testing import random_input, randomize
-model = getattr(keras.applications, sys.argv[1])(weights=None, classifier_activation=None)
-randomize(model, calibration=random_input((16, 224, 224, 3)))
+from kerasrt_testing import calibrated_application
+model = calibrated_application(sys.argv[1])
 x = torch.randn(int(sys.argv[2]), 224, 224, 3, device="cuda")
 begin = time.perf_counter()
 engine = kerasrt.Converter(model, precision_mode="FP16", batch_size=x.shape[0]).convert()

@@ -90,7 +90,6 @@ print(json.dumps({"mode": sys.argv[4], "import_s": t1 - t0, "load_and_first_infe
 
 
 def main() -> None:
-    import keras
     import numpy as np
     import torch
 
@@ -100,7 +99,7 @@ def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "ResNet50"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from kerasrt_testing import random_input, randomize  # calibrated random weights, as the suite's
+    from kerasrt_testing import calibrated_application, randomize  # as the suite's
 
     if name == "BERT":  # the suite's BERT-base encoder, token ids in
         from suite import SEQ, VOCAB, bert_encoder
@@ -108,9 +107,7 @@ def main() -> None:
         model = randomize(bert_encoder())
         x = np.random.default_rng(0).integers(0, VOCAB, (batch, SEQ)).astype("int32")
     else:
-        model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-        # calibrated: raw init overflows FP16 in MobileNetV2
-        randomize(model, calibration=random_input((16, 224, 224, 3)))
+        model = calibrated_application(name)  # raw init overflows FP16 in MobileNetV2
         x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype("float32")
     t = time.perf_counter()
     conv = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch)

@@ -39,18 +39,16 @@ def kernel_times(model, x, calls: int = 10) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    import keras
     import torch
 
     import kerasrt
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from kerasrt_testing import random_input, randomize  # calibrated random weights
+    from kerasrt_testing import calibrated_application, random_input
 
     name = sys.argv[1] if len(sys.argv) > 1 else "MobileNetV2"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-    randomize(model, calibration=random_input((16, 224, 224, 3)))
+    model = calibrated_application(name)
     x = torch.from_numpy(random_input((batch, 224, 224, 3))).cuda()
     conv = kerasrt.Converter(model, precision_mode="FP16", batch_size=batch)
     jit = conv.convert()

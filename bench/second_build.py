@@ -24,19 +24,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import build_phases  # noqa: F401 (first: empty cache folders, CUDA's JIT cache off)
-import keras
 import torch
 
 import kerasrt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from kerasrt_testing import random_input, randomize
+from kerasrt_testing import calibrated_application
 
 
 def build(name: str, profile: bool) -> None:
     """Convert ``name`` at batch 1 (FP16) and run it once; print the times (and the profile)."""
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-    randomize(model, calibration=random_input((16, 224, 224, 3)))
+    model = calibrated_application(name)
     x = torch.randn(1, 224, 224, 3, device="cuda")
     profiler = cProfile.Profile() if profile else None
     begin = time.perf_counter()

@@ -113,6 +113,14 @@ def random_input(shape: Sequence[int], seed: int = 1, dtype: str = "float32") ->
     return rng.standard_normal(shape).astype(dtype)
 
 
+def calibrated_application(name: str) -> Any:
+    """keras.applications' model ``name`` (224x224 images in, logits out) with random weights
+    calibrated as a trained network's (``randomize_weights``): fresh weights give logits of
+    1e-8 to 1e-11, which FP16 flushes to 0. The benchmarks' image models."""
+    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
+    return randomize(model, calibration=random_input((16, 224, 224, 3)))
+
+
 def keras_reference(model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     args = inputs[0] if len(inputs) == 1 else list(inputs)
     out = model(args, training=False)
