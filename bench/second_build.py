@@ -5,7 +5,9 @@ systems had run in the process, against 25.9 s alone (H100). There the parent sp
 timing phases (``best_config`` 65.8 s, ``measure_depthwise`` 44.7 s, 2.9 s and 4.7 s alone)
 in Triton's ``_do_compile`` and elsewhere, after the workers had compiled the kernels. This
 builds FIRST then SECOND (batch 1, FP16, every cache empty as in ``build_phases``) in one
-process and profiles the second convert (cProfile: where the time goes).
+process. Each build prints what it spent in the garbage collector (by generation), in Triton's
+``compile`` (a disk-cache hit returns early), in its backend's stages (``make_cubin`` runs
+ptxas: a miss), in building launchers with gcc (a miss) and in loading them. ``PROFILE=1`` also profiles the second convert.
 
     source .whl/activate.sh && python bench/second_build.py [FIRST] [SECOND]
 
@@ -15,21 +17,73 @@ If the second build is as fast as alone, the slowdown needs more of the suite's 
 
 from __future__ import annotations
 
+import collections
 import cProfile
+import functools
+import gc
+import inspect
 import io
+import json
 import os
 import pstats
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import build_phases  # noqa: F401 (first: empty cache folders, CUDA's JIT cache off)
 import torch
+import triton.backends.nvidia.compiler
+import triton.compiler
+import triton.compiler.compiler
+import triton.runtime.build
 
 import kerasrt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kerasrt_testing import calibrated_application
+
+SECONDS: collections.Counter[str] = collections.Counter()
+CALLS: collections.Counter[str] = collections.Counter()
+_GC_BEGIN: dict[int, float] = {}
+
+
+def count(module, name: str, label: str) -> None:
+    """Add ``module.name``'s calls and wall seconds to CALLS/SECONDS[label] (every thread)."""
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            SECONDS[label] += time.perf_counter() - begin
+            CALLS[label] += 1
+
+    static = isinstance(inspect.getattr_static(module, name), staticmethod)
+    setattr(module, name, staticmethod(wrapper) if static else wrapper)
+
+
+def gc_callback(phase: str, info: dict) -> None:
+    """Time each collection (the callback runs in the collecting thread, GIL held)."""
+    key = threading.get_ident()
+    if phase == "start":
+        _GC_BEGIN[key] = time.perf_counter()
+    elif key in _GC_BEGIN:
+        label = f"gc{info['generation']}"
+        SECONDS[label] += time.perf_counter() - _GC_BEGIN.pop(key)
+        CALLS[label] += 1
+
+
+count(triton.compiler, "compile", "compile_jit")  # kerasrt's kernels (JITFunction binds it)
+count(triton.compiler.compiler, "compile", "compile_inductor")  # Inductor calls this one
+backend = triton.backends.nvidia.compiler.CUDABackend
+for stage in ("make_ttir", "make_ptx", "make_cubin"):
+    count(backend, stage, stage)
+count(triton.runtime.build, "_build", "gcc_build")  # a launcher or utility missing on disk
+count(triton.runtime.build, "_load_module_from_path", "module_load")  # each launcher's dlopen
+gc.callbacks.append(gc_callback)
 
 
 def build(name: str, profile: bool) -> None:
@@ -50,6 +104,13 @@ def build(name: str, profile: bool) -> None:
         f"{name}: convert {converted:.1f} s, with the first call {time.perf_counter() - begin:.1f} s",
         flush=True,
     )
+    seconds = {k: round(v, 2) for k, v in SECONDS.items()}
+    print(json.dumps({"model": name, "seconds": seconds, "calls": dict(CALLS)}), flush=True)
+    print(f"objects tracked by the collector: {len(gc.get_objects())}", flush=True)
+    ptxas = triton.backends.nvidia.compiler.get_ptxas_version(90).split("\n")[-2:]
+    print(f"TRITON_PTXAS_PATH={os.environ.get('TRITON_PTXAS_PATH')}; keyed by {ptxas}", flush=True)
+    SECONDS.clear()
+    CALLS.clear()
     if profiler:
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text)
@@ -62,4 +123,4 @@ if __name__ == "__main__":
     first = sys.argv[1] if len(sys.argv) > 1 else "ResNet50"
     second = sys.argv[2] if len(sys.argv) > 2 else "MobileNetV2"
     build(first, profile=False)
-    build(second, profile=True)
+    build(second, profile=bool(os.environ.get("PROFILE")))

@@ -3,12 +3,14 @@ processes (real ones, running a stand-in kernel module: CI has no GPU and no Tri
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import textwrap
 import threading
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -173,6 +175,52 @@ def test_gpu_requests_go_to_the_first_gpu_workers_only(fake_kernels, monkeypatch
     here = Request("fake_kernels:whoami", ("here",), gpu=True)  # no worker: done here, as any
     results, workers = compile_pool.compile_requests([here, *gpu])
     assert workers == 0 and results == {here: ["here", os.getpid()]}
+
+
+def fake_triton_compiler(monkeypatch) -> types.ModuleType:
+    """A stand-in for ``triton.backends.nvidia.compiler``: the ptxas version memoized per
+    process (by function and by backend method, as Triton's), read from FAKE_PTXAS."""
+    compiler = types.ModuleType("triton.backends.nvidia.compiler")
+
+    @functools.lru_cache
+    def get_ptxas_version(arch: int = 80) -> str:
+        return os.environ["FAKE_PTXAS"]
+
+    class CUDABackend:
+        @functools.lru_cache  # noqa: B019 (as Triton's)
+        def hash(self) -> str:
+            return f"{get_ptxas_version()}-90"
+
+    compiler.get_ptxas_version, compiler.CUDABackend = get_ptxas_version, CUDABackend
+    nvidia = types.ModuleType("triton.backends.nvidia")
+    nvidia.compiler = compiler
+    for name, module in [
+        ("triton", types.ModuleType("triton")),
+        ("triton.backends", types.ModuleType("triton.backends")),
+        ("triton.backends.nvidia", nvidia),
+        ("triton.backends.nvidia.compiler", compiler),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return compiler
+
+
+def test_workers_and_this_process_key_kernels_by_the_same_ptxas(fake_kernels, monkeypatch) -> None:
+    """Inductor repoints TRITON_PTXAS_PATH after this process memoized the old ptxas's
+    version: workers (fresh, with the new environment) would key their kernels by the new one
+    and every kernel they compiled would miss here. Starting workers makes this process look
+    again."""
+    compiler = fake_triton_compiler(monkeypatch)
+    backend = compiler.CUDABackend()
+    monkeypatch.setenv("FAKE_PTXAS", "bundled 12.9")
+    assert backend.hash() == "bundled 12.9-90"  # memoized by a first compile
+    monkeypatch.setenv("FAKE_PTXAS", "torch 13.0")  # what Inductor's first compile does
+    monkeypatch.setattr(compile_pool, "MIN_REQUESTS", 4)
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
+    compile_pool.compile_requests([request(id=i) for i in range(4)])
+    assert backend.hash() == "bundled 12.9-90"  # no worker: nothing to agree with
+    monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "1")
+    assert compile_pool.compile_requests([request(id=i) for i in range(4, 8)])[1] == 1
+    assert backend.hash() == "torch 13.0-90" and compiler.get_ptxas_version() == "torch 13.0"
 
 
 def test_how_many_workers(monkeypatch, caplog) -> None:

@@ -195,6 +195,8 @@ def compile_requests(requests: Sequence[Request]) -> tuple[dict[Request, Any], i
     results: dict[Request, Any] = {}
     failed: list[Request] = []
     environment = _worker_environment() if workers else {}
+    if workers:
+        forget_compiler_version()
     threads = [
         threading.Thread(
             target=_serve,
@@ -289,6 +291,27 @@ def _worker_environment() -> dict[str, str]:
     except (ImportError, AttributeError):
         pass
     return environment
+
+
+def forget_compiler_version(compiler: Any = None) -> None:
+    """Make this process key Triton's disk cache by the ptxas its environment names now, as a
+    fresh worker does. Triton puts the ptxas version in every cache key, looked up once per
+    process (``get_ptxas_version`` and ``CUDABackend.hash`` are memoized), while Inductor
+    points ``TRITON_PTXAS_PATH`` at torch's own ptxas on its first compile. A process that
+    compiled a Triton kernel before that kept the old version in its keys: every kernel its
+    workers compiled then missed here and compiled again (MobileNetV2 built in 106 s after
+    ResNet50 in one process, against 36 s alone; BENCHMARKS.md, sixteenth round).
+    ``compiler``: ``triton.backends.nvidia.compiler`` (a test's stand-in)."""
+    if compiler is None:
+        try:
+            from triton.backends.nvidia import compiler
+        except ImportError:
+            return
+    backend = getattr(compiler, "CUDABackend", None)
+    for memoized in (getattr(compiler, "get_ptxas_version", None), getattr(backend, "hash", None)):
+        clear = getattr(memoized, "cache_clear", None)
+        if clear is not None:
+            clear()
 
 
 def _ask(worker: subprocess.Popen, request: Request) -> dict | None:
