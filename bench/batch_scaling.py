@@ -12,6 +12,7 @@ its chunks of B in turn, as a chunked engine would (each chunk a view of one inp
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -46,7 +47,10 @@ def main(models: list[str], batches: list[int]) -> None:
             torch.cuda.synchronize()
             built = time.perf_counter() - begin
             p50 = chunked_p50_ms(engine, chunks)
+            program = engine.program(engine.engine_shapes[0])
+            merged = collections.Counter(k.partition(":")[0] for k in program.kernel_convs.values())
             row = {"model": name, "chunk": batch, "chunks": len(chunks), "build_s": round(built, 1)}
+            row["merged"] = {kind: merged[kind] for kind in ("dual", "pair")}
             row |= {"p50_ms": p50, "img_per_s": round(len(whole) / p50 * 1e3)}
             print(json.dumps(row), flush=True)
             del engine

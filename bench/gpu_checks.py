@@ -6,7 +6,8 @@
    ``kerasrt::depthwise_conv``'s, ``kerasrt::pointwise_conv``'s, ``kerasrt::stem_conv``'s and
    ``kerasrt::splitk_conv``'s Triton kernels the same way, every config (split-K also: two
    calls give identical bits, so its tile counters are back at zero after each); the merged
-   kernel ``kerasrt::dual_conv`` too. Each Triton op inlined into an AOTInductor package
+   kernels ``kerasrt::dual_conv`` and ``kerasrt::pointwise_pair`` (both outputs, the second
+   written over its input) too. Each Triton op inlined into an AOTInductor package
    (``--only inlined``): the package holds compiled kernels and calls no kerasrt op, and
    its outputs are the op's.
 2. Whole models, same run, same card, same inputs: kerasrt with ``conv_kernels="auto"``
@@ -43,6 +44,7 @@ from kerasrt.backend import (
     depthwise_conv,
     dual_conv,
     pointwise_conv,
+    pointwise_pair,
     splitk_conv,
     stem_conv,
 )
@@ -90,6 +92,13 @@ DUAL_CASES = [  # h (N, C, H, W), K, shortcut input channels, shortcut stride, a
     ((8, 128, 28, 28), 512, 256, 2, "relu", []),
     ((3, 32, 7, 9), 40, 48, 2, "clamp", [0.0, 6.0]),
     ((2, 16, 5, 5), 24, 16, 1, "none", []),
+]
+
+PAIR_CASES = [  # x (N, C, H, W), first K, residual, first activation, second activation
+    ((8, 64, 56, 56), 256, True, "relu", "relu"),  # ResNet50's first stage
+    ((8, 128, 28, 28), 512, True, "relu", "relu"),
+    ((8, 24, 28, 28), 144, True, "none", "clamp"),
+    ((3, 20, 9, 7), 40, False, "silu", "none"),
 ]
 
 STEM_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, activation, clip
@@ -265,6 +274,51 @@ def check_dual() -> bool:
     return ok
 
 
+def check_pair() -> bool:
+    """kerasrt::pointwise_pair's Triton kernel, every config, against float32 math: the first
+    output, and the second (from the first rounded to the working dtype, as the op defines)
+    written over x; and the op replayed in a CUDA graph on new data in x."""
+    ok = True
+    for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
+        for xs, k1, has_r, act1, act2 in PAIR_CASES:
+            x, w1, b1, r = conv_operands(dtype, xs, (k1, 1, 1), [1, 1], [0, 0], True, has_r)
+            _, w2, b2, _ = conv_operands(
+                dtype, (xs[0], k1, *xs[2:]), (xs[1], 1, 1), [1, 1], [0, 0], True, False
+            )
+            clip1 = [0.0, 6.0] if act1 == "clamp" else []
+            clip2 = [0.0, 6.0] if act2 == "clamp" else []
+
+            def reference(x, w1=w1, b1=b1, r=r, w2=w2, b2=b2, act1=act1, clip1=clip1, act2=act2, clip2=clip2):
+                f32 = [t.float() if t is not None else None for t in (x, w1, b1, r)]
+                y = pointwise_conv.reference(*f32, act1, clip1)
+                stored = y.to(x.dtype).float()  # the first output as stored, then the second
+                return y, pointwise_conv.reference(stored, w2.float(), b2.float(), None, act2, clip2)
+
+            def error(got, expected) -> float:
+                return float((got.float() - expected).abs().max() / expected.abs().max())
+
+            ry, rz = reference(x)
+            errors = []
+            for config in pointwise_pair.CONFIGS:
+                xc, y = x.clone(), pointwise_conv.empty_output(x, w1)
+                pointwise_pair.launch(config, xc, w1, b1, r, w2, b2, y, act1, clip1, act2, clip2)
+                errors += [error(y, ry), error(xc, rz)]
+            xc = x.clone()
+            args = (xc, w1, b1, r, w2, b2, act1, clip1, act2, clip2)
+            torch.ops.kerasrt.pointwise_pair(*args)  # warm-up (writes over xc)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = torch.ops.kerasrt.pointwise_pair(*args)
+            xc.copy_(torch.randn_like(xc))
+            ry, rz = reference(xc.clone())
+            graph.replay()
+            torch.cuda.synchronize()
+            errors += [error(replayed, ry), error(xc, rz)]
+            row = {"check": "pair op", "dtype": str(dtype), "x": xs, "k1": k1, "residual": has_r}
+            ok = report(ok, errors, tol, {**row, "activations": [act1, act2]})
+    return ok
+
+
 def check_stem() -> bool:
     """kerasrt::stem_conv's Triton kernel, every config, against float32 math."""
     ok = True
@@ -393,6 +447,8 @@ def check_inlined() -> bool:
     x, w, b, r = conv_operands(dtype, (2, 64, 14, 14), (256, 1, 1), [1, 1], [0, 0], True, True)
     h, wh, bh, _ = conv_operands(dtype, (2, 128, 7, 7), (512, 1, 1), [1, 1], [0, 0], True, False)
     xs, ws, _, _ = conv_operands(dtype, (2, 256, 13, 13), (512, 1, 1), [1, 1], [0, 0], False, False)
+    px, pw1, pb1, pr = conv_operands(dtype, (2, 64, 14, 14), (256, 1, 1), [1, 1], [0, 0], True, True)
+    _, pw2, pb2, _ = conv_operands(dtype, (2, 256, 14, 14), (64, 1, 1), [1, 1], [0, 0], True, False)
     (sk_x, sk_k, sk_stride, sk_pad, _, _, sk_act, _) = SPLITK_CASES[0]
     kx, kw, kb, _ = conv_operands(dtype, sk_x, sk_k, sk_stride, sk_pad, True, False)
     sx, sw, sb, _ = conv_operands(dtype, (2, 4, 33, 31), (32, 3, 3), [2, 2], [1, 1], True, False)
@@ -402,6 +458,7 @@ def check_inlined() -> bool:
     cases = [
         ("pointwise_conv", (x, w, b, r, "relu", [])),
         ("dual_conv", (h, wh, xs, ws, bh, [2, 2], "relu", [])),
+        ("pointwise_pair", (px, pw1, pb1, pr, pw2, pb2, "relu", [], "relu", [])),  # writes over px
         ("splitk_conv", (kx, kw, kb, None, sk_stride, sk_pad, sk_act, [])),
         ("stem_conv", (sx, sw, sb, [2, 2], [1, 1], "silu", [])),
         ("depthwise_conv", depthwise),
@@ -422,23 +479,35 @@ def check_inlined() -> bool:
                     full = list(args)
                     for i, tensor in zip(slots, given):
                         full[i] = tensor
-                    return op(*full)
+                    return op(*full), full[0]  # (x: what an op that writes over it left there)
 
-            expected = op(*args)
+            def fresh(tensors=tensors) -> tuple:  # the pair writes over its first input
+                return tuple(t.clone() for t in tensors)
+
+            def run(tensors, args=args, slots=slots, op=op):
+                full = list(args)
+                for i, tensor in zip(slots, tensors):
+                    full[i] = tensor
+                return op(*full), full[0]
+
+            expected = run(fresh())
             start = time.perf_counter()
             inlining = contextlib.nullcontext() if "opaque" in label else op_library.inlining_kernels()
             with torch.no_grad(), inductor_compiling(), inlining:
-                exported = torch.export.export(Call(), tensors)
+                exported = torch.export.export(Call(), fresh())
                 path = os.path.join(tmp, f"{label.replace(' ', '_')}.pt2")
                 aoti.compile_package(exported, Path(path))
             inlined = package_inlines_kernels(Path(path))
-            got = aoti.load_package(Path(path), DEV)(*tensors)[0]
-            err = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+            got = aoti.load_package(Path(path), DEV)(*fresh())
+            err = max(
+                float((g.float() - e.float()).abs().max() / e.float().abs().max())
+                for g, e in zip(got, expected)
+            )
             row = {
                 "check": "inlined op",
                 "op": label,
                 "inlined": inlined,
-                "bitwise": torch.equal(got, expected),
+                "bitwise": all(torch.equal(g, e) for g, e in zip(got, expected)),
                 "compile_s": round(time.perf_counter() - start, 1),
             }
             ok = report(ok and inlined == ("opaque" not in label), [err], tol, row)
@@ -462,6 +531,7 @@ CHECKS = {
     "stem": check_stem,
     "splitk": check_splitk,
     "dual": check_dual,
+    "pair": check_pair,
     "inlined": check_inlined,
 }
 

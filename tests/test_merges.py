@@ -1,4 +1,4 @@
-"""Merged convolutions, on the CPU: the merged op's definition against PyTorch's
+"""Merged convolutions, on the CPU: the two merged ops' definitions against PyTorch's
 convolutions, which neighbours of a ResNet-style network merge, and engines and artifacts
 that run them. The Triton kernels need a GPU: ``bench/gpu_checks.py`` checks their numerics
 there and ``bench/merge_probe.py`` times them."""
@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import kerasrt
-from kerasrt.backend import dual_conv, merges, tactics, triton_configs
+from kerasrt.backend import dual_conv, merges, pointwise_pair, tactics, triton_configs
 from kerasrt_testing import randomize
 from test_artifact import run_packages_in_fresh_process
 from test_kernels import CUDNN_OP, convert_on_own_kernels, fake_cudnn  # noqa: F401 (a fixture)
 
 L = keras.layers
 DUAL_OP = torch.ops.kerasrt.dual_conv.default
+PAIR_OP = torch.ops.kerasrt.pointwise_pair.default
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,27 @@ def test_the_dual_op_adds_the_projection_to_the_convolution(stride, activation, 
     )
     assert got.shape == (2, 24, 5, 5) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_pair_op_chains_two_convolutions_and_writes_the_second_over_its_input() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 6, generator=gen, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    w1 = torch.randn(40, 16, 1, 1, generator=gen, dtype=x.dtype)
+    w2 = torch.randn(16, 40, 1, 1, generator=gen, dtype=x.dtype)
+    b1 = torch.randn(40, generator=gen, dtype=x.dtype)
+    residual = torch.randn(2, 40, 4, 6, generator=gen, dtype=x.dtype)
+    first = F.relu(F.conv2d(x, w1, b1) + residual)
+    second = F.conv2d(first, w2).clamp(-1.0, 1.0)
+    storage = x.data_ptr()
+    y = PAIR_OP(x, w1, b1, residual, w2, None, "relu", [], "clamp", [-1.0, 1.0])
+    torch.testing.assert_close(y, first)
+    torch.testing.assert_close(x, second)  # written over the input, in its own memory
+    assert x.data_ptr() == storage and x.is_contiguous(memory_format=torch.channels_last)
+    assert (x.abs() <= 1.0).all() and (x.abs() == 1.0).any()  # the clamp bit
+    with pytest.raises(ValueError, match="as many channels"):
+        PAIR_OP(x, w1, b1, residual, w2[:8], None, "relu", [], "none", [])
 
 
 def bottleneck(x, filters: int, stride: int = 1, project: bool = False):
@@ -62,23 +84,38 @@ def resnet_stages() -> keras.Model:
     return randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
 
 
+def described(found: list[merges.Merge]) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(kind, lead weight shape, absorbed weight shape) of each merge."""
+    return [(m.kind, tuple(m.lead.inputs[1].shape), tuple(m.absorbed.inputs[1].shape)) for m in found]
+
+
 def test_which_neighbours_merge_in_resnet_stages() -> None:
     graph = kerasrt.Converter(resnet_stages(), batch_size=2, precision_mode="FP16").convert().primary_graph()
     found = merges.candidates(graph.nodes, graph.outputs)
     # each projection block's shortcut took the expansion's output as its residual (Keras adds
-    # [shortcut, y]) and absorbs it; identity blocks add their input, made by no 1x1 conv alone
-    described = [(tuple(m.lead.inputs[1].shape), tuple(m.absorbed.inputs[1].shape)) for m in found]
-    assert described == [((64, 16, 1, 1), (64, 16, 1, 1)), ((128, 64, 1, 1), (128, 32, 1, 1))]
+    # [shortcut, y]) and absorbs it; identity blocks add their input, made by no 1x1 conv
+    # alone. The second block's expansion feeds the third block's reduction, back to the 16
+    # channels of its own input (the 3x3's output, read by it alone): a pair. The first
+    # block's output also feeds the second's reduction, but it is a dual's already, and the
+    # last block reduces at stride 2 (no pointwise kernel)
+    assert described(found) == [
+        ("dual", (64, 16, 1, 1), (64, 16, 1, 1)),
+        ("dual", (128, 64, 1, 1), (128, 32, 1, 1)),
+        ("pair", (64, 16, 1, 1), (16, 64, 1, 1)),
+    ]
     strided = found[1]
     assert strided.lead.attrs["stride"] == [2, 2] and strided.absorbed.attrs["stride"] == [1, 1]
-    assert [m.kernel for m in found] == [merges.PREFIX + m.absorbed.outputs[0].name for m in found]
+    assert [m.kernel for m in found] == [f"{m.kind}:{m.absorbed.outputs[0].name}" for m in found]
+    assert [merges.parse(m.kernel) for m in found] == [(m.kind, m.absorbed.outputs[0].name) for m in found]
     # an absorbed output read outside the engine is not merged away
-    assert merges.candidates(graph.nodes, [found[0].absorbed.outputs[0]]) == [found[1]]
+    assert merges.candidates(graph.nodes, [found[0].absorbed.outputs[0]]) == found[1:]
+    # nor a pair whose input is read outside it (the pair writes over it)
+    assert merges.candidates(graph.nodes, [found[2].lead.inputs[0]]) == found[:2]
 
 
 @pytest.fixture
 def fast_merges(monkeypatch, fake_cudnn):  # noqa: F811 (the fixture imported above)
-    """The merged kernel "available" on the CPU, every config timed at 0.3 ms (faster than
+    """The merged kernels "available" on the CPU, every config timed at 0.3 ms (faster than
     the 0.5 + 0.5 ms of two fake cuDNN kernels). Returns the timed merges."""
     timed: list[str] = []
 
@@ -87,6 +124,7 @@ def fast_merges(monkeypatch, fake_cudnn):  # noqa: F811 (the fixture imported ab
         return 2, 0.3
 
     monkeypatch.setattr(dual_conv, "available", lambda device: True)
+    monkeypatch.setattr(pointwise_pair, "available", lambda device: True)
     monkeypatch.setattr(tactics, "best_config", best_config)
     monkeypatch.setattr(triton_configs, "_CHOSEN", {})
     return timed
@@ -95,38 +133,40 @@ def fast_merges(monkeypatch, fake_cudnn):  # noqa: F811 (the fixture imported ab
 def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(
     tmp_path: Path, fast_merges, monkeypatch
 ) -> None:
-    precompiled: list[tuple] = []  # the merged kernel's compile jobs, made before any timing
+    precompiled: list[tuple] = []  # the merged kernels' compile jobs, made before any timing
     monkeypatch.setattr(
         tactics,
         "precompile",
         lambda jobs, device, requests=(): (
             precompiled.extend(
-                operands() for candidates, operands in jobs if candidates is merges._dual_candidates
+                operands()
+                for candidates, operands in jobs
+                if getattr(candidates, "func", None) is merges._merged_candidates
             )
             or {}
         ),
     )
     model = resnet_stages()
     conv, optimized, x, got = convert_on_own_kernels(model, (2, 8, 8, 16))
-    assert len(fast_merges) == 2
-    assert len(precompiled) == 2 and all(len(args) == 9 for args in precompiled)
+    assert len(fast_merges) == 3
+    assert sorted(len(args) for args in precompiled) == [9, 9, 11]  # two duals, a pair
     program = optimized.program(optimized.engine_shapes[0])
     (engine,) = program.compiled_engines.values()
     calls = [n.target for n in engine.module.graph.nodes if n.op == "call_function"]
-    assert calls.count(DUAL_OP) == 2 and calls.count(CUDNN_OP) == 10
+    assert calls.count(DUAL_OP) == 2 and calls.count(PAIR_OP) == 1 and calls.count(CUDNN_OP) == 8
     kinds = sorted(k.partition(":")[0] for k in program.kernel_convs.values())
-    assert kinds == ["cudnn"] * 10 + ["dual"] * 2 + [merges.ABSORBED] * 2
+    assert kinds == ["cudnn"] * 8 + ["dual"] * 2 + [merges.ABSORBED] * 3 + ["pair"]
     merged = {s: c for s, c in program.kernel_choices.items() if merges.is_merge_signature(s)}
-    assert [(c.kernel, c.config, c.apart_ms) for c in merged.values()] == [("triton", 2, 1.0)] * 2
+    assert [(c.kernel, c.config, c.apart_ms) for c in merged.values()] == [("triton", 2, 1.0)] * 3
     assert {triton_configs.chosen(s) for s in merged} == {2}
     summary = conv.summary(print_fn=None)
-    assert "2 projection shortcuts merged into the convolution they are added to" in summary
+    assert "3 pairs of neighbouring convolutions merged into one kernel" in summary
 
     # a second build on this machine takes the cached choices: nothing is timed again
     kerasrt.Converter(
         model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
     ).convert()
-    assert len(fast_merges) == 2 and len(precompiled) == 2
+    assert len(fast_merges) == 3 and len(precompiled) == 3
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
@@ -144,11 +184,11 @@ def test_merges_that_lose_to_their_parts_are_not_taken(monkeypatch, fast_merges)
     program = optimized.program(optimized.engine_shapes[0])
     (engine,) = program.compiled_engines.values()
     calls = [n.target for n in engine.module.graph.nodes if n.op == "call_function"]
-    assert DUAL_OP not in calls
+    assert DUAL_OP not in calls and PAIR_OP not in calls
     assert set(program.kernel_convs.values()) == {"cudnn"}
     env = tactics.environment(torch.device("cpu"))
     lost = [c for s, c in tactics.choice_table(env).items() if merges.is_merge_signature(s)]
-    assert len(lost) == 2 and {(c.kernel, c.apart_ms, c.triton_ms) for c in lost} == {("apart", 1.0, 1.5)}
+    assert len(lost) == 3 and {(c.kernel, c.apart_ms, c.triton_ms) for c in lost} == {("apart", 1.0, 1.5)}
 
 
 def test_a_first_build_reports_its_compiling_and_timing_and_a_cached_one_does_not(fast_merges) -> None:
@@ -170,6 +210,6 @@ def test_a_first_build_reports_its_compiling_and_timing_and_a_cached_one_does_no
         "building the engines for input shapes (2, 8, 8, 16)",
         f"compiling kernel candidates for {shapes} convolution shape(s)",
         *(f"timing kernels for convolution shape {i} of {shapes}" for i in range(1, shapes + 1)),
-        "timing merged kernels for 2 pair(s) of convolutions",
+        "timing merged kernels for 3 pair(s) of convolutions",
     ]
     assert build() == ["building the engines for input shapes (2, 8, 8, 16)"]  # all cached

@@ -112,9 +112,7 @@ def format_report(report: dict[str, Any]) -> str:
         if kernels.get("splitk"):
             triton += f", {kernels['splitk']} on its split-K kernel"
         if kernels.get("merged"):
-            triton += (
-                f"; {kernels['merged']} projection shortcuts merged into the convolution they are added to"
-            )
+            triton += f"; {kernels['merged']} pairs of neighbouring convolutions merged into one kernel"
         lines.append(
             f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
             f"{kernels.get('inductor', 0)} on Inductor's{triton}"

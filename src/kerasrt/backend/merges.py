@@ -1,21 +1,22 @@
-"""Merged convolutions: a projection shortcut and the 1x1 convolution it is added to, run as
-one kernel where a measurement says that is faster than each on its own best kernel.
+"""Merged convolutions: two neighbouring convolutions of an engine run as one kernel, where a
+measurement says that is faster than each on its own best kernel.
 
-The first block of each ResNet stage adds a 1x1 projection of its input to its last 1x1
-convolution. After fusion the IR holds one of the two as a ``conv_fused`` node (the lead)
-whose residual is the other's output (the absorbed), read by nothing else:
-``kerasrt::dual_conv`` computes both products into one accumulator, so that tensor (205 MB
-in ResNet50's first stage at batch 128) is never written nor read back.
+Two shapes of neighbours, both from ResNet-style networks, both memory-bound at large
+batches because one tensor travels between them through memory:
+
+- "dual": the first block of each ResNet stage adds a 1x1 projection of its input to its
+  last 1x1 convolution. After fusion the IR holds one of the two as a ``conv_fused`` node
+  (the lead) whose residual is the other's output (the absorbed), read by nothing else:
+  ``kerasrt::dual_conv`` computes both products into one accumulator, so that tensor (205 MB
+  in ResNet50's first stage at batch 128) is never written nor read back.
+- "pair": a bottleneck's 1x1 expansion (the lead) and the next block's 1x1 reduction of its
+  output (the absorbed). ``kerasrt::pointwise_pair`` still stores the expansion's output (the
+  next residual add reads it) but never reads it back, and writes the reduction's output over
+  the expansion's input, which only the expansion reads: no memory is added.
 
 ``choose`` finds the candidates among an engine's nodes (``candidates``), times the merged
 kernel's configs against the sum of the two convolutions' chosen kernels (``tactics.choose``
 timed those) and keeps the merges that win. Choices are cached with the other tactics.
-
-Tried and dropped: chaining a bottleneck's 1x1 expansion into the next block's 1x1 reduction
-(one kernel, the first output still stored). It saved 50 us per pair in ResNet50's first
-stage at batch 128 on an H100, but its second output is allocated while the expansion's
-residual is still live: +49 MiB of peak memory, past the 1.2x-torch.compile budget
-(BENCHMARKS.md, tenth round).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TypeVar
 
 import torch
 
-from kerasrt.backend import cudnn_conv, dual_conv, tactics
+from kerasrt.backend import cudnn_conv, dual_conv, pointwise_conv, pointwise_pair, tactics
 from kerasrt.ir.graph import Node, Value
 
 log = logging.getLogger(__name__)
@@ -36,31 +37,35 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ABSORBED = "merged"
 """The kernel of a convolution whose merge partner's kernel computes it (it emits no op)."""
-PREFIX = "dual:"
-"""A lead's kernel: this prefix and the absorbed convolution's output name."""
+KINDS = ("dual", "pair")
 
 
 @dataclass(frozen=True)
 class Merge:
-    """``lead`` runs ``dual_conv``, which also computes ``absorbed`` (the lead's residual)."""
+    """``lead`` runs the merged kernel of ``kind`` ("dual": ``dual_conv``, which also
+    computes ``absorbed``, the lead's residual; "pair": ``pointwise_pair``, which goes on
+    into ``absorbed``, the reduction of the lead's output)."""
 
+    kind: str
     lead: Node
     absorbed: Node
 
     @property
     def kernel(self) -> str:
-        """The lead's kernel as engines name it."""
-        return PREFIX + self.absorbed.outputs[0].name
+        """The lead's kernel as engines name it: "<kind>:<absorbed output's name>"."""
+        return f"{self.kind}:{self.absorbed.outputs[0].name}"
 
 
-def absorbed_name(kernel: str) -> str | None:
-    """The absorbed convolution's output name in a lead's kernel, or None for another kernel."""
-    return kernel[len(PREFIX) :] if kernel.startswith(PREFIX) else None
+def parse(kernel: str) -> tuple[str, str] | None:
+    """(kind, absorbed output's name) of a lead's kernel, or None for another kernel."""
+    kind, _, name = kernel.partition(":")
+    return (kind, name) if name and kind in KINDS else None
 
 
 def is_merge_signature(sig: str) -> bool:
-    """Whether a tactics signature is a merged kernel's (``dual_conv.signature``)."""
-    return sig.startswith("dual[")
+    """Whether a tactics signature is a merged kernel's (``dual_conv.signature`` or
+    ``pointwise_pair.signature``)."""
+    return sig.startswith(tuple(kind + "[" for kind in KINDS))
 
 
 def _plain_1x1(node: Node) -> bool:
@@ -83,15 +88,26 @@ def _residual(node: Node) -> Value | None:
 
 
 def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
-    """The merges the nodes of one engine (in order; ``outputs`` are read outside it) allow:
-    a 1x1 convolution with a residual made by another 1x1 convolution without epilogue
-    (no residual, no activation) for it alone, one of the two at stride 1."""
+    """The merges the nodes of one engine (in order; ``outputs`` are read outside it) allow,
+    each node in one at most, duals first (they save more):
+
+    - dual: a 1x1 convolution with a residual made by another 1x1 convolution without
+      epilogue (no residual, no activation) for it alone, one of the two at stride 1;
+    - pair: a 1x1 convolution (``pointwise_conv.eligible``) whose output a second one without
+      residual reduces back to the first's input channels (at most
+      ``pointwise_pair.MERGE_MAX_CHANNELS``), where that input is made in the engine and read
+      by the first alone (the pair writes over it)."""
     users: dict[int, list[Node]] = {}
     for node in nodes:
         for value in node.inputs:
             users.setdefault(id(value), []).append(node)
     inside = {id(n) for n in nodes}
     escaping = {id(v) for v in outputs}
+
+    def private(value: Value, reader: Node) -> bool:  # made here and read by ``reader`` alone
+        return users.get(id(value)) == [reader] and id(value) not in escaping
+
+    taken: set[int] = set()
     found: list[Merge] = []
     for lead in nodes:
         residual = _residual(lead) if _plain_1x1(lead) else None
@@ -100,10 +116,29 @@ def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
             continue
         if _residual(other) is not None or (other.attrs.get("activation") or "none") != "none":
             continue
-        if users.get(id(residual)) != [lead] or id(residual) in escaping:
+        if private(residual, lead) and [1, 1] in (list(lead.attrs["stride"]), list(other.attrs["stride"])):
+            found.append(Merge("dual", lead, other))
+            taken |= {id(lead), id(other)}
+    for lead in nodes:
+        x = lead.inputs[0]
+        channels = x.shape[1]
+        if (
+            id(lead) in taken
+            or not pointwise_conv.eligible(lead)
+            or channels > pointwise_pair.MERGE_MAX_CHANNELS
+        ):
             continue
-        if [1, 1] in (list(lead.attrs["stride"]), list(other.attrs["stride"])):
-            found.append(Merge(lead, other))
+        if x.producer is None or id(x.producer) not in inside or not private(x, lead):
+            continue
+        if cudnn_conv.input_channels(channels) != channels:
+            continue  # cuDNN would pad it: the engine's tensor is not the plain (pixels x C) one
+        for user in users.get(id(lead.outputs[0]), []):
+            if id(user) in taken or not pointwise_conv.eligible(user) or _residual(user) is not None:
+                continue
+            if user.inputs[0] is lead.outputs[0] and user.outputs[0].shape == x.shape:
+                found.append(Merge("pair", lead, user))
+                taken |= {id(lead), id(user)}
+                break
     return found
 
 
@@ -125,20 +160,32 @@ def dual_bias(lead: Node, absorbed: Node) -> torch.Tensor | None:
 
 
 def _arguments(merge: Merge, device: torch.device) -> tuple:
-    """``dual_conv.launch``'s arguments after the config, on example operands on ``device``
-    (the meta device for the signature alone)."""
+    """The merged kernel's ``launch`` arguments after the config, on example operands on
+    ``device`` (the meta device for the signature alone)."""
     a = tactics.example_operands(merge.lead, device)
     b = tactics.example_operands(merge.absorbed, device)
+    *_, act, clip = cudnn_conv.op_arguments(merge.lead)
+    if merge.kind == "pair":
+        *_, act2, clip2 = cudnn_conv.op_arguments(merge.absorbed)
+        return a.x, a.w, a.bias, a.residual, b.w, b.bias, a.out, act, clip, act2, clip2
     first, second, stride = dual_order(merge.lead, merge.absorbed, a, b)
     bias = dual_bias(merge.lead, merge.absorbed)
-    *_, act, clip = cudnn_conv.op_arguments(merge.lead)
     bias = bias.to(device) if bias is not None else None
     return first.x, first.w, second.x, second.w, bias, a.out, stride, act, clip
 
 
-def _dual_candidates(args: tuple) -> tactics.Candidates:
-    """The merged kernel's configs, and a launch of one config on ``args`` (``_arguments``)."""
-    return {"dual": (dual_conv.CONFIGS, lambda config: dual_conv.launch(config, *args))}
+_OPS = {"dual": dual_conv, "pair": pointwise_pair}
+"""The module of each kind's op: its CONFIGS, ``signature`` and ``launch``."""
+
+
+def _signature(merge: Merge) -> str:
+    return _OPS[merge.kind].signature(*_arguments(merge, torch.device("meta")))
+
+
+def _merged_candidates(kind: str, args: tuple) -> tactics.Candidates:
+    """A kind's configs, and a launch of one config on ``args`` (``_arguments``)."""
+    op = _OPS[kind]
+    return {kind: (op.CONFIGS, lambda config: op.launch(config, *args))}
 
 
 def choose(
@@ -149,9 +196,9 @@ def choose(
     progress: Callable[[str], None] | None = None,
 ) -> dict[int, tuple[str, tactics.Choice, Merge]]:
     """The merges among ``nodes`` that beat their two convolutions' ``chosen`` kernels, by
-    the lead's ``id``: (signature, choice, merge). Needs the Triton kernel on ``device``.
+    the lead's ``id``: (signature, choice, merge). Needs the Triton kernels on ``device``.
     ``progress`` hears of the timing."""
-    if not chosen or not dual_conv.available(device):
+    if not chosen or not (dual_conv.available(device) and pointwise_pair.available(device)):
         return {}  # nothing timed to compare with (conv_kernels="inductor"), or no Triton
     env = tactics.environment(device)
     table = tactics.choice_table(env)
@@ -163,18 +210,22 @@ def choose(
         apart = [p[1].ms for p in parts if p is not None]
         if len(apart) < 2 or None in apart:
             continue  # a part without a timed kernel: nothing to compare with
-        comparable.append((merge, dual_conv.signature(*_arguments(merge, torch.device("meta"))), apart))
+        comparable.append((merge, _signature(merge), apart))
     untimed = {sig: merge for merge, sig, _ in comparable if sig not in table}
     if untimed and progress is not None:
         progress(f"timing merged kernels for {len(untimed)} pair(s) of convolutions")
     tactics.precompile(
-        [(_dual_candidates, functools.partial(_arguments, merge, device)) for merge in untimed.values()],
+        [
+            (functools.partial(_merged_candidates, merge.kind), functools.partial(_arguments, merge, device))
+            for merge in untimed.values()
+        ],
         device,
     )
     for merge, sig, apart in comparable:
         choice = table.get(sig)
         if choice is None:
-            best = tactics.best_config(*_dual_candidates(_arguments(merge, device))["dual"], merge.lead)
+            args = _arguments(merge, device)
+            best = tactics.best_config(*_merged_candidates(merge.kind, args)[merge.kind], merge.lead)
             measured += 1
             apart_ms = round(sum(apart), 5)
             if best is None or best[1] >= apart_ms:

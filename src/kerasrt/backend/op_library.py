@@ -38,14 +38,22 @@ _STATE = threading.local()
 # launches compile their kernel without running it
 
 
-def define(default: Callable, *, cuda: Callable, fake: Callable, inlinable: bool = False) -> None:
+def define(
+    default: Callable,
+    *,
+    cuda: Callable,
+    fake: Callable,
+    inlinable: bool = False,
+    mutates_args: tuple[str, ...] = (),
+) -> None:
     """Define ``kerasrt::<default's name>``, its schema inferred from ``default``'s type hints
     (as custom_op does), with kernels: ``cuda`` for CUDA tensors, ``default`` (the op's math in
     PyTorch ops) for every other device, ``fake`` (the output's shape, dtype, layout) for
     tracing. ``inlinable``: ``cuda`` is made of PyTorch ops and ``launchable`` Triton kernels,
-    and is traced in the op's place within ``inlining_kernels()``."""
+    and is traced in the op's place within ``inlining_kernels()``. ``mutates_args``: the
+    arguments the op writes into (graphs compiled by Inductor then reuse their memory)."""
     name = default.__name__
-    _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=()))
+    _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=mutates_args))
     _LIBRARY.impl(name, default, "CompositeExplicitAutograd")
     _LIBRARY.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"kerasrt::{name}", fake, lib=_LIBRARY)

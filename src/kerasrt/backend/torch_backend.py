@@ -131,14 +131,31 @@ def _fused_conv_call(
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
 
-def _dual_call(
+def _merged_call(
     lead: Node,
+    kind: str,
     absorbed: Node,
     graph: torch.fx.Graph,
     arg: Callable[..., torch.fx.Node],
     constant: Callable[[str, torch.Tensor], torch.fx.Node],
-) -> torch.fx.Node:
-    """The ``dual_conv`` call of a merged convolution and the projection it absorbs (``merges``)."""
+) -> list[tuple[Node, torch.fx.Node]]:
+    """The op call of two merged convolutions (``merges``): (node, fx value) for each whose
+    output the call makes. A pair's call returns the lead's output and writes the absorbed
+    one's over the lead's input (its fx value from then on)."""
+    if kind == "pair":
+        has_bias, has_residual = cudnn_conv.epilogue_inputs(lead)
+        *_, act1, clip1 = cudnn_conv.op_arguments(lead)
+        *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
+        x = arg(lead.inputs[0])
+        args = (
+            x, arg(lead.inputs[1], True),
+            arg(lead.inputs[2]) if has_bias else None,
+            arg(lead.inputs[2 + int(has_bias)]) if has_residual else None,
+            arg(absorbed.inputs[1], True),
+            arg(absorbed.inputs[2]) if cudnn_conv.epilogue_inputs(absorbed)[0] else None,
+            act1, clip1, act2, clip2,
+        )  # fmt: skip
+        return [(lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)), (absorbed, x)]
     lead_in, other_in, stride = merges.dual_order(lead, absorbed, lead.inputs, absorbed.inputs)
     bias = merges.dual_bias(lead, absorbed)
     *_, act, clip = cudnn_conv.op_arguments(lead)
@@ -147,7 +164,7 @@ def _dual_call(
         None if bias is None else constant(lead.outputs[0].name + "_dual_bias", bias),
         stride, act, clip,
     )  # fmt: skip
-    return graph.call_function(torch.ops.kerasrt.dual_conv.default, args)
+    return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
 
 
 class TorchEngine:
@@ -171,9 +188,9 @@ class TorchEngine:
     ):
         """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
         (fused cuDNN graphs), "triton" (the pointwise or stem Triton kernel) or "splitk"; a
-        depthwise convolution listed runs on the depthwise Triton kernel; a merged pair
-        (``merges``) has "dual:<the other's output name>" on the one that runs it and
-        ``merges.ABSORBED`` on the other."""
+        depthwise convolution listed runs on the depthwise Triton kernel; two merged
+        convolutions (``merges``) have "<kind>:<the other's output name>" on the one that runs
+        them and ``merges.ABSORBED`` on the other."""
         kernel_convs = kernel_convs or {}
         self.device = device
         self.compiler = compiler
@@ -209,16 +226,19 @@ class TorchEngine:
         self.kernel_convs = 0
         for node in nodes:
             kernel = kernel_convs.get(id(node))
-            partner = merges.absorbed_name(kernel) if kernel is not None else None
+            merged = merges.parse(kernel) if kernel is not None else None
             if kernel == merges.ABSORBED:
                 self.kernel_convs += 1
                 continue  # its merge partner's call computes it
-            if partner is not None:
+            if merged is not None:
+                kind, partner = merged
                 if partner not in by_output:
                     raise ValueError(f"{node} is merged with {partner}, which is not in its engine")
-                result = _dual_call(node, by_output[partner], graph, arg, constant)
+                for done, value in _merged_call(node, kind, by_output[partner], graph, arg, constant):
+                    env[(id(done.outputs[0]), False)] = value
                 self.kernel_convs += 1
-            elif kernel is not None and depthwise_conv.eligible(node):
+                continue
+            if kernel is not None and depthwise_conv.eligible(node):
                 x, padding = depthwise_conv.ir_call(node, nodes)
                 stride, act, clip = depthwise_conv.op_arguments(node)
                 bias = arg(node.inputs[2]) if len(node.inputs) > 2 else None

@@ -121,6 +121,42 @@ def dual(
     finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, LO, HI, HAS_BIAS, False, ACT)
 
 
+@triton.jit(do_not_specialize=("M",))
+def pair(
+    x_ptr, w1_ptr, b1_ptr, r_ptr, y_ptr, w2_ptr, b2_ptr,
+    M, C, N1, N2,
+    LO1: tl.constexpr, HI1: tl.constexpr, HAS_B1: tl.constexpr, HAS_RES: tl.constexpr, ACT1: tl.constexpr,
+    LO2: tl.constexpr, HI2: tl.constexpr, HAS_B2: tl.constexpr, ACT2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N2: tl.constexpr,
+):  # fmt: skip
+    """y = act1(x @ w1^T + residual + b1), then act2(y @ w2^T + b2) stored over x (C == N2):
+    ``pointwise_pair``. Each program loads its rows of x once, before anything is stored, and
+    writes the same rows back: no other program reads them."""
+    # y made BLOCK_N channels at a time: each chunk stored, and multiplied into z's product at once
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rows = rm.to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    r2 = tl.arange(0, BLOCK_N2)
+    c_ok, n2_ok = rc < C, r2 < N2
+    a = tl.load(x_ptr + rows[:, None] * C + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+    for n0 in range(0, N1, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N1
+        w1 = tl.load(w1_ptr + rn[None, :] * C + rc[:, None], mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+        acc1 = tl.dot(a, w1)
+        out = rows[:, None] * N1 + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            acc1 += tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32)
+        y = bias_activation(acc1, b1_ptr, rn, n_ok, LO1, HI1, HAS_B1, ACT1).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + out, y, mask=ok)
+        w2 = tl.load(w2_ptr + r2[None, :] * N1 + rn[:, None], mask=n2_ok[None, :] & n_ok[:, None], other=0.0)
+        acc2 = tl.dot(y, w2, acc2)
+    finish_tile(acc2, rows, r2, m_ok, n2_ok, N2, b2_ptr, x_ptr, x_ptr, LO2, HI2, HAS_B2, False, ACT2)
+
+
 @triton.jit(do_not_specialize=_SPLITK_VARYING)
 def splitk(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
