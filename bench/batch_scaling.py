@@ -21,6 +21,7 @@ import time
 import torch
 
 import kerasrt
+from kerasrt.backend import merges
 from kerasrt.bench import latency_stats, sample_latencies
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -50,7 +51,7 @@ def main(models: list[str], batches: list[int]) -> None:
             program = engine.program(engine.engine_shapes[0])
             merged = collections.Counter(k.partition(":")[0] for k in program.kernel_convs.values())
             row = {"model": name, "chunk": batch, "chunks": len(chunks), "build_s": round(built, 1)}
-            row["merged"] = {kind: merged[kind] for kind in ("dual", "pair")}
+            row["merged"] = {kind: merged[kind] for kind in merges.KINDS}
             row |= {"p50_ms": p50, "img_per_s": round(len(whole) / p50 * 1e3)}
             print(json.dumps(row), flush=True)
             del engine

@@ -94,11 +94,13 @@ DUAL_CASES = [  # h (N, C, H, W), K, shortcut input channels, shortcut stride, a
     ((2, 16, 5, 5), 24, 16, 1, "none", []),
 ]
 
-PAIR_CASES = [  # x (N, C, H, W), first K, residual, first activation, second activation
-    ((8, 64, 56, 56), 256, True, "relu", "relu"),  # ResNet50's first stage
-    ((8, 128, 28, 28), 512, True, "relu", "relu"),
-    ((8, 24, 28, 28), 144, True, "none", "clamp"),
-    ((3, 20, 9, 7), 40, False, "silu", "none"),
+PAIR_CASES = [  # x (N, C, H, W), first K, residual, shortcut (channels, stride), activations
+    ((8, 64, 56, 56), 256, True, None, "relu", "relu"),  # ResNet50's first stage
+    ((8, 64, 56, 56), 256, False, (64, 1), "relu", "relu"),  # its first block (a dualpair)
+    ((8, 128, 28, 28), 512, True, None, "relu", "relu"),
+    ((4, 32, 14, 14), 128, False, (48, 2), "relu", "clamp"),
+    ((8, 24, 28, 28), 144, True, None, "none", "clamp"),
+    ((3, 20, 9, 7), 40, False, None, "silu", "none"),
 ]
 
 STEM_CASES = [  # (N, C, H, W), (K, R, S), stride, padding, bias, activation, clip
@@ -276,23 +278,32 @@ def check_dual() -> bool:
 
 def check_pair() -> bool:
     """kerasrt::pointwise_pair's Triton kernel, every config, against float32 math: the first
-    output, and the second (from the first rounded to the working dtype, as the op defines)
-    written over x; and the op replayed in a CUDA graph on new data in x."""
+    output (with a dual's shortcut product where the case has one), and the second (from the
+    first rounded to the working dtype, as the op defines) written over x; and the op
+    replayed in a CUDA graph on new data in x."""
     ok = True
     for dtype, tol in ((torch.float16, PRECISION_RTOL["FP16"]), (torch.bfloat16, PRECISION_RTOL["BF16"])):
-        for xs, k1, has_r, act1, act2 in PAIR_CASES:
+        for xs, k1, has_r, shortcut_of, act1, act2 in PAIR_CASES:
             x, w1, b1, r = conv_operands(dtype, xs, (k1, 1, 1), [1, 1], [0, 0], True, has_r)
             _, w2, b2, _ = conv_operands(
                 dtype, (xs[0], k1, *xs[2:]), (xs[1], 1, 1), [1, 1], [0, 0], True, False
             )
+            shortcut, ws, stride = None, None, [1, 1]
+            if shortcut_of is not None:
+                c2, step = shortcut_of
+                ss = (xs[0], c2, (xs[2] - 1) * step + 1, (xs[3] - 1) * step + 1)
+                shortcut, ws, _, _ = conv_operands(dtype, ss, (k1, 1, 1), [1, 1], [0, 0], False, False)
+                stride = [step, step]
             clip1 = [0.0, 6.0] if act1 == "clamp" else []
             clip2 = [0.0, 6.0] if act2 == "clamp" else []
+            head = (w1, shortcut, ws, stride, b1, r, w2, b2)
+            tail = (act1, clip1, act2, clip2)
 
-            def reference(x, w1=w1, b1=b1, r=r, w2=w2, b2=b2, act1=act1, clip1=clip1, act2=act2, clip2=clip2):
-                f32 = [t.float() if t is not None else None for t in (x, w1, b1, r)]
-                y = pointwise_conv.reference(*f32, act1, clip1)
+            def reference(x, head=head, tail=tail):
+                f32 = [t.float() if isinstance(t, torch.Tensor) else t for t in (x, *head)]
+                y, _ = pointwise_pair.reference(*f32, *tail)
                 stored = y.to(x.dtype).float()  # the first output as stored, then the second
-                return y, pointwise_conv.reference(stored, w2.float(), b2.float(), None, act2, clip2)
+                return y, pointwise_conv.reference(stored, f32[7], f32[8], None, tail[2], tail[3])
 
             def error(got, expected) -> float:
                 return float((got.float() - expected).abs().max() / expected.abs().max())
@@ -301,21 +312,20 @@ def check_pair() -> bool:
             errors = []
             for config in pointwise_pair.CONFIGS:
                 xc, y = x.clone(), pointwise_conv.empty_output(x, w1)
-                pointwise_pair.launch(config, xc, w1, b1, r, w2, b2, y, act1, clip1, act2, clip2)
+                pointwise_pair.launch(config, xc, *head, y, *tail)
                 errors += [error(y, ry), error(xc, rz)]
             xc = x.clone()
-            args = (xc, w1, b1, r, w2, b2, act1, clip1, act2, clip2)
-            torch.ops.kerasrt.pointwise_pair(*args)  # warm-up (writes over xc)
+            torch.ops.kerasrt.pointwise_pair(xc, *head, *tail)  # warm-up (writes over xc)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                replayed = torch.ops.kerasrt.pointwise_pair(*args)
+                replayed = torch.ops.kerasrt.pointwise_pair(xc, *head, *tail)
             xc.copy_(torch.randn_like(xc))
             ry, rz = reference(xc.clone())
             graph.replay()
             torch.cuda.synchronize()
             errors += [error(replayed, ry), error(xc, rz)]
             row = {"check": "pair op", "dtype": str(dtype), "x": xs, "k1": k1, "residual": has_r}
-            ok = report(ok, errors, tol, {**row, "activations": [act1, act2]})
+            ok = report(ok, errors, tol, {**row, "shortcut": shortcut_of, "activations": [act1, act2]})
     return ok
 
 
@@ -449,6 +459,7 @@ def check_inlined() -> bool:
     xs, ws, _, _ = conv_operands(dtype, (2, 256, 13, 13), (512, 1, 1), [1, 1], [0, 0], False, False)
     px, pw1, pb1, pr = conv_operands(dtype, (2, 64, 14, 14), (256, 1, 1), [1, 1], [0, 0], True, True)
     _, pw2, pb2, _ = conv_operands(dtype, (2, 256, 14, 14), (64, 1, 1), [1, 1], [0, 0], True, False)
+    ps, pws, _, _ = conv_operands(dtype, (2, 32, 27, 27), (256, 1, 1), [1, 1], [0, 0], False, False)
     (sk_x, sk_k, sk_stride, sk_pad, _, _, sk_act, _) = SPLITK_CASES[0]
     kx, kw, kb, _ = conv_operands(dtype, sk_x, sk_k, sk_stride, sk_pad, True, False)
     sx, sw, sb, _ = conv_operands(dtype, (2, 4, 33, 31), (32, 3, 3), [2, 2], [1, 1], True, False)
@@ -458,7 +469,8 @@ def check_inlined() -> bool:
     cases = [
         ("pointwise_conv", (x, w, b, r, "relu", [])),
         ("dual_conv", (h, wh, xs, ws, bh, [2, 2], "relu", [])),
-        ("pointwise_pair", (px, pw1, pb1, pr, pw2, pb2, "relu", [], "relu", [])),  # writes over px
+        ("pointwise_pair", (px, pw1, None, None, [1, 1], pb1, pr, pw2, pb2, "relu", [], "relu", [])),
+        ("pointwise_pair dual", (px, pw1, ps, pws, [2, 2], pb1, None, pw2, pb2, "relu", [], "relu", [])),
         ("splitk_conv", (kx, kw, kb, None, sk_stride, sk_pad, sk_act, [])),
         ("stem_conv", (sx, sw, sb, [2, 2], [1, 1], "silu", [])),
         ("depthwise_conv", depthwise),

@@ -43,7 +43,10 @@ def test_the_dual_op_adds_the_projection_to_the_convolution(stride, activation, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_the_pair_op_chains_two_convolutions_and_writes_the_second_over_its_input() -> None:
+@pytest.mark.parametrize("stride", [None, 1, 2])
+def test_the_pair_op_chains_two_convolutions_and_writes_the_second_over_its_input(stride) -> None:
+    """Without a shortcut (stride None): an expansion with a residual, then a reduction; with
+    one: a dual's two products (the shortcut at ``stride``), then the reduction."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 4, 6, generator=gen, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last
@@ -51,17 +54,28 @@ def test_the_pair_op_chains_two_convolutions_and_writes_the_second_over_its_inpu
     w1 = torch.randn(40, 16, 1, 1, generator=gen, dtype=x.dtype)
     w2 = torch.randn(16, 40, 1, 1, generator=gen, dtype=x.dtype)
     b1 = torch.randn(40, generator=gen, dtype=x.dtype)
-    residual = torch.randn(2, 40, 4, 6, generator=gen, dtype=x.dtype)
-    first = F.relu(F.conv2d(x, w1, b1) + residual)
+    if stride is None:
+        shortcut = ws = None
+        residual = torch.randn(2, 40, 4, 6, generator=gen, dtype=x.dtype)
+        added = residual
+    else:
+        shortcut = torch.randn(2, 24, 4 * stride, 6 * stride, generator=gen, dtype=x.dtype)
+        ws = torch.randn(40, 24, 1, 1, generator=gen, dtype=x.dtype)
+        residual = None
+        added = F.conv2d(shortcut, ws, stride=stride)
+    first = F.relu(F.conv2d(x, w1, b1) + added)
     second = F.conv2d(first, w2).clamp(-1.0, 1.0)
     storage = x.data_ptr()
-    y = PAIR_OP(x, w1, b1, residual, w2, None, "relu", [], "clamp", [-1.0, 1.0])
+    strides = [stride or 1] * 2
+    y = PAIR_OP(x, w1, shortcut, ws, strides, b1, residual, w2, None, "relu", [], "clamp", [-1.0, 1.0])
     torch.testing.assert_close(y, first)
     torch.testing.assert_close(x, second)  # written over the input, in its own memory
     assert x.data_ptr() == storage and x.is_contiguous(memory_format=torch.channels_last)
     assert (x.abs() <= 1.0).all() and (x.abs() == 1.0).any()  # the clamp bit
     with pytest.raises(ValueError, match="as many channels"):
-        PAIR_OP(x, w1, b1, residual, w2[:8], None, "relu", [], "none", [])
+        PAIR_OP(x, w1, shortcut, ws, strides, b1, residual, w2[:8], None, "relu", [], "none", [])
+    with pytest.raises(ValueError, match="with its weight"):
+        PAIR_OP(x, w1, x, None, strides, b1, None, w2, None, "relu", [], "none", [])
 
 
 def bottleneck(x, filters: int, stride: int = 1, project: bool = False):
@@ -94,23 +108,30 @@ def test_which_neighbours_merge_in_resnet_stages() -> None:
     found = merges.candidates(graph.nodes, graph.outputs)
     # each projection block's shortcut took the expansion's output as its residual (Keras adds
     # [shortcut, y]) and absorbs it; identity blocks add their input, made by no 1x1 conv
-    # alone. The second block's expansion feeds the third block's reduction, back to the 16
-    # channels of its own input (the 3x3's output, read by it alone): a pair. The first
-    # block's output also feeds the second's reduction, but it is a dual's already, and the
-    # last block reduces at stride 2 (no pointwise kernel)
+    # alone. The first block's output feeds the second block's reduction, back to the 16
+    # channels of its expansion's input (the 3x3's output, read by it alone): the dual
+    # extended (dualpair). The second block's expansion feeds the third block's reduction so:
+    # a pair. The last block reduces at stride 2 (no pointwise kernel)
     assert described(found) == [
         ("dual", (64, 16, 1, 1), (64, 16, 1, 1)),
+        ("dualpair", (64, 16, 1, 1), (16, 64, 1, 1)),
         ("dual", (128, 64, 1, 1), (128, 32, 1, 1)),
         ("pair", (64, 16, 1, 1), (16, 64, 1, 1)),
     ]
-    strided = found[1]
+    dual, dualpair, strided, pair = found
+    assert (
+        dualpair.lead is dual.lead and dualpair.inner is dual.absorbed and dualpair.others[0] is dual.absorbed
+    )
     assert strided.lead.attrs["stride"] == [2, 2] and strided.absorbed.attrs["stride"] == [1, 1]
-    assert [m.kernel for m in found] == [f"{m.kind}:{m.absorbed.outputs[0].name}" for m in found]
-    assert [merges.parse(m.kernel) for m in found] == [(m.kind, m.absorbed.outputs[0].name) for m in found]
+    names = [[n.outputs[0].name for n in m.others] for m in found]
+    assert [m.kernel for m in found] == [":".join([m.kind, *n]) for m, n in zip(found, names)]
+    assert [merges.parse(m.kernel) for m in found] == [(m.kind, n) for m, n in zip(found, names)]
+    assert merges.parse("cudnn") is None and merges.parse(merges.ABSORBED) is None
     # an absorbed output read outside the engine is not merged away
-    assert merges.candidates(graph.nodes, [found[0].absorbed.outputs[0]]) == found[1:]
+    assert merges.candidates(graph.nodes, [dual.absorbed.outputs[0]]) == [strided, pair]
     # nor a pair whose input is read outside it (the pair writes over it)
-    assert merges.candidates(graph.nodes, [found[2].lead.inputs[0]]) == found[:2]
+    assert merges.candidates(graph.nodes, [pair.lead.inputs[0]]) == [dual, dualpair, strided]
+    assert merges.candidates(graph.nodes, [dual.absorbed.inputs[0]]) == [dual, strided, pair]
 
 
 @pytest.fixture
@@ -148,25 +169,30 @@ def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(
     )
     model = resnet_stages()
     conv, optimized, x, got = convert_on_own_kernels(model, (2, 8, 8, 16))
-    assert len(fast_merges) == 3
-    assert sorted(len(args) for args in precompiled) == [9, 9, 11]  # two duals, a pair
+    assert len(fast_merges) == 4  # two duals, the first extended to a dualpair, a pair
+    assert sorted(len(args) for args in precompiled) == [9, 9, 14, 14]
     program = optimized.program(optimized.engine_shapes[0])
     (engine,) = program.compiled_engines.values()
     calls = [n.target for n in engine.module.graph.nodes if n.op == "call_function"]
-    assert calls.count(DUAL_OP) == 2 and calls.count(PAIR_OP) == 1 and calls.count(CUDNN_OP) == 8
+    assert calls.count(DUAL_OP) == 1 and calls.count(PAIR_OP) == 2 and calls.count(CUDNN_OP) == 7
     kinds = sorted(k.partition(":")[0] for k in program.kernel_convs.values())
-    assert kinds == ["cudnn"] * 8 + ["dual"] * 2 + [merges.ABSORBED] * 3 + ["pair"]
+    assert kinds == ["cudnn"] * 7 + ["dual", "dualpair"] + [merges.ABSORBED] * 4 + ["pair"]
     merged = {s: c for s, c in program.kernel_choices.items() if merges.is_merge_signature(s)}
-    assert [(c.kernel, c.config, c.apart_ms) for c in merged.values()] == [("triton", 2, 1.0)] * 3
+    # the dualpair against its dual (0.3 ms) and the reduction (0.5); the others against their parts
+    assert sorted((c.kernel, c.config, c.apart_ms) for c in merged.values()) == [
+        ("triton", 2, 0.8),
+        ("triton", 2, 1.0),
+        ("triton", 2, 1.0),
+    ]
     assert {triton_configs.chosen(s) for s in merged} == {2}
     summary = conv.summary(print_fn=None)
-    assert "3 pairs of neighbouring convolutions merged into one kernel" in summary
+    assert "3 merged kernels, each running two or three neighbouring convolutions" in summary
 
     # a second build on this machine takes the cached choices: nothing is timed again
     kerasrt.Converter(
         model, batch_size=2, precision_mode="FP16", compiler="inductor", conv_kernels="cudnn"
     ).convert()
-    assert len(fast_merges) == 3 and len(precompiled) == 3
+    assert len(fast_merges) == 4 and len(precompiled) == 4
 
     path = conv.save(tmp_path / "art")
     entry = json.loads((path / "manifest.json").read_text())["engines"][0]
@@ -210,6 +236,6 @@ def test_a_first_build_reports_its_compiling_and_timing_and_a_cached_one_does_no
         "building the engines for input shapes (2, 8, 8, 16)",
         f"compiling kernel candidates for {shapes} convolution shape(s)",
         *(f"timing kernels for convolution shape {i} of {shapes}" for i in range(1, shapes + 1)),
-        "timing merged kernels for 3 pair(s) of convolutions",
+        "timing merged kernels for 4 group(s) of neighbouring convolutions",
     ]
     assert build() == ["building the engines for input shapes (2, 8, 8, 16)"]  # all cached

@@ -112,7 +112,9 @@ def format_report(report: dict[str, Any]) -> str:
         if kernels.get("splitk"):
             triton += f", {kernels['splitk']} on its split-K kernel"
         if kernels.get("merged"):
-            triton += f"; {kernels['merged']} pairs of neighbouring convolutions merged into one kernel"
+            triton += (
+                f"; {kernels['merged']} merged kernels, each running two or three neighbouring convolutions"
+            )
         lines.append(
             f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
             f"{kernels.get('inductor', 0)} on Inductor's{triton}"

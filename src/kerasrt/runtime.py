@@ -209,7 +209,7 @@ class Program:
         for sig, choice, merge in merged.values():
             self.kernel_choices[sig] = choice
             own[id(merge.lead)] = merge.kernel
-            own[id(merge.absorbed)] = merges.ABSORBED
+            own.update({id(other): merges.ABSORBED for other in merge.others})
         return own
 
     @property

@@ -13,6 +13,10 @@ batches because one tensor travels between them through memory:
   output (the absorbed). ``kerasrt::pointwise_pair`` still stores the expansion's output (the
   next residual add reads it) but never reads it back, and writes the reduction's output over
   the expansion's input, which only the expansion reads: no memory is added.
+- "dualpair": both at once, where a dual's output is the next block's input: the shortcut
+  (the lead), the expansion added to it (``inner``) and the next block's reduction (the
+  absorbed), one ``pointwise_pair`` call with the shortcut as its extra product. It is timed
+  against the dual plus the reduction, where the dual won.
 
 ``choose`` finds the candidates among an engine's nodes (``candidates``), times the merged
 kernel's configs against the sum of the two convolutions' chosen kernels (``tactics.choose``
@@ -37,29 +41,37 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ABSORBED = "merged"
 """The kernel of a convolution whose merge partner's kernel computes it (it emits no op)."""
-KINDS = ("dual", "pair")
+KINDS = ("dual", "pair", "dualpair")
 
 
 @dataclass(frozen=True)
 class Merge:
     """``lead`` runs the merged kernel of ``kind`` ("dual": ``dual_conv``, which also
     computes ``absorbed``, the lead's residual; "pair": ``pointwise_pair``, which goes on
-    into ``absorbed``, the reduction of the lead's output)."""
+    into ``absorbed``, the reduction of the lead's output; "dualpair": ``pointwise_pair``
+    with ``inner``, the dual's expansion, as its first product and the lead's input as the
+    shortcut)."""
 
     kind: str
     lead: Node
     absorbed: Node
+    inner: Node | None = None
+
+    @property
+    def others(self) -> tuple[Node, ...]:
+        """The nodes the lead's kernel computes besides its own (they emit no op)."""
+        return (self.absorbed,) if self.inner is None else (self.inner, self.absorbed)
 
     @property
     def kernel(self) -> str:
-        """The lead's kernel as engines name it: "<kind>:<absorbed output's name>"."""
-        return f"{self.kind}:{self.absorbed.outputs[0].name}"
+        """The lead's kernel as engines name it: "<kind>:<the others' output names>"."""
+        return ":".join([self.kind, *(n.outputs[0].name for n in self.others)])
 
 
-def parse(kernel: str) -> tuple[str, str] | None:
-    """(kind, absorbed output's name) of a lead's kernel, or None for another kernel."""
-    kind, _, name = kernel.partition(":")
-    return (kind, name) if name and kind in KINDS else None
+def parse(kernel: str) -> tuple[str, list[str]] | None:
+    """(kind, the others' output names) of a lead's kernel, or None for another kernel."""
+    kind, *names = kernel.split(":")
+    return (kind, names) if names and kind in KINDS else None
 
 
 def is_merge_signature(sig: str) -> bool:
@@ -96,7 +108,9 @@ def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
     - pair: a 1x1 convolution (``pointwise_conv.eligible``) whose output a second one without
       residual reduces back to the first's input channels (at most
       ``pointwise_pair.MERGE_MAX_CHANNELS``), where that input is made in the engine and read
-      by the first alone (the pair writes over it)."""
+      by the first alone (the pair writes over it);
+    - dualpair: a dual whose output is reduced so, back to its stride-1 expansion's input
+      (listed after that dual, which it would replace)."""
     users: dict[int, list[Node]] = {}
     for node in nodes:
         for value in node.inputs:
@@ -119,26 +133,39 @@ def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
         if private(residual, lead) and [1, 1] in (list(lead.attrs["stride"]), list(other.attrs["stride"])):
             found.append(Merge("dual", lead, other))
             taken |= {id(lead), id(other)}
-    for lead in nodes:
-        x = lead.inputs[0]
+
+    def reduction(first: Node, output: Value) -> Node | None:  # of ``output``, over first's input
+        x = first.inputs[0]
         channels = x.shape[1]
-        if (
-            id(lead) in taken
-            or not pointwise_conv.eligible(lead)
-            or channels > pointwise_pair.MERGE_MAX_CHANNELS
-        ):
-            continue
-        if x.producer is None or id(x.producer) not in inside or not private(x, lead):
-            continue
+        if not pointwise_conv.eligible(first) or channels > pointwise_pair.MERGE_MAX_CHANNELS:
+            return None
+        if x.producer is None or id(x.producer) not in inside or not private(x, first):
+            return None
         if cudnn_conv.input_channels(channels) != channels:
-            continue  # cuDNN would pad it: the engine's tensor is not the plain (pixels x C) one
-        for user in users.get(id(lead.outputs[0]), []):
+            return None  # cuDNN would pad it: the engine's tensor is not the plain (pixels x C) one
+        for user in users.get(id(output), []):
             if id(user) in taken or not pointwise_conv.eligible(user) or _residual(user) is not None:
                 continue
-            if user.inputs[0] is lead.outputs[0] and user.outputs[0].shape == x.shape:
-                found.append(Merge("pair", lead, user))
-                taken |= {id(lead), id(user)}
-                break
+            if user.inputs[0] is output and user.outputs[0].shape == x.shape:
+                return user
+        return None
+
+    for dual in list(found):
+        expansion = dual.absorbed
+        if (
+            list(expansion.attrs["stride"]) != [1, 1]
+            or dual.lead.inputs[0].shape[1] > pointwise_pair.MAX_CHANNELS
+        ):
+            continue
+        user = reduction(expansion, dual.lead.outputs[0])
+        if user is not None:
+            found.insert(found.index(dual) + 1, Merge("dualpair", dual.lead, user, inner=expansion))
+            taken.add(id(user))
+    for lead in nodes:
+        user = reduction(lead, lead.outputs[0]) if id(lead) not in taken else None
+        if user is not None:
+            found.append(Merge("pair", lead, user))
+            taken |= {id(lead), id(user)}
     return found
 
 
@@ -165,16 +192,21 @@ def _arguments(merge: Merge, device: torch.device) -> tuple:
     a = tactics.example_operands(merge.lead, device)
     b = tactics.example_operands(merge.absorbed, device)
     *_, act, clip = cudnn_conv.op_arguments(merge.lead)
+    *_, act2, clip2 = cudnn_conv.op_arguments(merge.absorbed)
     if merge.kind == "pair":
-        *_, act2, clip2 = cudnn_conv.op_arguments(merge.absorbed)
-        return a.x, a.w, a.bias, a.residual, b.w, b.bias, a.out, act, clip, act2, clip2
-    first, second, stride = dual_order(merge.lead, merge.absorbed, a, b)
-    bias = dual_bias(merge.lead, merge.absorbed)
+        return a.x, a.w, None, None, [1, 1], a.bias, a.residual, b.w, b.bias, a.out, act, clip, act2, clip2
+    inner = merge.inner or merge.absorbed
+    bias = dual_bias(merge.lead, inner)
     bias = bias.to(device) if bias is not None else None
+    if merge.kind == "dualpair":
+        e = tactics.example_operands(inner, device)
+        stride = list(merge.lead.attrs["stride"])
+        return e.x, e.w, a.x, a.w, stride, bias, None, b.w, b.bias, a.out, act, clip, act2, clip2
+    first, second, stride = dual_order(merge.lead, merge.absorbed, a, b)
     return first.x, first.w, second.x, second.w, bias, a.out, stride, act, clip
 
 
-_OPS = {"dual": dual_conv, "pair": pointwise_pair}
+_OPS = {"dual": dual_conv, "pair": pointwise_pair, "dualpair": pointwise_pair}
 """The module of each kind's op: its CONFIGS, ``signature`` and ``launch``."""
 
 
@@ -204,16 +236,14 @@ def choose(
     table = tactics.choice_table(env)
     merged: dict[int, tuple[str, tactics.Choice, Merge]] = {}
     measured = 0
-    comparable = []  # (merge, signature, the parts' times apart)
+    comparable = []  # (merge, signature)
     for merge in candidates(nodes, outputs):
-        parts = [chosen.get(id(n)) for n in (merge.lead, merge.absorbed)]
-        apart = [p[1].ms for p in parts if p is not None]
-        if len(apart) < 2 or None in apart:
-            continue  # a part without a timed kernel: nothing to compare with
-        comparable.append((merge, _signature(merge), apart))
-    untimed = {sig: merge for merge, sig, _ in comparable if sig not in table}
+        times = [chosen.get(id(n)) for n in (merge.lead, *merge.others)]
+        if all(t is not None and t[1].ms is not None for t in times):
+            comparable.append((merge, _signature(merge)))  # else nothing to compare with
+    untimed = {sig: merge for merge, sig in comparable if sig not in table}
     if untimed and progress is not None:
-        progress(f"timing merged kernels for {len(untimed)} pair(s) of convolutions")
+        progress(f"timing merged kernels for {len(untimed)} group(s) of neighbouring convolutions")
     tactics.precompile(
         [
             (functools.partial(_merged_candidates, merge.kind), functools.partial(_arguments, merge, device))
@@ -221,13 +251,20 @@ def choose(
         ],
         device,
     )
-    for merge, sig, apart in comparable:
+    for merge, sig in comparable:
+        if merge.kind == "dualpair":  # against the dual it extends, where that won
+            dual = merged.get(id(merge.lead))
+            if dual is None:
+                continue
+            apart_ms = dual[1].ms + chosen[id(merge.absorbed)][1].ms
+        else:
+            apart_ms = sum(chosen[id(n)][1].ms for n in (merge.lead, *merge.others))
         choice = table.get(sig)
         if choice is None:
             args = _arguments(merge, device)
             best = tactics.best_config(*_merged_candidates(merge.kind, args)[merge.kind], merge.lead)
             measured += 1
-            apart_ms = round(sum(apart), 5)
+            apart_ms = round(apart_ms, 5)
             if best is None or best[1] >= apart_ms:
                 choice = tactics.Choice("apart", apart_ms=apart_ms, triton_ms=best and round(best[1], 5))
             else:
@@ -237,7 +274,7 @@ def choose(
             table[sig] = choice
         if choice.kernel == "triton":
             tactics.select(sig, choice)
-            merged[id(merge.lead)] = (sig, choice, merge)
+            merged[id(merge.lead)] = (sig, choice, merge)  # a dualpair replaces its dual
     if measured:
         log.info("timed %d merged convolution candidate(s)", measured)
         tactics.persist(env)

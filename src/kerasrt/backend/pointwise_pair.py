@@ -9,6 +9,10 @@ computes a tile of pixels through both products: each chunk of the first output 
 (residual, bias, activation), stored once (the next block's residual add still reads it) and
 multiplied into the second product's accumulator at once.
 
+The first product may also add a projection shortcut, as ``dual_conv`` does (the first block
+of a ResNet stage, whose output the next block reduces): ``x @ w1^T + shortcut[strided] @
+ws^T``, both in one accumulator.
+
 The second product has as many channels as the first's input ``x`` and the same pixels, and
 ``x`` is read by nothing else (the block's 3x3 convolution made it for the expansion alone),
 so the op writes it over ``x``: a program loads its rows of ``x`` before it stores anything
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, pointwise_conv, triton_configs
+from kerasrt.backend import cudnn_conv, dual_conv, op_library, pointwise_conv, triton_configs
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_CHANNELS = 256
@@ -54,6 +58,9 @@ candidates, the fastest of a sweep on ResNet50's first stage at batch 128 and 1 
 def reference(
     x: torch.Tensor,
     w1: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    stride: Sequence[int],
     b1: torch.Tensor | None,
     residual: torch.Tensor | None,
     w2: torch.Tensor,
@@ -63,16 +70,23 @@ def reference(
     act2: str,
     clip2: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, z) in PyTorch ops: y = act1(conv1x1(x, w1) + residual + b1) and z = act2(conv1x1(y,
-    w2) + b2), with y rounded to x's dtype between them (as the two convolutions run apart
-    would store it)."""
-    y = pointwise_conv.reference(x, w1, b1, residual, act1, clip1).to(x.dtype)
+    """(y, z) in PyTorch ops: y = act1(conv1x1(x, w1) [+ conv1x1(shortcut, ws, stride)] +
+    residual + b1) and z = act2(conv1x1(y, w2) + b2), with y rounded to x's dtype between them
+    (as the convolutions run apart would store it)."""
+    if shortcut is not None and ws is not None:
+        y = dual_conv.reference(x, w1, shortcut, ws, b1, stride, act1, clip1)
+    else:
+        y = pointwise_conv.reference(x, w1, b1, residual, act1, clip1)
+    y = y.to(x.dtype)
     return y, pointwise_conv.reference(y, w2, b2, None, act2, clip2)
 
 
 def pointwise_pair(
     x: torch.Tensor,
     w1: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    stride: list[int],
     b1: torch.Tensor | None,
     residual: torch.Tensor | None,
     w2: torch.Tensor,
@@ -83,36 +97,46 @@ def pointwise_pair(
     clip2: list[float],
 ) -> torch.Tensor:
     """Returns y and writes z over ``x`` (``reference``); weights (K, C, 1, 1), NCHW logical
-    shapes, channels-last y. The op's kernel on every device but CUDA (there, ``_cuda`` runs
-    the Triton kernel)."""
-    _check(x, w2)
-    y, z = reference(x, w1, b1, residual, w2, b2, act1, clip1, act2, clip2)
+    shapes, channels-last y; ``shortcut`` and ``ws`` both or neither, and then no
+    ``residual``. The op's kernel on every device but CUDA (there, ``_cuda`` runs the Triton
+    kernel)."""
+    _check(x, w2, shortcut, ws, residual)
+    y, z = reference(x, w1, shortcut, ws, stride, b1, residual, w2, b2, act1, clip1, act2, clip2)
     out = pointwise_conv.empty_output(x, w1)
     out.copy_(y)
     x.copy_(z)
     return out
 
 
-def _check(x: torch.Tensor, w2: torch.Tensor) -> None:
+def _check(
+    x: torch.Tensor,
+    w2: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> None:
     if w2.shape[0] != x.shape[1]:
         raise ValueError(
             f"pointwise_pair writes its second output over x: it needs as many channels, "
             f"got {w2.shape[0]} for x's {x.shape[1]}"
         )
+    if (shortcut is None) != (ws is None) or (shortcut is not None and residual is not None):
+        raise ValueError("pointwise_pair takes a shortcut with its weight, and then no residual")
 
 
-def _fake(x, w1, b1, residual, w2, b2, act1, clip1, act2, clip2):
+def _fake(x, w1, shortcut, ws, stride, b1, residual, w2, b2, act1, clip1, act2, clip2):
     return pointwise_conv.empty_output(x, w1)
 
 
-def _cuda(x, w1, b1, residual, w2, b2, act1, clip1, act2, clip2):
+def _cuda(x, w1, shortcut, ws, stride, b1, residual, w2, b2, act1, clip1, act2, clip2):
+    args = (x, w1, shortcut, ws, stride, b1, residual, w2, b2)
     in_place = x.is_contiguous(memory_format=torch.channels_last)
     if x.dtype not in FUSED_DTYPES or kernel() is None or not in_place:
-        return pointwise_pair(x, w1, b1, residual, w2, b2, act1, clip1, act2, clip2)
-    _check(x, w2)
+        return pointwise_pair(*args, act1, clip1, act2, clip2)
+    _check(x, w2, shortcut, ws, residual)
     y = pointwise_conv.empty_output(x, w1)
-    key = signature(x, w1, b1, residual, w2, b2, y, act1, clip1, act2, clip2)
-    launch(CONFIGS[triton_configs.chosen(key)], x, w1, b1, residual, w2, b2, y, act1, clip1, act2, clip2)
+    key = signature(*args, y, act1, clip1, act2, clip2)
+    launch(CONFIGS[triton_configs.chosen(key)], *args, y, act1, clip1, act2, clip2)
     return y
 
 
@@ -122,6 +146,9 @@ op_library.define(pointwise_pair, cuda=_cuda, fake=_fake, inlinable=True, mutate
 def signature(
     x: torch.Tensor,
     w1: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    stride: Sequence[int],
     b1: torch.Tensor | None,
     residual: torch.Tensor | None,
     w2: torch.Tensor,
@@ -132,9 +159,12 @@ def signature(
     act2: str,
     clip2: Sequence[float],
 ) -> str:
-    """The key of a call (``y``: its first output): the keys its two convolutions have on
-    their own."""
-    first = pointwise_conv.signature(x, w1, b1, residual, y, act1, clip1)
+    """The key of a call (``y``: its first output): the keys its first product (a dual's
+    with a shortcut) and its second have on their own."""
+    if shortcut is not None and ws is not None:
+        first = dual_conv.signature(x, w1, shortcut, ws, b1, y, stride, act1, clip1)
+    else:
+        first = pointwise_conv.signature(x, w1, b1, residual, y, act1, clip1)
     second = pointwise_conv.signature(y, w2, b2, None, x, act2, clip2)
     return f"pair[{first}][{second}]"
 
@@ -162,6 +192,9 @@ def launch(
     config: tuple[int, int, int, int],
     x: torch.Tensor,
     w1: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    stride: Sequence[int],
     b1: torch.Tensor | None,
     residual: torch.Tensor | None,
     w2: torch.Tensor,
@@ -173,7 +206,7 @@ def launch(
     clip2: Sequence[float],
 ) -> None:
     """Run the kernel with one tile config: y and the second output (over ``x``) written; x,
-    residual and y channels-last."""
+    shortcut, residual and y channels-last."""
     block_m, block_n, warps, stages = config
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
@@ -181,17 +214,23 @@ def launch(
     w2 = w2.reshape(w2.shape[0], -1).contiguous()
     n, c, h, wd = x.shape
     n1, n2 = w1.shape[0], w2.shape[0]
-    if c > MAX_CHANNELS:
-        raise ValueError(f"pointwise_pair takes at most {MAX_CHANNELS} channels, got {c}")
-    _check(x, w2)
+    c2, h2, w2d = shortcut.shape[1:] if shortcut is not None else (0, h, wd)
+    if max(c, c2) > MAX_CHANNELS:
+        raise ValueError(f"pointwise_pair takes at most {MAX_CHANNELS} channels, got {max(c, c2)}")
+    _check(x, w2, shortcut, ws, residual)
+    if shortcut is not None and ws is not None:
+        shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+        ws = ws.reshape(ws.shape[0], -1).contiguous()
     first = cudnn_conv.epilogue_constants(act1, clip1)
     second = cudnn_conv.epilogue_constants(act2, clip2)
     op_library.launchable(kernel())[((n * h * wd + block_m - 1) // block_m,)](
-        x, w1, b1 if b1 is not None else w1, residual if residual is not None else x, y,
+        x, w1, shortcut if shortcut is not None else x, ws if ws is not None else w1,
+        b1 if b1 is not None else w1, residual if residual is not None else x, y,
         w2, b2 if b2 is not None else w2,
-        n * h * wd, c, n1, n2,
+        n * h * wd, c, c2, n1, n2, h, wd, h2, w2d, stride[0], stride[1],
         LO1=first["LO"], HI1=first["HI"], HAS_B1=b1 is not None, HAS_RES=residual is not None,
         ACT1=first["ACT"], LO2=second["LO"], HI2=second["HI"], HAS_B2=b2 is not None, ACT2=second["ACT"],
-        BLOCK_M=block_m, BLOCK_N=min(block_n, _block(n1)), BLOCK_C=_block(c), BLOCK_N2=_block(n2),
-        num_warps=warps, num_stages=stages,
+        HAS_SHORTCUT=shortcut is not None,
+        BLOCK_M=block_m, BLOCK_N=min(block_n, _block(n1)), BLOCK_C=_block(c), BLOCK_C2=_block(max(c2, 1)),
+        BLOCK_N2=_block(n2), num_warps=warps, num_stages=stages,
     )  # fmt: skip

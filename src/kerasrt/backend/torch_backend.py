@@ -132,39 +132,47 @@ def _fused_conv_call(
 
 
 def _merged_call(
-    lead: Node,
-    kind: str,
-    absorbed: Node,
+    merge: merges.Merge,
     graph: torch.fx.Graph,
     arg: Callable[..., torch.fx.Node],
     constant: Callable[[str, torch.Tensor], torch.fx.Node],
 ) -> list[tuple[Node, torch.fx.Node]]:
-    """The op call of two merged convolutions (``merges``): (node, fx value) for each whose
-    output the call makes. A pair's call returns the lead's output and writes the absorbed
-    one's over the lead's input (its fx value from then on)."""
-    if kind == "pair":
-        has_bias, has_residual = cudnn_conv.epilogue_inputs(lead)
-        *_, act1, clip1 = cudnn_conv.op_arguments(lead)
-        *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
-        x = arg(lead.inputs[0])
+    """The op call of merged convolutions (``merges``): (node, fx value) for each whose output
+    the call makes. A pair's call returns the lead's output and writes the absorbed one's over
+    the first product's input (its fx value from then on)."""
+    lead, absorbed = merge.lead, merge.absorbed
+    *_, act1, clip1 = cudnn_conv.op_arguments(lead)
+    inner = merge.inner or absorbed
+    bias = merges.dual_bias(lead, inner) if merge.kind != "pair" else None
+    bias_arg = None if bias is None else constant(lead.outputs[0].name + "_dual_bias", bias)
+    if merge.kind == "dual":
+        lead_in, other_in, stride = merges.dual_order(lead, absorbed, lead.inputs, absorbed.inputs)
         args = (
-            x, arg(lead.inputs[1], True),
+            arg(lead_in[0]), arg(lead_in[1], True), arg(other_in[0]), arg(other_in[1], True),
+            bias_arg, stride, act1, clip1,
+        )  # fmt: skip
+        return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
+    *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
+    second = (
+        arg(absorbed.inputs[1], True),
+        arg(absorbed.inputs[2]) if cudnn_conv.epilogue_inputs(absorbed)[0] else None,
+    )
+    if merge.kind == "dualpair":
+        x = arg(inner.inputs[0])
+        first = (
+            x, arg(inner.inputs[1], True), arg(lead.inputs[0]), arg(lead.inputs[1], True),
+            list(lead.attrs["stride"]), bias_arg, None,
+        )  # fmt: skip
+    else:
+        has_bias, has_residual = cudnn_conv.epilogue_inputs(lead)
+        x = arg(lead.inputs[0])
+        first = (
+            x, arg(lead.inputs[1], True), None, None, [1, 1],
             arg(lead.inputs[2]) if has_bias else None,
             arg(lead.inputs[2 + int(has_bias)]) if has_residual else None,
-            arg(absorbed.inputs[1], True),
-            arg(absorbed.inputs[2]) if cudnn_conv.epilogue_inputs(absorbed)[0] else None,
-            act1, clip1, act2, clip2,
         )  # fmt: skip
-        return [(lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)), (absorbed, x)]
-    lead_in, other_in, stride = merges.dual_order(lead, absorbed, lead.inputs, absorbed.inputs)
-    bias = merges.dual_bias(lead, absorbed)
-    *_, act, clip = cudnn_conv.op_arguments(lead)
-    args = (
-        arg(lead_in[0]), arg(lead_in[1], True), arg(other_in[0]), arg(other_in[1], True),
-        None if bias is None else constant(lead.outputs[0].name + "_dual_bias", bias),
-        stride, act, clip,
-    )  # fmt: skip
-    return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
+    args = (*first, *second, act1, clip1, act2, clip2)
+    return [(lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)), (absorbed, x)]
 
 
 class TorchEngine:
@@ -231,10 +239,13 @@ class TorchEngine:
                 self.kernel_convs += 1
                 continue  # its merge partner's call computes it
             if merged is not None:
-                kind, partner = merged
-                if partner not in by_output:
-                    raise ValueError(f"{node} is merged with {partner}, which is not in its engine")
-                for done, value in _merged_call(node, kind, by_output[partner], graph, arg, constant):
+                kind, partners = merged
+                missing = [name for name in partners if name not in by_output]
+                if missing:
+                    raise ValueError(f"{node} is merged with {missing}, not in its engine")
+                *inner, absorbed = (by_output[name] for name in partners)
+                merge = merges.Merge(kind, node, absorbed, inner[0] if inner else None)
+                for done, value in _merged_call(merge, graph, arg, constant):
                     env[(id(done.outputs[0]), False)] = value
                 self.kernel_convs += 1
                 continue

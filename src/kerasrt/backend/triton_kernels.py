@@ -121,17 +121,19 @@ def dual(
     finish_tile(acc, rows, rn, m_ok, n_ok, N, b_ptr, y_ptr, y_ptr, LO, HI, HAS_BIAS, False, ACT)
 
 
-@triton.jit(do_not_specialize=("M",))
+@triton.jit(do_not_specialize=("M", "OH", "OW", "H2", "W2", "stride_h", "stride_w"))
 def pair(
-    x_ptr, w1_ptr, b1_ptr, r_ptr, y_ptr, w2_ptr, b2_ptr,
-    M, C, N1, N2,
+    x_ptr, w1_ptr, s_ptr, ws_ptr, b1_ptr, r_ptr, y_ptr, w2_ptr, b2_ptr,
+    M, C, C2, N1, N2, OH, OW, H2, W2, stride_h, stride_w,
     LO1: tl.constexpr, HI1: tl.constexpr, HAS_B1: tl.constexpr, HAS_RES: tl.constexpr, ACT1: tl.constexpr,
-    LO2: tl.constexpr, HI2: tl.constexpr, HAS_B2: tl.constexpr, ACT2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N2: tl.constexpr,
+    LO2: tl.constexpr, HI2: tl.constexpr, HAS_B2: tl.constexpr, ACT2: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
 ):  # fmt: skip
-    """y = act1(x @ w1^T + residual + b1), then act2(y @ w2^T + b2) stored over x (C == N2):
-    ``pointwise_pair``. Each program loads its rows of x once, before anything is stored, and
-    writes the same rows back: no other program reads them."""
+    """y = act1(x @ w1^T [+ shortcut[strided] @ ws^T] + residual + b1), then act2(y @ w2^T +
+    b2) stored over x (C == N2): ``pointwise_pair``. Each program loads its rows of x (and of
+    the shortcut) once, before anything is stored, and writes the same rows of x back: no
+    other program reads them."""
     # y made BLOCK_N channels at a time: each chunk stored, and multiplied into z's product at once
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
@@ -140,12 +142,24 @@ def pair(
     r2 = tl.arange(0, BLOCK_N2)
     c_ok, n2_ok = rc < C, r2 < N2
     a = tl.load(x_ptr + rows[:, None] * C + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    if HAS_SHORTCUT:  # the projection's input pixels, at its stride
+        rs = tl.arange(0, BLOCK_C2)
+        s_ok = rs < C2
+        ow = rm % OW
+        oh = (rm // OW) % OH
+        rows2 = ((rm // (OW * OH)).to(tl.int64) * H2 + oh * stride_h) * W2 + ow * stride_w
+        a2 = tl.load(s_ptr + rows2[:, None] * C2 + rs[None, :], mask=m_ok[:, None] & s_ok[None, :], other=0.0)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
     for n0 in range(0, N1, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_ok = rn < N1
         w1 = tl.load(w1_ptr + rn[None, :] * C + rc[:, None], mask=n_ok[None, :] & c_ok[:, None], other=0.0)
         acc1 = tl.dot(a, w1)
+        if HAS_SHORTCUT:
+            ws = tl.load(
+                ws_ptr + rn[None, :] * C2 + rs[:, None], mask=n_ok[None, :] & s_ok[:, None], other=0.0
+            )
+            acc1 = tl.dot(a2, ws, acc1)
         out = rows[:, None] * N1 + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         if HAS_RES:
