@@ -7,12 +7,14 @@ in Triton's ``_do_compile`` and elsewhere, after the workers had compiled the ke
 builds FIRST then SECOND (batch 1, FP16, every cache empty as in ``build_phases``) in one
 process. Each build prints what it spent in the garbage collector (by generation), in Triton's
 ``compile`` (a disk-cache hit returns early), in its backend's stages (``make_cubin`` runs
-ptxas: a miss), in building launchers with gcc (a miss) and in loading them. ``PROFILE=1`` also profiles the second convert.
+ptxas: a miss), in building launchers with gcc (a miss) and in loading them, and which ptxas
+the parent's cache keys name. ``PROFILE=1`` also profiles the second convert.
 
     source .whl/activate.sh && python bench/second_build.py [FIRST] [SECOND]
 
-If the second build is as fast as alone, the slowdown needs more of the suite's context:
-``python bench/suite.py --models ResNet50,MobileNetV2 --log`` shows its build phases.
+Found with it (sixteenth round): the parent ran ptxas for all 173 kernels its workers had
+compiled, because it still keyed kernels by the ptxas it used before Inductor repointed
+``TRITON_PTXAS_PATH`` (105.7 s); ``compile_pool.forget_compiler_version`` fixed it (29.9 s).
 """
 
 from __future__ import annotations
