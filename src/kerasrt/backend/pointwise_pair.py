@@ -37,14 +37,14 @@ from kerasrt.backend import cudnn_conv, dual_conv, op_library, pointwise_conv, t
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_CHANNELS = 256
-"""The most channels of ``x`` (and of the second output) the kernel takes: a program keeps a
-(pixels x C) tile of ``x`` and a (pixels x C) float32 accumulator on chip."""
+"""The most channels of ``x`` (so of the second output) and of the shortcut the kernel takes:
+a program keeps their (pixels x C) tiles and a (pixels x C) float32 accumulator on chip."""
 MERGE_MAX_CHANNELS = 64
-"""The most channels of ``x`` and of the first output where the tactics consider the pair. A
-program walks the first output's channels serially: on an H100 at batch 128
-the pair beat its two convolutions apart with 64 channels on each side (ResNet50's first
-stage: 207 against 257 us), broke even with 128 and lost by 2.5x with 256 (tenth round,
-``bench/merge_probe.py`` then), so wider pairs are not compiled (~1.5 s each)."""
+"""The most channels of ``x`` (so of the second output) where the tactics consider the pair.
+A program walks the first output's channels serially: on an H100 at batch 128 the chain beat
+its two convolutions apart with 64 channels on each side (ResNet50's first stage: 207 against
+257 us), broke even with 128 and lost by 2.5x with 256 (tenth round, ``bench/merge_probe.py``
+then), so wider pairs are not compiled (~1.5 s each)."""
 CONFIGS = (
     (128, 64, 8, 3),
     (64, 128, 4, 3),
