@@ -7,7 +7,9 @@ config), on ResNet50's four projection blocks, and check its output.
 
 One JSON line per block and batch: device us of each (``tactics.device_ms``), the merged
 kernel's best config and its largest error against the reference composition. (The chained
-1x1 pair measured in the tenth round was probed by this script at commit 34ac7bc.)
+1x1 pair, ``kerasrt::pointwise_pair``, was probed by this script at commit 34ac7bc; since the
+sixteenth round its end-to-end gain is measured with ``bench/batch_scaling.py`` and its
+numerics checked by ``bench/gpu_checks.py --only pair``.)
 """
 
 from __future__ import annotations
