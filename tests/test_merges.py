@@ -204,6 +204,33 @@ def test_merged_convolutions_run_as_one_op_and_artifacts_keep_them(
     np.testing.assert_allclose(fresh, got, rtol=0, atol=1e-3 * np.abs(got).max())
 
 
+def test_inductor_runs_the_pair_in_the_buffer_of_the_convolution_it_writes_over(fast_merges) -> None:
+    """The pair adds no memory only if Inductor hands it the 3x3 convolution's own output
+    buffer to write over, and copies nothing: the compiled engine's code, line by line."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from kerasrt.backend.torch_backend import inductor_compiling
+
+    _, optimized, _, _ = convert_on_own_kernels(resnet_stages(), (2, 8, 8, 16))
+    (engine,) = optimized.program(optimized.engine_shapes[0]).compiled_engines.values()
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_compiling():
+        compiled = torch.compile(engine.module, fullgraph=True, dynamic=False, options={"freezing": True})
+        _, code = run_and_get_code(compiled, *engine.example_inputs())
+    source = "\n".join(code)
+    overwritten = re.findall(r"= torch\.ops\.kerasrt\.pointwise_pair\.default\((buf\d+),", source)
+    assert len(overwritten) == 2  # the dualpair and the pair
+
+    def maker(buffer: str) -> str:  # the call that made ``buffer``, through "bufA = bufB" aliases
+        (made,) = re.findall(rf"^\s*{buffer} = (.+)$", source, re.MULTILINE)
+        return maker(made.strip()) if re.fullmatch(r"buf\d+", made.strip()) else made.split("(")[0]
+
+    assert [maker(buffer) for buffer in overwritten] == ["torch.ops.kerasrt.cudnn_conv.default"] * 2
+    assert not re.search(r"clone|\.copy_\(", source)  # no copy kept for a reader of the old values
+
+
 def test_merges_that_lose_to_their_parts_are_not_taken(monkeypatch, fast_merges) -> None:
     monkeypatch.setattr(tactics, "best_config", lambda configs, run, what: (0, 1.5))
     _, optimized, _, _ = convert_on_own_kernels(resnet_stages(), (2, 8, 8, 16))
