@@ -258,6 +258,30 @@ def test_packages_are_not_compiled_by_a_compiler_that_links_the_cxx_runtime_stat
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_an_engine_that_fails_to_compile_ahead_of_time_is_saved_uncompiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save() warns and leaves that engine's package out (no file left behind); load
+    compiles the engine just in time and runs as the converted model did."""
+    from kerasrt.backend.torch_backend import TorchEngine
+
+    def fail(self, path):
+        path.write_bytes(b"half-written")  # as a compiler dying mid-write would leave it
+        raise RuntimeError("AOTInductor cannot lower this")
+
+    conv, x, expected = _small_compiling_converter()
+    monkeypatch.setattr(TorchEngine, "export_package", fail)
+    with pytest.warns(UserWarning, match="could not be compiled ahead of time.*cannot lower this"):
+        path = conv.save(tmp_path / "art")
+    compiled = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]
+    assert compiled["files"] == {} and not list(path.rglob("*.pt2"))
+    loaded = kerasrt.load(path)
+    np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    assert [e.compiler for e in loaded.program(loaded.engine_shapes[0]).compiled_engines.values()] == [
+        "inductor"
+    ]
+
+
 def test_a_corrupt_compiled_engine_is_recompiled_with_a_warning(tmp_path: Path) -> None:
     path, x, expected = _small_compiled_artifact(tmp_path)
     (package,) = json.loads((path / "manifest.json").read_text())["engines"][0]["compiled"]["files"].values()

@@ -228,13 +228,25 @@ class Program:
 
     def export_engines(self, folder: Path) -> tuple[dict[int, str], dict[int, str]]:
         """Compile every compiled engine ahead of time into ``folder``: the file names by
-        segment index, and the digests of those that loaded in a test process here."""
+        segment index, and the digests of those that loaded in a test process here. An engine
+        that does not compile ahead of time is left out with a warning: the artifact stays
+        whole, and a load compiles that engine just in time (with the saved kernel choices)."""
         folder.mkdir(parents=True, exist_ok=True)
         files, tested = {}, {}
         for index, engine in self.compiled_engines.items():
             log.info("compiling engine %d ahead of time (AOTInductor)", index)
-            digest = engine.export_package(folder / f"engine{index}.pt2")
-            files[index] = f"engine{index}.pt2"
+            path = folder / f"engine{index}.pt2"
+            try:
+                digest = engine.export_package(path)
+            except Exception as exc:  # any compiler failure: the engine is kept uncompiled
+                path.unlink(missing_ok=True)
+                warnings.warn(
+                    f"engine {index} could not be compiled ahead of time ({type(exc).__name__}: "
+                    f"{str(exc)[:300]}); it is saved uncompiled and a load will compile it",
+                    stacklevel=2,
+                )
+                continue
+            files[index] = path.name
             if digest is not None:
                 tested[index] = digest
         return files, tested
