@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import faulthandler
 import functools
+import inspect
 import json
 import logging
 import os
@@ -52,12 +53,14 @@ SECONDS: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
 
 
-def timed(module, name: str) -> None:
-    """Replace ``module.name`` with a wrapper adding its wall time to SECONDS[name]; a call
-    made inside another call of the same function in the same thread (compile_fx calls
-    itself) is not counted again. Calls in several threads at once (the tactics' parallel
-    Triton compiles) each count: their sum exceeds the wall time they took."""
+def timed(module, name: str, label: str | None = None) -> None:
+    """Replace ``module.name`` (a static method stays one) with a wrapper adding its wall time
+    to SECONDS[label or name] and its calls to CALLS; a call made inside another call of the
+    same function in the same thread (compile_fx calls itself) is not counted again. Calls in
+    several threads at once (the tactics' parallel Triton compiles) each count: their sum
+    exceeds the wall time they took."""
     original = getattr(module, name)
+    label = label or name
     depth = threading.local()
 
     @functools.wraps(original)
@@ -70,10 +73,11 @@ def timed(module, name: str) -> None:
             return original(*args, **kwargs)
         finally:
             depth.n = 0
-            SECONDS[name] += time.perf_counter() - begin
-            CALLS[name] += 1
+            SECONDS[label] += time.perf_counter() - begin
+            CALLS[label] += 1
 
-    setattr(module, name, wrapper)
+    static = isinstance(inspect.getattr_static(module, name), staticmethod)
+    setattr(module, name, staticmethod(wrapper) if static else wrapper)
 
 
 def child_processes() -> int:

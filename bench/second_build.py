@@ -19,11 +19,8 @@ compiled, because it still keyed kernels by the ptxas it used before Inductor re
 
 from __future__ import annotations
 
-import collections
 import cProfile
-import functools
 import gc
-import inspect
 import io
 import json
 import os
@@ -33,7 +30,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-import build_phases  # noqa: F401 (first: empty cache folders, CUDA's JIT cache off)
+import build_phases  # first: empty cache folders, CUDA's JIT cache off
 import torch
 import triton.backends.nvidia.compiler
 import triton.compiler
@@ -45,26 +42,8 @@ import kerasrt
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kerasrt_testing import calibrated_application
 
-SECONDS: collections.Counter[str] = collections.Counter()
-CALLS: collections.Counter[str] = collections.Counter()
+SECONDS, CALLS = build_phases.SECONDS, build_phases.CALLS  # what ``build_phases.timed`` adds to
 _GC_BEGIN: dict[int, float] = {}
-
-
-def count(module, name: str, label: str) -> None:
-    """Add ``module.name``'s calls and wall seconds to CALLS/SECONDS[label] (every thread)."""
-    original = getattr(module, name)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        begin = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            SECONDS[label] += time.perf_counter() - begin
-            CALLS[label] += 1
-
-    static = isinstance(inspect.getattr_static(module, name), staticmethod)
-    setattr(module, name, staticmethod(wrapper) if static else wrapper)
 
 
 def gc_callback(phase: str, info: dict) -> None:
@@ -78,13 +57,13 @@ def gc_callback(phase: str, info: dict) -> None:
         CALLS[label] += 1
 
 
-count(triton.compiler, "compile", "compile_jit")  # kerasrt's kernels (JITFunction binds it)
-count(triton.compiler.compiler, "compile", "compile_inductor")  # Inductor calls this one
+build_phases.timed(triton.compiler, "compile", "compile_jit")  # kerasrt's kernels (JITFunction binds it)
+build_phases.timed(triton.compiler.compiler, "compile", "compile_inductor")  # Inductor calls this one
 backend = triton.backends.nvidia.compiler.CUDABackend
 for stage in ("make_ttir", "make_ptx", "make_cubin"):
-    count(backend, stage, stage)
-count(triton.runtime.build, "_build", "gcc_build")  # a launcher or utility missing on disk
-count(triton.runtime.build, "_load_module_from_path", "module_load")  # each launcher's dlopen
+    build_phases.timed(backend, stage)
+build_phases.timed(triton.runtime.build, "_build", "gcc_build")  # a launcher or utility missing on disk
+build_phases.timed(triton.runtime.build, "_load_module_from_path", "module_load")  # each launcher's dlopen
 gc.callbacks.append(gc_callback)
 
 
