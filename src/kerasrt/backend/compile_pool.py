@@ -194,8 +194,9 @@ def compile_requests(requests: Sequence[Request]) -> tuple[dict[Request, Any], i
     gpu_workers = _configured(GPU_WORKERS_VARIABLE, GPU_WORKERS)
     results: dict[Request, Any] = {}
     failed: list[Request] = []
-    environment = _worker_environment() if workers else {}
+    environment: dict[str, str] = {}
     if workers:
+        environment = _worker_environment()
         forget_compiler_version()
     threads = [
         threading.Thread(
