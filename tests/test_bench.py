@@ -8,9 +8,10 @@ from pathlib import Path
 
 import keras
 import pytest
+import torch
 from keras import layers as L
 
-from kerasrt.bench import SCHEMA_VERSION, SYSTEMS, bench_keras_model
+from kerasrt.bench import SCHEMA_VERSION, SYSTEMS, bench_keras_model, dynamo_census
 from kerasrt.cli import main
 from kerasrt_testing import randomize
 
@@ -44,9 +45,33 @@ def test_bench_compare_writes_the_documented_json_and_plot(model_file: Path, tmp
         assert r["throughput"] == pytest.approx(r["batch"] / lat["p50"] * 1e3, rel=1e-3)
         assert r["precision"] == "FP16" and r["iters"] == 4
         assert r["max_rel_err"] < 0.05  # every system computed the same function (16-bit)
+    compiled_rows = [r for r in rows if r["system"] == "keras-torch-compile"]
+    assert all("Dynamo compiled" in r["note"] for r in compiled_rows)
+    assert f"keras-torch-compile (batch 3): {compiled_rows[1]['note']}" in text  # under the table
     kerasrt_rows = [r for r in rows if r["system"] == "kerasrt"]
     assert all(r["build_s"] is not None and r["build_s"] >= 0 for r in kerasrt_rows)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dynamo_census_counts_graphs_breaks_and_frames_left_eager() -> None:
+    """The keras-torch-compile row's note: how much of the call torch.compile compiled."""
+
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    with dynamo_census() as census:
+        torch.compile(broken, backend="eager")(torch.randn(4))
+    counts = [census[k] for k in ("graphs", "graph_breaks", "frames", "eager_frames")]
+    assert counts == [2, 1, 2, 0]
+
+    twice = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1), dynamo_census() as census:
+        twice(torch.randn(4))
+        twice(torch.randn(4, dtype=torch.float64))  # a recompile past the limit: runs eagerly
+    assert (census["graphs"], census["eager_frames"]) == (1, 1)
+    assert census["summary"] == "Dynamo compiled 1 graphs, 0 graph breaks, 1 of 2 frames left eager"
 
 
 def test_bench_an_artifact_runs_its_own_engines_at_its_shapes(model_file: Path, tmp_path: Path) -> None:

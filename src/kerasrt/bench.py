@@ -9,16 +9,18 @@ backend are chosen per process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -401,10 +403,41 @@ def _prepare_system(
     if system == "keras-eager":
         return (lambda: model(args, training=False)), None, f"policy {policy}"
     compiled = torch.compile(lambda: model(args, training=False))
-    with torch.no_grad():
+    with torch.no_grad(), dynamo_census() as census:
         compiled()
     _sync(device)
-    return compiled, time.perf_counter() - begin, f"policy {policy}"
+    return compiled, time.perf_counter() - begin, f"policy {policy}; {census['summary']}"
+
+
+@contextlib.contextmanager
+def dynamo_census() -> Iterator[dict[str, Any]]:
+    """What torch.compile made of the calls inside: graphs compiled, graph breaks, and frames
+    it left to run eagerly (after its recompile limit, say). Keras's layer calls break
+    Dynamo's graph and reuse one ``forward`` for every layer, so a Keras model yields dozens of
+    recompile warnings; they are kept out of the report, and these counts say instead how
+    much of the model torch.compile compiled. Fills the yielded dict on exit."""
+    from torch._dynamo.utils import counters
+
+    dynamo_log = logging.getLogger("torch._dynamo")
+    level = dynamo_log.level
+    counters.clear()
+    dynamo_log.setLevel(logging.ERROR)
+    census: dict[str, Any] = {}
+    try:
+        yield census
+    finally:
+        dynamo_log.setLevel(level)
+        frames = counters["frames"]
+        census.update(
+            graphs=counters["stats"]["unique_graphs"],
+            graph_breaks=sum(counters["graph_break"].values()),
+            frames=frames["total"],
+            eager_frames=frames["total"] - frames["ok"],
+        )
+        census["summary"] = (
+            f"Dynamo compiled {census['graphs']} graphs, {census['graph_breaks']} graph breaks, "
+            f"{census['eager_frames']} of {census['frames']} frames left eager"
+        )
 
 
 def _bench_jax(

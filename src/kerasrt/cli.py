@@ -272,6 +272,11 @@ def _print_bench(results: Sequence[Any], env: dict) -> None:
             f"{_num(r.h2d_ms, '.3f'):>8}{_num(r.d2h_ms, '.3f'):>8}{_num(r.peak_memory_mb, ',.0f'):>10}",
         ]
         out.print(f"{r.system:<22}{r.batch:>6}" + "".join(cells))
+    noted = [r for r in results if r.latency_ms and r.note]
+    if noted:
+        out.print("notes:")
+    for r in noted:
+        out.print(f"  {r.system} (batch {r.batch}): {r.note}", markup=False)
 
 
 def _num(value: float | None, fmt: str) -> str:
