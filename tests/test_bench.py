@@ -32,7 +32,7 @@ def test_bench_compare_writes_the_documented_json_and_plot(model_file: Path, tmp
     args += ["--json", str(report), "--plot", str(picture), "--iters", "4", "--warmup", "1"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "p50 ms" in text and "keras-jax-jit" in text
+    assert "p50 ms" in text and "keras-jax-jit" in text and "ms: time per call on the device" in text
     data = json.loads(report.read_text())
     assert data["schema"] == SCHEMA_VERSION and data["precision"] == "FP16"
     assert {"date", "torch", "keras", "device", "model"} <= set(data)

@@ -272,6 +272,10 @@ def _print_bench(results: Sequence[Any], env: dict) -> None:
             f"{_num(r.h2d_ms, '.3f'):>8}{_num(r.d2h_ms, '.3f'):>8}{_num(r.peak_memory_mb, ',.0f'):>10}",
         ]
         out.print(f"{r.system:<22}{r.batch:>6}" + "".join(cells))
+    out.print(
+        "ms: time per call on the device (CUDA events; wall clock on a CPU), inputs already there;"
+        " h2d/d2h: copying inputs from and outputs to the host, timed apart"
+    )
     noted = [r for r in results if r.latency_ms and r.note]
     if noted:
         out.print("notes:")
