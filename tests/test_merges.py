@@ -5,6 +5,7 @@ there and ``bench/merge_probe.py`` times them."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -132,6 +133,28 @@ def test_which_neighbours_merge_in_resnet_stages() -> None:
     # nor a pair whose input is read outside it (the pair writes over it)
     assert merges.candidates(graph.nodes, [pair.lead.inputs[0]]) == [dual, dualpair, strided]
     assert merges.candidates(graph.nodes, [dual.absorbed.inputs[0]]) == [dual, strided, pair]
+
+
+def test_the_timed_launch_arguments_are_the_op_call_s_with_the_lead_s_output_buffer() -> None:
+    """``choose`` times each kernel on ``_arguments`` (``launch``'s order); the engine calls the
+    op on ``op_arguments``. Less the lead's output buffer, the timed arguments are the op's
+    (launch's parameters are the op schema's plus that buffer), and they make a tensor like
+    that buffer."""
+    graph = kerasrt.Converter(resnet_stages(), batch_size=2, precision_mode="FP16").convert().primary_graph()
+    for merge in merges.candidates(graph.nodes, graph.outputs):
+        launch_args = merges._arguments(merge, torch.device("cpu"))
+        slot = merges._OUT_SLOT[merge.kind]
+        out, op_args = launch_args[slot], launch_args[:slot] + launch_args[slot + 1 :]
+        op = DUAL_OP if merge.kind == "dual" else PAIR_OP
+        launch = list(inspect.signature(merges._OPS[merge.kind].launch).parameters)[1:]  # after config
+        assert launch[slot] in ("out", "y") and launch[:slot] + launch[slot + 1 :] == [
+            a.name for a in op._schema.arguments
+        ]
+        got = op(*op_args)
+        assert got.shape == out.shape == tuple(merge.lead.outputs[0].shape), merge.kind
+        assert got.dtype == out.dtype == torch.float16 and torch.isfinite(got).all()
+        tensors = [a for a in launch_args if isinstance(a, torch.Tensor)]
+        assert len({id(t) for t in tensors}) == len(tensors)  # no operand passed twice
 
 
 @pytest.fixture

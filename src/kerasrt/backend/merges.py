@@ -186,24 +186,41 @@ def dual_bias(lead: Node, absorbed: Node) -> torch.Tensor | None:
     return sum((b.float() for b in biases[1:]), biases[0].float()).to(biases[0].dtype)
 
 
+def op_arguments(merge: Merge, operands: Callable[[Node], T], constant: Callable[[torch.Tensor], T]) -> tuple:
+    """The merged op's arguments in its schema's order (``kerasrt::dual_conv`` or
+    ``kerasrt::pointwise_pair``), the one layout both callers share: each convolution's x, w,
+    bias and residual as ``operands(node)`` holds them (example tensors to time the kernel,
+    the engine's graph values to call the op), and the dual's summed bias made by
+    ``constant``."""
+    lead, absorbed = merge.lead, merge.absorbed
+    *_, act, clip = cudnn_conv.op_arguments(lead)
+    summed = dual_bias(lead, merge.inner or absorbed) if merge.kind != "pair" else None
+    bias = None if summed is None else constant(summed)
+    if merge.kind == "dual":
+        first, second, stride = dual_order(lead, absorbed, operands(lead), operands(absorbed))
+        return first.x, first.w, second.x, second.w, bias, stride, act, clip
+    a = operands(lead)
+    if merge.kind == "dualpair":
+        e = operands(merge.inner)
+        head = (e.x, e.w, a.x, a.w, list(lead.attrs["stride"]), bias, None)
+    else:
+        head = (a.x, a.w, None, None, [1, 1], a.bias, a.residual)
+    b = operands(absorbed)
+    *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
+    return (*head, b.w, b.bias, act, clip, act2, clip2)
+
+
+_OUT_SLOT = {"dual": 5, "pair": 9, "dualpair": 9}
+"""Where each kind's ``launch`` takes the lead's output buffer among the op's arguments."""
+
+
 def _arguments(merge: Merge, device: torch.device) -> tuple:
     """The merged kernel's ``launch`` arguments after the config, on example operands on
     ``device`` (the meta device for the signature alone)."""
-    a = tactics.example_operands(merge.lead, device)
-    b = tactics.example_operands(merge.absorbed, device)
-    *_, act, clip = cudnn_conv.op_arguments(merge.lead)
-    *_, act2, clip2 = cudnn_conv.op_arguments(merge.absorbed)
-    if merge.kind == "pair":
-        return a.x, a.w, None, None, [1, 1], a.bias, a.residual, b.w, b.bias, a.out, act, clip, act2, clip2
-    inner = merge.inner or merge.absorbed
-    bias = dual_bias(merge.lead, inner)
-    bias = bias.to(device) if bias is not None else None
-    if merge.kind == "dualpair":
-        e = tactics.example_operands(inner, device)
-        stride = list(merge.lead.attrs["stride"])
-        return e.x, e.w, a.x, a.w, stride, bias, None, b.w, b.bias, a.out, act, clip, act2, clip2
-    first, second, stride = dual_order(merge.lead, merge.absorbed, a, b)
-    return first.x, first.w, second.x, second.w, bias, a.out, stride, act, clip
+    examples = {id(n): tactics.example_operands(n, device) for n in (merge.lead, *merge.others)}
+    args = op_arguments(merge, lambda node: examples[id(node)], lambda bias: bias.to(device))
+    slot = _OUT_SLOT[merge.kind]
+    return (*args[:slot], examples[id(merge.lead)].out, *args[slot:])
 
 
 _OPS = {"dual": dual_conv, "pair": pointwise_pair, "dualpair": pointwise_pair}

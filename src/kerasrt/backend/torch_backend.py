@@ -7,6 +7,7 @@ The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,6 +132,33 @@ def _fused_conv_call(
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
 
 
+@dataclasses.dataclass(frozen=True)
+class _GraphOperands:
+    """A convolution's operands as values of the fx graph being built (``arg``), made when
+    read: a merged call reads only some of its convolutions' operands."""
+
+    node: Node
+    arg: Callable[..., torch.fx.Node]
+
+    @property
+    def x(self) -> torch.fx.Node:
+        return self.arg(self.node.inputs[0])
+
+    @property
+    def w(self) -> torch.fx.Node:
+        return self.arg(self.node.inputs[1], True)
+
+    @property
+    def bias(self) -> torch.fx.Node | None:
+        has_bias, _ = cudnn_conv.epilogue_inputs(self.node)
+        return self.arg(self.node.inputs[2]) if has_bias else None
+
+    @property
+    def residual(self) -> torch.fx.Node | None:
+        has_bias, has_residual = cudnn_conv.epilogue_inputs(self.node)
+        return self.arg(self.node.inputs[2 + int(has_bias)]) if has_residual else None
+
+
 def _merged_call(
     merge: merges.Merge,
     graph: torch.fx.Graph,
@@ -140,39 +168,18 @@ def _merged_call(
     """The op call of merged convolutions (``merges``): (node, fx value) for each whose output
     the call makes. A pair's call returns the lead's output and writes the absorbed one's over
     the first product's input (its fx value from then on)."""
-    lead, absorbed = merge.lead, merge.absorbed
-    *_, act1, clip1 = cudnn_conv.op_arguments(lead)
-    inner = merge.inner or absorbed
-    bias = merges.dual_bias(lead, inner) if merge.kind != "pair" else None
-    bias_arg = None if bias is None else constant(lead.outputs[0].name + "_dual_bias", bias)
-    if merge.kind == "dual":
-        lead_in, other_in, stride = merges.dual_order(lead, absorbed, lead.inputs, absorbed.inputs)
-        args = (
-            arg(lead_in[0]), arg(lead_in[1], True), arg(other_in[0]), arg(other_in[1], True),
-            bias_arg, stride, act1, clip1,
-        )  # fmt: skip
-        return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
-    *_, act2, clip2 = cudnn_conv.op_arguments(absorbed)
-    second = (
-        arg(absorbed.inputs[1], True),
-        arg(absorbed.inputs[2]) if cudnn_conv.epilogue_inputs(absorbed)[0] else None,
+    lead = merge.lead
+    args = merges.op_arguments(
+        merge,
+        lambda node: _GraphOperands(node, arg),
+        lambda bias: constant(lead.outputs[0].name + "_dual_bias", bias),
     )
-    if merge.kind == "dualpair":
-        x = arg(inner.inputs[0])
-        first = (
-            x, arg(inner.inputs[1], True), arg(lead.inputs[0]), arg(lead.inputs[1], True),
-            list(lead.attrs["stride"]), bias_arg, None,
-        )  # fmt: skip
-    else:
-        has_bias, has_residual = cudnn_conv.epilogue_inputs(lead)
-        x = arg(lead.inputs[0])
-        first = (
-            x, arg(lead.inputs[1], True), None, None, [1, 1],
-            arg(lead.inputs[2]) if has_bias else None,
-            arg(lead.inputs[2 + int(has_bias)]) if has_residual else None,
-        )  # fmt: skip
-    args = (*first, *second, act1, clip1, act2, clip2)
-    return [(lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)), (absorbed, x)]
+    if merge.kind == "dual":
+        return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
+    return [
+        (lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)),
+        (merge.absorbed, args[0]),
+    ]
 
 
 class TorchEngine:
