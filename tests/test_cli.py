@@ -54,8 +54,10 @@ def test_convert_inspect_validate_bench(tmp_path: Path, model_file: Path, capsys
     capsys.readouterr()
 
     assert main(["bench", str(out), "--iters", "3", "--compare", "--systems", "keras-eager"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    table, legend, notes = capsys.readouterr().out.partition("ms: time per call on the device")
+    rows = [line.split() for line in table.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [("kerasrt", "4"), ("keras-eager", "4")]  # the engine's batch
+    assert legend and "keras-eager (batch 4): policy float32" in notes
 
 
 def test_validate_detects_a_different_model(tmp_path: Path, model_file: Path, capsys) -> None:
