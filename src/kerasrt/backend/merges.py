@@ -29,7 +29,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -186,7 +186,9 @@ def dual_bias(lead: Node, absorbed: Node) -> torch.Tensor | None:
     return sum((b.float() for b in biases[1:]), biases[0].float()).to(biases[0].dtype)
 
 
-def op_arguments(merge: Merge, operands: Callable[[Node], T], constant: Callable[[torch.Tensor], T]) -> tuple:
+def op_arguments(
+    merge: Merge, operands: Callable[[Node], Any], constant: Callable[[torch.Tensor], Any]
+) -> tuple:
     """The merged op's arguments in its schema's order (``kerasrt::dual_conv`` or
     ``kerasrt::pointwise_pair``), the one layout both callers share: each convolution's x, w,
     bias and residual as ``operands(node)`` holds them (example tensors to time the kernel,
