@@ -53,6 +53,14 @@ def epilogue_inputs(node: Any) -> tuple[bool, bool]:
     return node.attrs.get("has_bias", True), node.attrs.get("has_residual", False)
 
 
+def epilogue_values(node: Any) -> tuple[Any, Any]:
+    """(bias, residual): the IR values of an IR conv or conv_fused node's epilogue operands,
+    None for each it lacks (``epilogue_inputs``)."""
+    has_bias, has_residual = epilogue_inputs(node)
+    bias = node.inputs[2] if has_bias else None
+    return bias, node.inputs[2 + int(has_bias)] if has_residual else None
+
+
 def fusable(node: Any) -> bool:
     """Whether an IR conv or conv_fused node suits kerasrt's fused kernels at all (each kernel's
     ``eligible`` adds its own shape rules): a 2-D convolution, an activation they fuse (a clamp

@@ -95,8 +95,7 @@ def _plain_1x1(node: Node) -> bool:
 
 
 def _residual(node: Node) -> Value | None:
-    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
-    return node.inputs[2 + int(has_bias)] if has_residual else None
+    return cudnn_conv.epilogue_values(node)[1]
 
 
 def candidates(nodes: Sequence[Node], outputs: Sequence[Value]) -> list[Merge]:
@@ -180,7 +179,7 @@ def dual_order(lead: Node, absorbed: Node, a: T, b: T) -> tuple[T, T, list[int]]
 
 def dual_bias(lead: Node, absorbed: Node) -> torch.Tensor | None:
     """The summed bias of the two convolutions (added in float32), or None."""
-    biases = [n.inputs[2].data for n in (lead, absorbed) if cudnn_conv.epilogue_inputs(n)[0]]
+    biases = [b.data for b in (cudnn_conv.epilogue_values(n)[0] for n in (lead, absorbed)) if b is not None]
     if not biases:
         return None
     return sum((b.float() for b in biases[1:]), biases[0].float()).to(biases[0].dtype)

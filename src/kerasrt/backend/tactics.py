@@ -182,16 +182,15 @@ def example_operands(node: Node, device: torch.device) -> cudnn_conv.Operands:
     """Operands shaped and laid out as the engine passes them (channels-last activations)."""
     cl = torch.channels_last
     dtype = torch_dtype(node.inputs[0].dtype)
-    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
+    bias_value, residual_value = cudnn_conv.epilogue_values(node)
     n, c, h, wd = node.inputs[0].shape
     x = torch.randn((n, cudnn_conv.input_channels(c), h, wd), device=device, dtype=dtype)
     x = x.contiguous(memory_format=cl)
     w = cudnn_conv.op_weight(node.inputs[1].data.to(device))
-    bias = node.inputs[2].data.to(device) if has_bias else None
+    bias = bias_value.data.to(device) if bias_value is not None else None
     residual = None
-    if has_residual:
-        shape = node.inputs[2 + int(has_bias)].shape
-        residual = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
+    if residual_value is not None:
+        residual = torch.randn(residual_value.shape, device=device, dtype=dtype).contiguous(memory_format=cl)
     stride, padding, dilation, _, _ = cudnn_conv.op_arguments(node)
     return cudnn_conv.Operands(x, w, bias, residual, cudnn_conv.empty_output(x, w, stride, padding, dilation))
 

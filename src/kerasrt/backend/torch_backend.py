@@ -97,6 +97,34 @@ def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
 
+@dataclasses.dataclass(frozen=True)
+class _GraphOperands:
+    """A convolution's operands as values of the fx graph being built (``arg``), made when
+    read: a merged call reads only some of its convolutions' operands. The fields of
+    ``cudnn_conv.Operands`` but its output."""
+
+    node: Node
+    arg: Callable[..., torch.fx.Node]
+
+    @property
+    def x(self) -> torch.fx.Node:
+        return self.arg(self.node.inputs[0])
+
+    @property
+    def w(self) -> torch.fx.Node:
+        return self.arg(self.node.inputs[1], True)
+
+    @property
+    def bias(self) -> torch.fx.Node | None:
+        value = cudnn_conv.epilogue_values(self.node)[0]
+        return None if value is None else self.arg(value)
+
+    @property
+    def residual(self) -> torch.fx.Node | None:
+        value = cudnn_conv.epilogue_values(self.node)[1]
+        return None if value is None else self.arg(value)
+
+
 def _fused_conv_call(
     node: Node, kernel: str, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]
 ) -> torch.fx.Node:
@@ -104,16 +132,14 @@ def _fused_conv_call(
     or a Triton kernel ("triton": the pointwise kernel for a 1x1 convolution, else the stem
     kernel; "splitk": the split-K kernel). Input channels are padded as the ops take them: a
     pad Inductor fuses into the kernel producing the input."""
-    has_bias, has_residual = cudnn_conv.epilogue_inputs(node)
-    bias = arg(node.inputs[2]) if has_bias else None
-    residual = arg(node.inputs[2 + int(has_bias)]) if has_residual else None
-    x = arg(node.inputs[0])
+    operands = _GraphOperands(node, arg)
+    bias, residual, x = operands.bias, operands.residual, operands.x
     channels = node.inputs[0].shape[1]
     if cudnn_conv.input_channels(channels) != channels:
         extra = cudnn_conv.input_channels(channels) - channels
         x = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra]))
     stride, padding, dilation, act, clip = cudnn_conv.op_arguments(node)
-    w = arg(node.inputs[1], True)
+    w = operands.w
     if kernel == "triton" and pointwise_conv.eligible(node):
         return graph.call_function(
             torch.ops.kerasrt.pointwise_conv.default, (x, w, bias, residual, act, clip)
@@ -130,33 +156,6 @@ def _fused_conv_call(
         raise ValueError(f"no {kernel} kernel runs {node}")
     args = (x, w, bias, residual, stride, padding, dilation, act, clip)
     return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
-
-
-@dataclasses.dataclass(frozen=True)
-class _GraphOperands:
-    """A convolution's operands as values of the fx graph being built (``arg``), made when
-    read: a merged call reads only some of its convolutions' operands."""
-
-    node: Node
-    arg: Callable[..., torch.fx.Node]
-
-    @property
-    def x(self) -> torch.fx.Node:
-        return self.arg(self.node.inputs[0])
-
-    @property
-    def w(self) -> torch.fx.Node:
-        return self.arg(self.node.inputs[1], True)
-
-    @property
-    def bias(self) -> torch.fx.Node | None:
-        has_bias, _ = cudnn_conv.epilogue_inputs(self.node)
-        return self.arg(self.node.inputs[2]) if has_bias else None
-
-    @property
-    def residual(self) -> torch.fx.Node | None:
-        has_bias, has_residual = cudnn_conv.epilogue_inputs(self.node)
-        return self.arg(self.node.inputs[2 + int(has_bias)]) if has_residual else None
 
 
 def _merged_call(
