@@ -131,6 +131,12 @@ def launchable(kernel: Any) -> Any:
     return _Precompile(kernel) if getattr(_STATE, "precompiling", False) else kernel
 
 
+def dot_block(n: int) -> int:
+    """A Triton tile side covering ``n``: the least power of two >= ``n``, at least 16 (the
+    least side of a ``tl.dot`` operand)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 @functools.cache
 def triton_kernels() -> ModuleType | None:
     """The module of kerasrt's Triton kernels, or None when Triton is not installed."""

@@ -134,7 +134,7 @@ def launch(
     w = w.reshape(w.shape[0], -1).contiguous()
     n, c, h, wd = x.shape
     pixels, channels_out = n * h * wd, w.shape[0]
-    block_k = min(block_k, max(16, 1 << (c - 1).bit_length()))
+    block_k = min(block_k, op_library.dot_block(c))
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,

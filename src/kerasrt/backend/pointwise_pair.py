@@ -182,11 +182,6 @@ def kernel() -> Any:
     return kernels.pair if kernels else None
 
 
-def _block(n: int) -> int:
-    """``n`` rounded up to a power of two, at least 16 (a tl.dot operand's least side)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def launch(
     config: tuple[int, int, int, int],
     x: torch.Tensor,
@@ -220,6 +215,7 @@ def launch(
     if shortcut is not None and ws is not None:
         shortcut = shortcut.contiguous(memory_format=torch.channels_last)
         ws = ws.reshape(ws.shape[0], -1).contiguous()
+    block = op_library.dot_block
     first = cudnn_conv.epilogue_constants(act1, clip1)
     second = cudnn_conv.epilogue_constants(act2, clip2)
     op_library.launchable(kernel())[((n * h * wd + block_m - 1) // block_m,)](
@@ -230,6 +226,6 @@ def launch(
         LO1=first["LO"], HI1=first["HI"], HAS_B1=b1 is not None, HAS_RES=residual is not None,
         ACT1=first["ACT"], LO2=second["LO"], HI2=second["HI"], HAS_B2=b2 is not None, ACT2=second["ACT"],
         HAS_SHORTCUT=shortcut is not None,
-        BLOCK_M=block_m, BLOCK_N=min(block_n, _block(n1)), BLOCK_C=_block(c), BLOCK_C2=_block(max(c2, 1)),
-        BLOCK_N2=_block(n2), num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=min(block_n, block(n1)), BLOCK_C=block(c), BLOCK_C2=block(max(c2, 1)),
+        BLOCK_N2=block(n2), num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -130,10 +130,6 @@ def kernel() -> Any:
     return kernels.stem if kernels else None
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def launch(
     config: tuple[int, int, int, int],
     x: torch.Tensor,
@@ -152,14 +148,14 @@ def launch(
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     oh, ow = out.shape[2:]
-    block_n = min(block_n, max(16, _pow2(k)))
+    block_n = min(block_n, op_library.dot_block(k))
     grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, out,
         n * oh * ow, h, wd, oh, ow, k,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_BIAS=bias is not None, **cudnn_conv.epilogue_constants(activation, clip),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(16, _pow2(s * c)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=op_library.dot_block(s * c),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
