@@ -479,9 +479,14 @@ def serialized_plans(keys: Iterable[str]) -> dict[str, dict[str, Any]]:
             except Exception as exc:  # built again when loaded
                 log.debug("cuDNN does not serialize the plan of %s (%s)", key, exc)
                 continue
-        uids = {name: uid if isinstance(uid, int) else uid.get_uid() for name, uid in plan.uids.items()}
-        saved[key] = {"plan": _CHOSEN.get(key, 0), "uids": uids, "blob": blob}
+        saved[key] = {"plan": _CHOSEN.get(key, 0), "uids": uid_numbers(plan.uids), "blob": blob}
     return saved
+
+
+def uid_numbers(uids: dict[str, Any]) -> dict[str, int]:
+    """{operand: uid} of a graph's tensors (cuDNN tensor objects, or their uids already, as a
+    deserialized plan holds them): what a serialized plan is run with."""
+    return {name: uid if isinstance(uid, int) else uid.get_uid() for name, uid in uids.items()}
 
 
 def offer_saved_plans(plans: dict[str, dict[str, Any]]) -> None:

@@ -288,7 +288,7 @@ def fastest_plan(
         log.info("cuDNN cannot fuse %s: %s", what, exc)
         return None
     if prebuilt:
-        found = _fastest_prebuilt(ops, {name: t.get_uid() for name, t in uids.items()}, prebuilt, what)
+        found = _fastest_prebuilt(ops, cudnn_conv.uid_numbers(uids), prebuilt, what)
         if found is not None:
             return found
     pack = ops.pack(uids)
