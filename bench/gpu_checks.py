@@ -143,7 +143,7 @@ def check_splitk() -> bool:
                         splitk_conv.launch(config, x, w, b, res, out, stride, padding, act, clip)
                 except ValueError:  # a split refused for its workspace: the tactics skip it too
                     continue
-                errors.append(float((first.float() - ref).abs().max() / ref.abs().max()))
+                errors.append(error(first, ref))
                 repeatable &= torch.equal(first, second)
             args = (x, w, b, res, stride, padding, act, clip)
             errors.append(replay_error(lambda args=args: torch.ops.kerasrt.splitk_conv(*args), x, reference))
@@ -175,6 +175,12 @@ def conv_operands(dtype, xs, kernel, stride, padding, has_bias, has_residual) ->
     return x, w, b, res
 
 
+def error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |got - expected| over the largest |expected|, in float32."""
+    expected = expected.float()
+    return float((got.float() - expected).abs().max() / expected.abs().max())
+
+
 def replay_error(call, x: torch.Tensor, reference) -> float:
     """Relative error of ``call()`` captured in a CUDA graph and replayed on new data in
     ``x`` (the captured input), against ``reference()`` on that data."""
@@ -186,7 +192,7 @@ def replay_error(call, x: torch.Tensor, reference) -> float:
     graph.replay()
     expected = reference()
     torch.cuda.synchronize()
-    return float((replayed.float() - expected).abs().max() / expected.abs().max())
+    return error(replayed, expected)
 
 
 def report(ok: bool, errors: list[float], tol: float, row: dict) -> bool:
@@ -212,7 +218,7 @@ def check_depthwise() -> bool:
             for config in depthwise_conv.CONFIGS:
                 out = torch.empty_like(ref, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 depthwise_conv.launch(config, x, w, b, out, stride, padding, act, clip)
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                errors.append(error(out, ref))
             args = (x, w, b, stride, padding, act, clip)
             errors.append(
                 replay_error(lambda args=args: torch.ops.kerasrt.depthwise_conv(*args), x, reference)
@@ -238,7 +244,7 @@ def check_pointwise() -> bool:
             for config in pointwise_conv.CONFIGS:
                 out = pointwise_conv.empty_output(x, w)
                 pointwise_conv.launch(config, x, w, b, r, out, act, clip)
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                errors.append(error(out, ref))
             args = (x, w, b, r, act, clip)
             errors.append(
                 replay_error(lambda args=args: torch.ops.kerasrt.pointwise_conv(*args), x, reference)
@@ -268,7 +274,7 @@ def check_dual() -> bool:
             for config in dual_conv.CONFIGS:
                 out = pointwise_conv.empty_output(h, w)
                 dual_conv.launch(config, h, w, x, ws, b, out, s, act, clip)
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                errors.append(error(out, ref))
             args = (h, w, x, ws, b, s, act, clip)
             errors.append(replay_error(lambda args=args: torch.ops.kerasrt.dual_conv(*args), h, reference))
             row = {"check": "dual op", "dtype": str(dtype), "h": hs, "k": k, "x": xs, "stride": stride}
@@ -304,9 +310,6 @@ def check_pair() -> bool:
                 y, _ = pointwise_pair.reference(*f32, *tail)
                 stored = y.to(x.dtype).float()  # the first output as stored, then the second
                 return y, pointwise_conv.reference(stored, f32[7], f32[8], None, tail[2], tail[3])
-
-            def error(got, expected) -> float:
-                return float((got.float() - expected).abs().max() / expected.abs().max())
 
             ry, rz = reference(x)
             errors = []
@@ -345,7 +348,7 @@ def check_stem() -> bool:
             for config in stem_conv.CONFIGS:
                 out = stem_conv.empty_output(x, w, stride, padding)
                 stem_conv.launch(config, x, w, b, out, stride, padding, act, clip)
-                errors.append(float((out.float() - ref).abs().max() / ref.abs().max()))
+                errors.append(error(out, ref))
             args = (x, w, b, stride, padding, act, clip)
             errors.append(replay_error(lambda args=args: torch.ops.kerasrt.stem_conv(*args), x, reference))
             row = {"check": "stem op", "dtype": str(dtype), "x": xs, "w": [k, xs[1], r, s], "stride": stride}
@@ -369,9 +372,7 @@ def check_op() -> bool:
             graph.replay()
             ref2 = cudnn_conv.reference(x.float(), *f32[1:], stride, padding, [1, 1], act, clip)
             torch.cuda.synchronize()
-            errors = [
-                float((a.float() - e).abs().max() / e.abs().max()) for a, e in ((got, ref), (replayed, ref2))
-            ]
+            errors = [error(got, ref), error(replayed, ref2)]
             key = cudnn_conv.signature(
                 cudnn_conv.Operands(x, w, b, res, got), stride, padding, [1, 1], act, clip
             )
@@ -511,10 +512,7 @@ def check_inlined() -> bool:
                 aoti.compile_package(exported, Path(path))
             inlined = package_inlines_kernels(Path(path))
             got = aoti.load_package(Path(path), DEV)(*fresh())
-            err = max(
-                float((g.float() - e.float()).abs().max() / e.float().abs().max())
-                for g, e in zip(got, expected)
-            )
+            err = max(error(g, e) for g, e in zip(got, expected))
             row = {
                 "check": "inlined op",
                 "op": label,
