@@ -4,7 +4,9 @@ torch versions or devices (e.g. fused RMS norm on CUDA builds)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from kerasrt.backend.torch_backend import TorchEngine
-from kerasrt.frontend.aten import AtenLowering
+from kerasrt.frontend.aten import LOWERINGS, AtenLowering, UnsupportedOp, lowering
 from kerasrt.ir.graph import Graph, dtype_name, verify
 
 aten = torch.ops.aten
@@ -102,6 +104,7 @@ CASES: list[tuple[str, Callable[..., object], tuple[torch.Tensor, ...]]] = [
     ("elu_selu_celu", lambda x: F.elu(x, 0.5) + F.selu(x) + F.celu(x, 0.7), (x3,)),
     ("logical", lambda x: ((x > 0) & (x < 1) | ~(x > 2)).float(), (x3,)),
     ("log_softmax_int_mean", lambda x: F.log_softmax(x, 1) + (x > 0).sum(-1, keepdim=True).float(), (x3,)),
+    ("max_pool_values_of_with_indices", lambda x: F.max_pool2d(x, 2, return_indices=True)[0], (x4,)),
 ]
 
 
@@ -120,7 +123,213 @@ def test_aten_lowering_matches_eager(
 
 
 def test_unknown_op_is_refused_with_its_name() -> None:
-    from kerasrt.frontend.aten import UnsupportedOp
-
     with pytest.raises(UnsupportedOp, match=r"aten\._fft_r2c"):
         lower(lambda x: torch.fft.rfft(x).abs(), x3)
+
+
+def lower_call(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> tuple[Graph, list[torch.Tensor]]:
+    """Lower a graph of one call to ``op`` (tensor arguments are graph inputs), as a tracer that
+    keeps in-place ops would record it: an in-place op's result is read through its input."""
+    graph = torch.fx.Graph()
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    inputs = iter([graph.placeholder(f"x{i}") for i in range(len(tensors))])
+    fx_args = tuple(next(inputs) if isinstance(a, torch.Tensor) else a for a in args)
+    call = graph.call_function(op, fx_args, kwargs)
+    call.meta["val"] = result = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    if op._schema.arguments[0].alias_info is not None and op._schema.arguments[0].alias_info.is_write:
+        out = fx_args[0]
+    elif isinstance(result, (tuple, list)):
+        out = graph.call_function(operator.getitem, (call, 0))
+        out.meta["val"] = result[0]
+    else:
+        out = call
+    graph.output(out)
+    ir = Graph()
+    values = [ir.add_input(f"x{i}", t.shape, dtype_name(t.dtype)) for i, t in enumerate(tensors)]
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    ir.outputs = AtenLowering(ir, "layer", lambda t, hint: ir.add_constant(hint, t)).lower(gm, values)
+    ir.remove_unused()
+    verify(ir)
+    return ir, tensors
+
+
+def eager_first(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> torch.Tensor:
+    result = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def test_lowerings_are_keyed_by_op_overloads() -> None:
+    assert LOWERINGS and all(isinstance(op, torch._ops.OpOverload) for op in LOWERINGS)
+    for op in (
+        aten.convolution.default,
+        aten.max_pool2d.default,
+        aten.max_pool2d_with_indices.default,
+        aten.relu_.default,
+        aten.add_.Tensor,
+        aten._native_batch_norm_legit_no_training.default,
+    ):
+        assert op in LOWERINGS, op
+    assert aten.relu.default not in {aten._fft_r2c.default} and aten._fft_r2c.default not in LOWERINGS
+
+
+def test_every_in_place_twin_shares_its_functional_lowering() -> None:
+    """Registering ``aten.x`` covers ``aten.x_``: same overloads, same lowering object."""
+    checked = 0
+    for op in list(LOWERINGS):
+        twin = getattr(getattr(aten, op.overloadpacket.__name__ + "_", None), op._overloadname, None)
+        if twin is None or twin._schema.arguments[0].alias_info is None:
+            continue
+        assert LOWERINGS.get(twin) is LOWERINGS[op], twin
+        checked += 1
+    assert checked > 50
+
+
+def test_lowering_takes_only_ops_and_refuses_a_second_lowering() -> None:
+    before = dict(LOWERINGS)
+    with pytest.raises(TypeError, match="relu"):
+        lowering("relu")
+    with pytest.raises(ValueError, match=r"aten\.relu_\.default"):
+        lowering(aten.erfinv, aten.relu_.default)(lambda c, a: a["input"])
+    assert LOWERINGS == before  # nothing half-registered
+
+
+x23 = torch.randn(2, 3)
+y23 = torch.rand(2, 3) + 0.5
+
+# (in-place overload, its functional twin, args, kwargs)
+IN_PLACE: list[tuple[Any, Any, tuple, dict]] = [
+    (aten.relu_.default, aten.relu.default, (x23,), {}),
+    (aten.sigmoid_.default, aten.sigmoid.default, (x23,), {}),
+    (aten.add_.Tensor, aten.add.Tensor, (x23, y23), {"alpha": 2}),
+    (aten.sub_.Scalar, aten.sub.Scalar, (x23, 0.25), {}),
+    (aten.mul_.Tensor, aten.mul.Tensor, (x23, y23), {}),
+    (aten.div_.Tensor_mode, aten.div.Tensor_mode, (x23, y23), {"rounding_mode": "floor"}),
+    (aten.clamp_.default, aten.clamp.default, (x23, -0.5, 0.25), {}),
+    (aten.clamp_min_.default, aten.clamp_min.default, (x23, 0.1), {}),
+    (aten.clamp_max_.Tensor, aten.clamp_max.Tensor, (x23, y23 - 1), {}),
+    (aten.hardtanh_.default, aten.hardtanh.default, (x23, -0.3, 0.2), {}),
+    (aten.leaky_relu_.default, aten.leaky_relu.default, (x23, 0.2), {}),
+    (aten.elu_.default, aten.elu.default, (x23, 0.7), {}),
+    (aten.pow_.Scalar, aten.pow.Tensor_Scalar, (y23, 3.0), {}),
+    (aten.unsqueeze_.default, aten.unsqueeze.default, (x23, 1), {}),
+    (aten.t_.default, aten.t.default, (x23,), {}),
+]
+
+
+@pytest.mark.parametrize("in_place, functional, args, kwargs", IN_PLACE, ids=[str(c[0]) for c in IN_PLACE])
+def test_in_place_op_lowers_like_its_functional_twin(
+    in_place: Any, functional: Any, args: tuple, kwargs: dict
+) -> None:
+    expected = eager_first(functional, *args, **kwargs)
+    graph, inputs = lower_call(in_place, *args, **kwargs)
+    (got,) = run(graph, *inputs)
+    torch.testing.assert_close(got, expected)
+    graph, inputs = lower_call(functional, *args, **kwargs)
+    (got_functional,) = run(graph, *inputs)
+    torch.testing.assert_close(got_functional, expected)
+
+
+def test_traced_in_place_ops_lower() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(x * 2, inplace=True)
+        return F.hardtanh(y.add_(x), -0.5, 0.5, inplace=True) + y
+
+    gm = make_fx(fn)(x3)
+    assert {aten.relu_.default, aten.add_.Tensor, aten.hardtanh_.default} <= {
+        n.target for n in gm.graph.nodes
+    }
+    graph = Graph()
+    values = [graph.add_input("x0", x3.shape, "float32")]
+    graph.outputs = AtenLowering(graph, "layer", lambda t, hint: graph.add_constant(hint, t)).lower(
+        gm, values
+    )
+    graph.remove_unused()
+    (got,) = run(graph, x3)
+    torch.testing.assert_close(got, fn(x3.clone()))
+
+
+def test_in_place_op_on_a_constant_leaves_earlier_readers_alone() -> None:
+    """``c.add_(1)`` is folded at conversion; ``x + c`` read ``c`` before it, so it sees ones."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        c = torch.ones(3)
+        y = x + c
+        c.add_(1)
+        return y * c
+
+    gm = make_fx(fn)(x23)
+    graph = Graph()
+    values = [graph.add_input("x0", x23.shape, "float32")]
+    graph.outputs = AtenLowering(graph, "layer", lambda t, hint: graph.add_constant(hint, t)).lower(
+        gm, values
+    )
+    graph.remove_unused()
+    (got,) = run(graph, x23)
+    torch.testing.assert_close(got, fn(x23))
+
+
+rm, rv = torch.randn(3), torch.rand(3) + 0.5
+w3, b3 = torch.randn(3), torch.randn(3)
+b8 = torch.randn(8)
+q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+
+# Each overload of a variant family, called directly (first output compared).
+VARIANTS: list[tuple[Any, tuple, dict]] = [
+    (aten.max_pool2d.default, (x4, [2, 2]), {}),
+    (aten.max_pool2d_with_indices.default, (x4, [3, 3], [2, 2], [1, 1]), {}),
+    (aten.max_pool1d_with_indices.default, (x3, [3], [2]), {}),
+    (aten.max_pool3d_with_indices.default, (torch.randn(1, 2, 4, 4, 4), [2, 2, 2]), {}),
+    (aten.batch_norm.default, (x4, w3, b3, rm, rv, False, 0.1, 1e-3, False), {}),
+    (aten.native_batch_norm.default, (x4, w3, b3, rm, rv, False, 0.1, 1e-3), {}),
+    (aten._native_batch_norm_legit.default, (x4, w3, b3, rm, rv, False, 0.1, 1e-3), {}),
+    (aten._native_batch_norm_legit_no_training.default, (x4, None, b3, rm, rv, 0.1, 1e-3), {}),
+    (aten.layer_norm.default, (x3, [8], w8, b8, 1e-5), {}),
+    (aten.native_layer_norm.default, (x3, [8], None, b8, 1e-5), {}),
+    (aten._softmax.default, (x3, 1, False), {}),
+    (aten.softmax.int, (x3, -1), {}),
+    (aten._log_softmax.default, (x3, 1, False), {}),
+    (aten.log_softmax.int, (x3, -1), {}),
+    (aten.scaled_dot_product_attention.default, (q, k, v), {}),
+    (aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v), {}),
+    (aten.var.correction, (x3, [1]), {"correction": 0}),
+    (aten.std.correction, (x3, [2]), {"correction": 1, "keepdim": True}),
+    (aten.var_mean.correction, (x3, [1]), {"correction": 1}),
+    (aten.max.dim, (x3, 1), {}),
+    (aten.min.dim, (x3, 2, True), {}),
+    (aten.min.other, (x3, b8), {}),
+    (aten.max.default, (x3,), {}),
+    (aten.argmin.default, (x3, 1), {}),
+    (aten.argmax.default, (x3, -1, True), {}),
+    (aten.sub.Tensor, (x3, b8), {"alpha": 3}),
+    (aten.add.Scalar, (x3, 0.5), {}),
+    (aten.clamp_min.Tensor, (x3, b8), {}),
+    (aten.clamp_max.default, (x3, 0.3), {}),
+    (aten.clip.default, (x3, None, 0.3), {}),
+    (aten.relu6.default, (x3 * 8,), {}),
+    (aten.reflection_pad2d.default, (x4, [1, 2, 2, 1]), {}),
+    (aten.replication_pad1d.default, (x3, [2, 1]), {}),
+    (aten.upsample_nearest2d.vec, (x4, [9, 7], None), {}),
+    (aten.upsample_bilinear2d.vec, (x4, None, False, [1.5, 2.0]), {}),
+    (aten.upsample_linear1d.vec, (x3, [11], True, None), {}),
+    (aten.upsample_bicubic2d.vec, (x4, [8, 8], False, None), {}),
+]
+
+
+@pytest.mark.parametrize("op, args, kwargs", VARIANTS, ids=[str(c[0]) for c in VARIANTS])
+def test_each_variant_overload_lowers(op: Any, args: tuple, kwargs: dict) -> None:
+    graph, inputs = lower_call(op, *args, **kwargs)
+    assert all(n.op != "keras_layer" for n in graph.nodes)
+    (got,) = run(graph, *inputs)
+    expected = eager_first(op, *args, **kwargs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_indices_are_refused() -> None:
+    with pytest.raises(UnsupportedOp, match="output 1 of max_pool2d_with_indices"):
+        lower(lambda x: F.max_pool2d(x, 2, return_indices=True)[1].float(), x4)
+
+
+def test_unlowered_resize_mode_is_refused_with_its_name() -> None:
+    with pytest.raises(UnsupportedOp, match=r"aten\._upsample_nearest_exact2d"):
+        lower(lambda x: F.interpolate(x, scale_factor=2, mode="nearest-exact"), x4)

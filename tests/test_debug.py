@@ -29,7 +29,7 @@ def test_no_divergence_on_a_correct_conversion() -> None:
 
 
 def test_a_wrong_lowering_is_pinned_to_its_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(aten.LOWERINGS, "relu", lambda c, a: c.emit("sigmoid", [a["input"]]))
+    monkeypatch.setitem(aten.LOWERINGS, aten.aten.relu.default, lambda c, a: c.emit("sigmoid", [a["input"]]))
     found = find_divergence(small_model(), [random_input((2, 6, 6, 3))])
     assert found is not None and found.stage == "import" and found.layer == "act"
 
@@ -53,7 +53,7 @@ def test_cli_debug_reduce(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> 
     assert "no divergence" in capsys.readouterr().out
     monkeypatch.setitem(
         aten.LOWERINGS,
-        "mean",
+        aten.aten.mean.dim,
         lambda c, a: c.emit("reduce_max", [a["input"]], dims=a["dim"], keepdim=a["keepdim"]),
     )
     assert main(["debug", "reduce", str(path)]) == 1

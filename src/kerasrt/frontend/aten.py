@@ -1,18 +1,30 @@
 """Lower an ATen-level torch.fx graph (from tracing Keras on its torch backend) into the IR.
 
-One lowering function per ATen op family, in a table. A node whose tensor inputs are all
-constants is evaluated right away (weights get permuted once, here, not per call). Every
-lowered value is checked against the shape and dtype the tracer recorded, so a wrong
-lowering is refused instead of producing wrong numbers.
+``LOWERINGS`` maps each supported ``torch._ops.OpOverload`` to its lowering function; the
+only way in is the ``lowering`` decorator. It takes op packets (``aten.add``: every overload)
+or single overloads, and each op's in-place twin (``aten.add_``) gets the same lowering, so
+a lookup is one exact dict hit on the traced node's target. One function can lower a family
+of variants (``max_pool2d`` and ``max_pool2d_with_indices``, ``softmax`` and
+``log_softmax``): each registration binds keyword arguments that tell it which variant it
+lowers, so no lowering inspects the op it is called for.
+
+A node whose tensor inputs are all constants is evaluated right away (weights get permuted
+once, here, not per call; an in-place op runs on a copy, so nodes that already read the
+constant keep its old value). A surviving in-place op (its schema writes its first argument)
+rebinds that argument to its result, so later readers see the update. Every lowered value
+is checked against the shape and dtype the tracer recorded, so a wrong lowering is refused
+instead of producing wrong numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch._ops import OpOverload, OpOverloadPacket
 from torch.fx.operator_schemas import normalize_function
 
 from kerasrt.ir.graph import Graph, Value, dtype_name
@@ -38,50 +50,92 @@ def _read(env: dict, node: torch.fx.Node) -> Any:
     return value
 
 
+def _optional(name: str) -> OpOverloadPacket | None:
+    """An ATen op that some supported torch versions lack (``lowering`` skips ``None``)."""
+    return getattr(aten, name, None)
+
+
+def _writes_first_arg(op: OpOverload) -> bool:
+    """Whether ``op`` updates its first argument in place (``relu_``, ``add_.Tensor``...)."""
+    args = op._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+def _in_place_twin(op: OpOverloadPacket | OpOverload) -> OpOverloadPacket | OpOverload | None:
+    """``aten.relu_`` for ``aten.relu`` (``aten.add_.Tensor`` for ``aten.add.Tensor``), if it exists."""
+    packet = op.overloadpacket if isinstance(op, OpOverload) else op
+    namespace, name = packet._qualified_op_name.split("::")
+    twin = getattr(getattr(torch.ops, namespace), name + "_", None)
+    if twin is None or isinstance(op, OpOverloadPacket):
+        return twin
+    return getattr(twin, op._overloadname, None)
+
+
+def _overloads_of(op: OpOverloadPacket | OpOverload | None) -> list[OpOverload]:
+    if isinstance(op, OpOverloadPacket):
+        return [getattr(op, name) for name in op.overloads()]
+    return [] if op is None else [op]
+
+
+def overloads(*ops: OpOverloadPacket | OpOverload | None) -> list[OpOverload]:
+    """The overloads named by ``ops`` (a packet stands for all of its overloads, ``None`` for
+    none), plus those of their in-place twins."""
+    out: list[OpOverload] = []
+    for op in ops:
+        if op is not None and not isinstance(op, (OpOverloadPacket, OpOverload)):
+            raise TypeError(f"expected a torch op such as aten.relu, got {op!r}")
+        out.extend(_overloads_of(op))
+        if op is not None:
+            out.extend(o for o in _overloads_of(_in_place_twin(op)) if _writes_first_arg(o))
+    return out
+
+
 # Ops that only pass their input through at inference time.
-_IDENTITY = {
-    "clone",
-    "contiguous",
-    "alias",
-    "alias_copy",
-    "detach",
-    "detach_copy",
-    "lift_fresh_copy",
-    "lift_fresh",
-    "dropout",
-    "feature_dropout",
-    "alpha_dropout",
-    "_assert_tensor_metadata",
-}
-# Ops whose result depends only on the static shape of their input.
-_SHAPE_ONLY = {
-    "zeros_like",
-    "ones_like",
-    "full_like",
-    "empty_like",
-    "new_zeros",
-    "new_ones",
-    "new_full",
-    "new_empty",
-    "rand_like",
-    "randn_like",
-}
+_IDENTITY = (
+    aten.clone,
+    aten.contiguous,
+    aten.alias,
+    aten.alias_copy,
+    aten.detach,
+    aten.detach_copy,
+    aten.lift_fresh_copy,
+    aten.lift_fresh,
+    aten.dropout,
+    aten.feature_dropout,
+    aten.alpha_dropout,
+)
+# Ops whose result depends only on the static shape of their input: always evaluated.
+_SHAPE_ONLY = frozenset(
+    overloads(
+        aten.zeros_like,
+        aten.ones_like,
+        aten.full_like,
+        aten.empty_like,
+        aten.new_zeros,
+        aten.new_ones,
+        aten.new_full,
+        aten.new_empty,
+        aten.rand_like,
+        aten.randn_like,
+    )
+)
 # Ops that only rearrange elements into the recorded shape.
-_RESHAPES = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "view_copy",
-    "unsqueeze",
-    "unsqueeze_copy",
-    "squeeze",
-    "squeeze_copy",
-    "flatten",
-    "unflatten",
-    "_reshape_alias",
-    "view_as",
-}
-_UNARY = {
+_RESHAPES = (
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.view_copy,
+    aten.unsqueeze,
+    aten.unsqueeze_copy,
+    aten.squeeze,
+    aten.squeeze_copy,
+    aten.flatten,
+    aten.unflatten,
+    _optional("_reshape_alias"),
+    aten.view_as,
+)
+# ATen ops that become the IR op of the same name.
+_UNARY = (
     "relu",
     "sigmoid",
     "tanh",
@@ -106,34 +160,35 @@ _UNARY = {
     "hardsigmoid",
     "hardswish",
     "isnan",
-}
+)
+# ATen op -> IR op.
 _BINARY = {
-    "mul": "mul",
-    "maximum": "maximum",
-    "minimum": "minimum",
-    "eq": "eq",
-    "ne": "ne",
-    "lt": "lt",
-    "le": "le",
-    "gt": "gt",
-    "ge": "ge",
-    "logical_and": "logical_and",
-    "logical_or": "logical_or",
-    "remainder": "remainder",
-    "floor_divide": "floor_divide",
-    "atan2": "atan2",
-    "pow": "pow",
-    "bitwise_and": "logical_and",
-    "bitwise_or": "logical_or",
-    "fmod": "remainder",
+    aten.mul: "mul",
+    aten.maximum: "maximum",
+    aten.minimum: "minimum",
+    aten.eq: "eq",
+    aten.ne: "ne",
+    aten.lt: "lt",
+    aten.le: "le",
+    aten.gt: "gt",
+    aten.ge: "ge",
+    aten.logical_and: "logical_and",
+    aten.logical_or: "logical_or",
+    aten.remainder: "remainder",
+    aten.floor_divide: "floor_divide",
+    aten.atan2: "atan2",
+    aten.pow: "pow",
+    aten.bitwise_and: "logical_and",
+    aten.bitwise_or: "logical_or",
+    aten.fmod: "remainder",
 }
 _REDUCTIONS = {
-    "mean": "reduce_mean",
-    "sum": "reduce_sum",
-    "amax": "reduce_max",
-    "amin": "reduce_min",
-    "any": "reduce_any",
-    "all": "reduce_all",
+    aten.mean: "reduce_mean",
+    aten.sum: "reduce_sum",
+    aten.amax: "reduce_max",
+    aten.amin: "reduce_min",
+    aten.any: "reduce_any",
+    aten.all: "reduce_all",
 }
 
 
@@ -202,7 +257,7 @@ class AtenLowering:
                 args = torch.fx.node.map_arg(node.args, lambda n: _read(env, n))
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _read(env, n))
                 env[node] = self._lower_call(node, args, kwargs)
-                if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name.endswith("_"):
+                if isinstance(node.target, OpOverload) and _writes_first_arg(node.target):
                     # a surviving in-place op: later readers of its input see the result
                     first = node.args[0]
                     if isinstance(first, torch.fx.Node):
@@ -218,32 +273,33 @@ class AtenLowering:
             return (
                 _Unavailable(f"output {args[1]} of {node.args[0]} is not supported") if item is None else item
             )
-        if not isinstance(target, torch._ops.OpOverload):
+        if not isinstance(target, OpOverload):
             raise UnsupportedOp(f"call to {getattr(target, '__name__', target)} is not an ATen op")
-        name = target._schema.name.split("::")[-1]
-        if name.endswith("_") and not name.endswith("__"):
-            name = name[:-1]
         values = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Value)]
-        if name in _SHAPE_ONLY or (values and all(v.is_constant for v in values)) or not values:
+        if target in _SHAPE_ONLY or (values and all(v.is_constant for v in values)) or not values:
             return self._evaluate(target, args, kwargs)
-        lowering = LOWERINGS.get(name)
-        if lowering is None:
-            raise UnsupportedOp(f"no lowering for aten.{name}")
+        lower = LOWERINGS.get(target)
+        if lower is None:
+            raise UnsupportedOp(f"no lowering for {target}")
         normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
         a = dict(normalized.kwargs) if normalized is not None else {}
         if "self" in a:
             a["input"] = a.pop("self")
-        out = lowering(self, a)
+        out = lower(self, a)
         self._check(out)
         return out
 
     def _evaluate(self, target: Any, args: tuple, kwargs: dict) -> Any:
         """Run an op whose result is fixed at conversion time; keep it as a constant."""
         meta = self.fx_node.meta.get("val")
+        # an in-place op must not write into a constant that earlier nodes already read
+        copy = isinstance(target, OpOverload) and _writes_first_arg(target)
 
         def concrete(a: Any) -> Any:
             if isinstance(a, Value):
-                return a.data if a.is_constant else torch.zeros(a.shape, dtype=_torch(a))
+                if not a.is_constant:
+                    return torch.zeros(a.shape, dtype=_torch(a))
+                return a.data.clone() if copy else a.data
             return a
 
         result = target(
@@ -275,46 +331,71 @@ def _torch(value: Value) -> torch.dtype:
 
 
 Lowering = Callable[[AtenLowering, dict[str, Any]], Any]
-LOWERINGS: dict[str, Lowering] = {}
+LOWERINGS: dict[OpOverload, Lowering] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def lowers(*names: str) -> Callable[[Lowering], Lowering]:
-    def wrap(fn: Lowering) -> Lowering:
-        for name in names:
-            LOWERINGS[name] = fn
+def lowering(*ops: OpOverloadPacket | OpOverload | None, **params: Any) -> Callable[[_F], _F]:
+    """Register the decorated ``fn(c, a, **params)`` as the lowering of ``overloads(*ops)``.
+
+    ``a`` holds the node's arguments by schema name (``self`` renamed ``input``). ``params``
+    are bound now: they tell a function that lowers several variants which one these ops
+    are. The function is returned as is, so registrations stack.
+    """
+    targets = overloads(*ops)
+
+    def register(fn: _F) -> _F:
+        taken = [str(op) for op in targets if op in LOWERINGS]
+        if taken:
+            raise ValueError(f"{', '.join(taken)} already lowered")
+        bound = functools.partial(fn, **params) if params else fn
+        LOWERINGS.update(dict.fromkeys(targets, bound))
         return fn
 
-    return wrap
+    return register
+
+
+def _first_of(y: Value, outputs: int) -> Value | list[Value | None]:
+    """``y``, as the only computed output of an op that returns ``outputs`` values."""
+    return y if outputs == 1 else [y] + [None] * (outputs - 1)
 
 
 # -- pass-through, casts and shapes ------------------------------------------------------------
-for _n in _IDENTITY:
-    LOWERINGS[_n] = lambda c, a: a["input"]
+@lowering(*_IDENTITY)
+def _identity(c: AtenLowering, a: dict) -> Value:
+    return a["input"]
 
 
-@lowers("_to_copy", "to", "_to_dim_order_copy", "type_as", "_autocast_to_reduced_precision")
+@lowering(aten._assert_tensor_metadata)
+def _assert_metadata(c: AtenLowering, a: dict) -> None:
+    """The tracer already checked the metadata, and every lowered value is checked again."""
+    return None
+
+
+@lowering(aten._to_copy, aten.to, aten.type_as, aten._autocast_to_reduced_precision)
 def _cast(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     target = dtype_name(c.fx_node.meta["val"].dtype)
     return x if target == x.dtype else c.emit("cast", [x], dtype=target)
 
 
-for _n in _RESHAPES:
-    LOWERINGS[_n] = lambda c, a: c.reshape(a["input"], c.out_shape())
+@lowering(*_RESHAPES)
+def _reshape(c: AtenLowering, a: dict) -> Value:
+    return c.reshape(a["input"], c.out_shape())
 
 
-@lowers("expand", "expand_copy", "expand_as", "broadcast_to")
+@lowering(aten.expand, aten.expand_copy, aten.expand_as, aten.broadcast_to)
 def _expand(c: AtenLowering, a: dict) -> Value:
     x, shape = a["input"], c.out_shape()
     return x if x.shape == shape else c.emit("expand", [x], shape=list(shape))
 
 
-@lowers("permute", "permute_copy")
+@lowering(aten.permute, aten.permute_copy)
 def _permute(c: AtenLowering, a: dict) -> Value:
     return c.emit("permute", [a["input"]], dims=[d % len(a["input"].shape) for d in a["dims"]])
 
 
-@lowers("transpose", "transpose_copy", "swapaxes")
+@lowering(aten.transpose, aten.transpose_copy, aten.swapaxes)
 def _transpose(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     dims = list(range(len(x.shape)))
@@ -323,7 +404,7 @@ def _transpose(c: AtenLowering, a: dict) -> Value:
     return c.emit("permute", [x], dims=dims)
 
 
-@lowers("t", "numpy_T")
+@lowering(aten.t, aten.numpy_T)
 def _t(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     return c.emit("permute", [x], dims=list(range(len(x.shape)))[::-1]) if len(x.shape) > 1 else x
@@ -337,19 +418,19 @@ def _slice(c: AtenLowering, x: Value, dim: int, start: int | None, end: int | No
     return c.emit("slice", [x], dim=dim, start=start, end=end, step=step)
 
 
-@lowers("slice", "slice_copy")
+@lowering(aten.slice, aten.slice_copy)
 def _slice_op(c: AtenLowering, a: dict) -> Value:
     return _slice(c, a["input"], a["dim"], a["start"], a["end"], a["step"])
 
 
-@lowers("select", "select_copy")
+@lowering(aten.select, aten.select_copy)
 def _select(c: AtenLowering, a: dict) -> Value:
     x, dim = a["input"], a["dim"] % len(a["input"].shape)
     index = a["index"] % x.shape[dim]
     return c.reshape(_slice(c, x, dim, index, index + 1, 1), c.out_shape())
 
 
-@lowers("narrow", "narrow_copy")
+@lowering(aten.narrow, aten.narrow_copy)
 def _narrow(c: AtenLowering, a: dict) -> Value:
     return _slice(c, a["input"], a["dim"], a["start"], a["start"] + a["length"], 1)
 
@@ -362,7 +443,7 @@ def _split_at(c: AtenLowering, x: Value, dim: int, sizes: list[int]) -> list[Val
     return out
 
 
-@lowers("split", "split_with_sizes", "split_copy", "split_with_sizes_copy")
+@lowering(aten.split, aten.split_with_sizes, aten.split_copy, aten.split_with_sizes_copy)
 def _split(c: AtenLowering, a: dict) -> list[Value]:
     x, dim = a["input"], a["dim"] % len(a["input"].shape)
     size = a.get("split_size", a.get("split_sizes"))
@@ -371,21 +452,21 @@ def _split(c: AtenLowering, a: dict) -> list[Value]:
     return _split_at(c, x, dim, list(size))
 
 
-@lowers("unbind", "unbind_copy")
+@lowering(aten.unbind, aten.unbind_copy)
 def _unbind(c: AtenLowering, a: dict) -> list[Value]:
     x, dim = a["input"], a["dim"] % len(a["input"].shape)
     shape = x.shape[:dim] + x.shape[dim + 1 :]
     return [c.reshape(v, shape) for v in _split_at(c, x, dim, [1] * x.shape[dim])]
 
 
-@lowers("chunk")
+@lowering(aten.chunk)
 def _chunk(c: AtenLowering, a: dict) -> list[Value]:
     x, dim = a["input"], a["dim"] % len(a["input"].shape)
     size = -(-x.shape[dim] // a["chunks"])
     return _split_at(c, x, dim, [min(size, x.shape[dim] - s) for s in range(0, x.shape[dim], size)])
 
 
-@lowers("cat", "concat", "concatenate")
+@lowering(aten.cat, aten.concat, aten.concatenate)
 def _cat(c: AtenLowering, a: dict) -> Value:
     xs = [x for x in a["tensors"] if x.shape != (0,)]
     if len(xs) == 1:
@@ -393,7 +474,7 @@ def _cat(c: AtenLowering, a: dict) -> Value:
     return c.emit("concat", xs, dim=a["dim"] % len(xs[0].shape))
 
 
-@lowers("stack")
+@lowering(aten.stack)
 def _stack(c: AtenLowering, a: dict) -> Value:
     xs = a["tensors"]
     dim = a["dim"] % (len(xs[0].shape) + 1)
@@ -403,8 +484,12 @@ def _stack(c: AtenLowering, a: dict) -> Value:
 
 
 # -- elementwise -----------------------------------------------------------------------------
-for _n in _UNARY:
-    LOWERINGS[_n] = (lambda op: lambda c, a: c.emit(op, [a["input"]]))(_n)
+def _unary(c: AtenLowering, a: dict, op: str) -> Value:
+    return c.emit(op, [a["input"]])
+
+
+for _name in _UNARY:
+    lowering(getattr(aten, _name), op=_name)(_unary)
 
 
 def _binary(c: AtenLowering, op: str, x: Any, y: Any) -> Value:
@@ -413,22 +498,24 @@ def _binary(c: AtenLowering, op: str, x: Any, y: Any) -> Value:
     return c.emit(op, [x, c.tensor(y, x)])
 
 
-for _n, _op in _BINARY.items():
-    LOWERINGS[_n] = (lambda op: lambda c, a: _binary(c, op, a["input"], a.get("other", a.get("exponent"))))(
-        _op
-    )
+def _binary_op(c: AtenLowering, a: dict, op: str) -> Value:
+    return _binary(c, op, a["input"], a.get("other", a.get("exponent")))
 
 
-@lowers("add", "sub")
-def _add_sub(c: AtenLowering, a: dict) -> Value:
-    op = c.fx_node.target._schema.name.split("::")[-1].rstrip("_")
+for _packet, _op in _BINARY.items():
+    lowering(_packet, op=_op)(_binary_op)
+
+
+@lowering(aten.add, op="add")
+@lowering(aten.sub, op="sub")
+def _add_sub(c: AtenLowering, a: dict, op: str) -> Value:
     other = a["other"]
     if a.get("alpha", 1) != 1:
         other = _binary(c, "mul", other, a["alpha"]) if isinstance(other, Value) else other * a["alpha"]
     return _binary(c, op, a["input"], other)
 
 
-@lowers("rsub")
+@lowering(aten.rsub)
 def _rsub(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     if a.get("alpha", 1) != 1:
@@ -436,7 +523,7 @@ def _rsub(c: AtenLowering, a: dict) -> Value:
     return _binary(c, "sub", a["other"], x)
 
 
-@lowers("div")
+@lowering(aten.div)
 def _div(c: AtenLowering, a: dict) -> Value:
     mode = a.get("rounding_mode")
     if mode is None:
@@ -446,39 +533,42 @@ def _div(c: AtenLowering, a: dict) -> Value:
     raise UnsupportedOp(f"div with rounding_mode={mode!r}")
 
 
-@lowers("square")
+@lowering(aten.square)
 def _square(c: AtenLowering, a: dict) -> Value:
     return c.emit("mul", [a["input"], a["input"]])
 
 
-@lowers("where")
+@lowering(aten.where)
 def _where(c: AtenLowering, a: dict) -> Value:
     x, y = a["input"], a["other"]
     x = c.tensor(x, y) if not isinstance(x, Value) else x
     return c.emit("where", [a["condition"], x, c.tensor(y, x)])
 
 
-@lowers("bitwise_not")
+@lowering(aten.bitwise_not)
 def _bitwise_not(c: AtenLowering, a: dict) -> Value:
     if a["input"].dtype != "bool":
         raise UnsupportedOp("bitwise_not on integers")
     return c.emit("logical_not", [a["input"]])
 
 
-@lowers("gelu")
+@lowering(aten.gelu)
 def _gelu(c: AtenLowering, a: dict) -> Value:
     return c.emit("gelu", [a["input"]], approximate=a.get("approximate", "none"))
 
 
-@lowers("clamp", "clip", "clamp_min", "clamp_max", "hardtanh", "relu6")
-def _clamp(c: AtenLowering, a: dict) -> Value:
-    name = c.fx_node.target._schema.name.split("::")[-1].rstrip("_")
-    lo, hi = {
-        "clamp_min": (a.get("min"), None),
-        "clamp_max": (None, a.get("max")),
-        "hardtanh": (a.get("min_val", -1.0), a.get("max_val", 1.0)),
-        "relu6": (0.0, 6.0),
-    }.get(name, (a.get("min"), a.get("max")))
+def _min_max(a: dict) -> tuple[Any, Any]:
+    return a.get("min"), a.get("max")
+
+
+@lowering(aten.clamp, aten.clip, bounds=_min_max)
+@lowering(aten.clamp_min, bounds=lambda a: (a["min"], None))
+@lowering(aten.clamp_max, bounds=lambda a: (None, a["max"]))
+@lowering(aten.hardtanh, bounds=lambda a: (a.get("min_val", -1.0), a.get("max_val", 1.0)))
+@lowering(aten.relu6, bounds=lambda a: (0.0, 6.0))
+def _clamp(c: AtenLowering, a: dict, bounds: Callable[[dict], tuple[Any, Any]]) -> Value:
+    """``bounds(a)`` gives the (lower, upper) limits, ``None`` for none."""
+    lo, hi = bounds(a)
     if isinstance(lo, Value) or isinstance(hi, Value):
         x = a["input"]
         if lo is not None:
@@ -489,12 +579,12 @@ def _clamp(c: AtenLowering, a: dict) -> Value:
     return c.emit("clamp", [a["input"]], min=lo, max=hi)
 
 
-@lowers("leaky_relu")
+@lowering(aten.leaky_relu)
 def _leaky_relu(c: AtenLowering, a: dict) -> Value:
     return c.emit("leaky_relu", [a["input"]], negative_slope=float(a["negative_slope"]))
 
 
-@lowers("elu")
+@lowering(aten.elu)
 def _elu(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     if a.get("input_scale", 1) != 1:
@@ -503,30 +593,30 @@ def _elu(c: AtenLowering, a: dict) -> Value:
     return _binary(c, "mul", y, a["scale"]) if a.get("scale", 1) != 1 else y
 
 
-@lowers("softplus")
+@lowering(aten.softplus)
 def _softplus(c: AtenLowering, a: dict) -> Value:
     return c.emit("softplus", [a["input"]], beta=float(a["beta"]), threshold=float(a["threshold"]))
 
 
-@lowers("mish")
+@lowering(aten.mish)
 def _mish(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     return c.emit("mul", [x, c.emit("tanh", [c.emit("softplus", [x], beta=1.0, threshold=20.0)])])
 
 
-@lowers("log_sigmoid_forward")
+@lowering(aten.log_sigmoid_forward)
 def _log_sigmoid(c: AtenLowering, a: dict) -> list:
     x = c.emit("neg", [c.emit("softplus", [c.emit("neg", [a["input"]])], beta=1.0, threshold=20.0)])
     return [x, None]
 
 
 # -- linear algebra and convolution ----------------------------------------------------------
-@lowers("mm", "bmm", "matmul")
+@lowering(aten.mm, aten.bmm, aten.matmul)
 def _matmul(c: AtenLowering, a: dict) -> Value:
     return c.emit("matmul", [a["input"], a.get("mat2", a.get("other"))])
 
 
-@lowers("addmm", "baddbmm")
+@lowering(aten.addmm, aten.baddbmm)
 def _addmm(c: AtenLowering, a: dict) -> Value:
     if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
         raise UnsupportedOp("addmm with alpha/beta")
@@ -534,14 +624,14 @@ def _addmm(c: AtenLowering, a: dict) -> Value:
     return c.emit("add", [product, a["input"]])
 
 
-@lowers("linear")
+@lowering(aten.linear)
 def _linear(c: AtenLowering, a: dict) -> Value:
     w = a["weight"]
     y = c.emit("matmul", [a["input"], c.emit("permute", [w], dims=[1, 0])])
     return c.emit("add", [y, a["bias"]]) if a.get("bias") is not None else y
 
 
-@lowers("convolution", "conv1d", "conv2d", "conv3d", "_convolution")
+@lowering(aten.convolution, aten.conv1d, aten.conv2d, aten.conv3d, aten._convolution)
 def _conv(c: AtenLowering, a: dict) -> Value:
     x, w, b = a["input"], a["weight"], a.get("bias")
     n = len(w.shape) - 2
@@ -573,15 +663,10 @@ def _expand_list(v: int | list[int], n: int) -> list[int]:
 
 
 # -- pooling, normalization, softmax, attention -----------------------------------------------
-@lowers(
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "max_pool2d_with_indices",
-    "max_pool1d_with_indices",
-    "max_pool3d_with_indices",
-)
-def _max_pool(c: AtenLowering, a: dict) -> Any:
+@lowering(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
+@lowering(aten.max_pool1d_with_indices, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, outputs=2)
+def _max_pool(c: AtenLowering, a: dict, outputs: int = 1) -> Any:
+    """``outputs=2``: the ``_with_indices`` ops, whose indices kerasrt does not compute."""
     n = len(a["kernel_size"]) if len(a["kernel_size"]) > 1 else len(a["input"].shape) - 2
     kernel = _expand_list(a["kernel_size"], n)
     stride = _expand_list(a["stride"], n) if a.get("stride") else kernel
@@ -594,10 +679,10 @@ def _max_pool(c: AtenLowering, a: dict) -> Any:
         dilation=_expand_list(a["dilation"], n),
         ceil_mode=bool(a["ceil_mode"]),
     )
-    return [y, None] if "indices" in c.fx_node.target._schema.name else y
+    return _first_of(y, outputs)
 
 
-@lowers("avg_pool1d", "avg_pool2d", "avg_pool3d")
+@lowering(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d)
 def _avg_pool(c: AtenLowering, a: dict) -> Value:
     n = len(a["input"].shape) - 2
     kernel = _expand_list(a["kernel_size"], n)
@@ -614,7 +699,9 @@ def _avg_pool(c: AtenLowering, a: dict) -> Value:
     )
 
 
-@lowers("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool1d", "_adaptive_avg_pool3d")
+@lowering(
+    aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool1d, aten._adaptive_avg_pool3d
+)
 def _adaptive_avg(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     if any(s != 1 for s in a["output_size"]):
@@ -623,14 +710,16 @@ def _adaptive_avg(c: AtenLowering, a: dict) -> Value:
     return c.emit("reduce_mean", [x], dims=dims, keepdim=True)
 
 
-@lowers(
-    "_native_batch_norm_legit_no_training",
-    "native_batch_norm",
-    "batch_norm",
-    "_native_batch_norm_legit",
-    "cudnn_batch_norm",
+@lowering(aten.batch_norm)
+@lowering(
+    aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit,
+    aten.native_batch_norm,
+    outputs=3,
 )
-def _batch_norm(c: AtenLowering, a: dict) -> Any:
+@lowering(aten.cudnn_batch_norm, outputs=4)
+def _batch_norm(c: AtenLowering, a: dict, outputs: int = 1) -> Any:
+    """``outputs > 1``: the native ops, which also return batch statistics (not computed)."""
     if a.get("training", False):
         raise UnsupportedOp("batch norm in training mode")
     inputs = [a["input"], a["running_mean"], a["running_var"]]
@@ -640,11 +729,13 @@ def _batch_norm(c: AtenLowering, a: dict) -> Any:
     if b is not None:
         inputs.append(b)
     y = c.emit("batch_norm", inputs, eps=float(a["eps"]))
-    return y if c.fx_node.target._schema.name.endswith("::batch_norm") else [y, None, None]
+    return _first_of(y, outputs)
 
 
-@lowers("native_layer_norm", "layer_norm")
-def _layer_norm(c: AtenLowering, a: dict) -> Any:
+@lowering(aten.layer_norm)
+@lowering(aten.native_layer_norm, outputs=3)
+def _layer_norm(c: AtenLowering, a: dict, outputs: int = 1) -> Any:
+    """``outputs=3``: ``native_layer_norm``, which also returns mean and rstd (not computed)."""
     w, b = a.get("weight"), a.get("bias")
     inputs = [a["input"]]
     if w is not None or b is not None:
@@ -652,25 +743,25 @@ def _layer_norm(c: AtenLowering, a: dict) -> Any:
     if b is not None:
         inputs.append(b)
     y = c.emit("layer_norm", inputs, normalized_shape=list(a["normalized_shape"]), eps=float(a["eps"]))
-    return [y, None, None] if "native" in c.fx_node.target._schema.name else y
+    return _first_of(y, outputs)
 
 
-@lowers("_softmax", "softmax", "_log_softmax", "log_softmax")
-def _softmax(c: AtenLowering, a: dict) -> Value:
-    op = "log_softmax" if "log" in c.fx_node.target._schema.name else "softmax"
+@lowering(aten._softmax, aten.softmax, op="softmax")
+@lowering(aten._log_softmax, aten.log_softmax, op="log_softmax")
+def _softmax(c: AtenLowering, a: dict, op: str) -> Value:
     x = a["input"]
     y = c.emit(op, [x], dim=a["dim"] % len(x.shape))
     target = dtype_name(c.fx_node.meta["val"].dtype)
     return y if y.dtype == target else c.emit("cast", [y], dtype=target)
 
 
-@lowers(
-    "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-)
-def _sdpa(c: AtenLowering, a: dict) -> Any:
+@lowering(aten.scaled_dot_product_attention)
+@lowering(aten._scaled_dot_product_flash_attention_for_cpu, outputs=2)
+@lowering(aten._scaled_dot_product_efficient_attention, outputs=4)
+@lowering(aten._scaled_dot_product_flash_attention, outputs=9)
+def _sdpa(c: AtenLowering, a: dict, outputs: int = 1) -> Any:
+    """``outputs > 1``: the fused kernels' ops, which also return softmax statistics and
+    random-number state (not computed)."""
     if a.get("dropout_p", 0.0) not in (0, 0.0):
         raise UnsupportedOp("attention dropout")
     if a.get("enable_gqa"):
@@ -680,8 +771,7 @@ def _sdpa(c: AtenLowering, a: dict) -> Any:
     if mask is not None:
         inputs.append(mask)
     y = c.emit("attention", inputs, scale=a.get("scale"), is_causal=bool(a.get("is_causal", False)))
-    name = c.fx_node.target._schema.name
-    return y if name.endswith("::scaled_dot_product_attention") else [y] + [None] * 8
+    return _first_of(y, outputs)
 
 
 # -- reductions -------------------------------------------------------------------------------
@@ -692,11 +782,7 @@ def _dims(x: Value, dim: Any) -> list[int]:
     return sorted(d % len(x.shape) for d in dims)
 
 
-for _n, _op in _REDUCTIONS.items():
-    LOWERINGS[_n] = (lambda op: lambda c, a: _reduce(c, op, a))(_op)
-
-
-def _reduce(c: AtenLowering, op: str, a: dict) -> Value:
+def _reduce(c: AtenLowering, a: dict, op: str) -> Value:
     x = a["input"]
     if a.get("dtype") is not None:
         x = c.emit("cast", [x], dtype=dtype_name(a["dtype"]))
@@ -707,50 +793,51 @@ def _reduce(c: AtenLowering, op: str, a: dict) -> Value:
     return y if y.dtype == target else c.emit("cast", [y], dtype=target)
 
 
-@lowers("max", "min")
-def _max_min(c: AtenLowering, a: dict) -> Any:
-    name = c.fx_node.target._schema.name.split("::")[-1]
+@lowering(aten.max, op="max")
+@lowering(aten.min, op="min")
+def _max_min(c: AtenLowering, a: dict, op: str) -> Any:
     x = a["input"]
     if "other" in a:
-        return _binary(c, "maximum" if name == "max" else "minimum", x, a["other"])
+        return _binary(c, "maximum" if op == "max" else "minimum", x, a["other"])
     keep = bool(a.get("keepdim", False))
     if a.get("dim") is None:
-        return c.emit("reduce_" + name, [x], dims=_dims(x, None), keepdim=False)
+        return c.emit("reduce_" + op, [x], dims=_dims(x, None), keepdim=False)
     dim = a["dim"] % len(x.shape)
-    values = c.emit("reduce_" + name, [x], dims=[dim], keepdim=keep)
-    return [values, c.emit("arg" + name, [x], dim=dim, keepdim=keep)]
+    values = c.emit("reduce_" + op, [x], dims=[dim], keepdim=keep)
+    return [values, c.emit("arg" + op, [x], dim=dim, keepdim=keep)]
 
 
-@lowers("prod")
-def _prod(c: AtenLowering, a: dict) -> Value:
-    return _reduce(c, "reduce_prod", a)
+for _packet, _op in {**_REDUCTIONS, aten.prod: "reduce_prod"}.items():
+    lowering(_packet, op=_op)(_reduce)
 
 
-@lowers("var", "var_mean", "std")
-def _var(c: AtenLowering, a: dict) -> Any:
-    name = c.fx_node.target._schema.name.split("::")[-1]
+@lowering(aten.var)
+@lowering(aten.std, root=True)
+@lowering(aten.var_mean, with_mean=True)
+def _var(c: AtenLowering, a: dict, root: bool = False, with_mean: bool = False) -> Any:
+    """``root``: the standard deviation; ``with_mean``: [variance, mean]."""
     x = a["input"]
     correction = a.get("correction")
     if correction is None:
         correction = 1 if a.get("unbiased", True) else 0
     dims, keep = _dims(x, a.get("dim")), bool(a.get("keepdim", False))
     var = c.emit("reduce_var", [x], dims=dims, correction=float(correction), keepdim=keep)
-    if name == "std":
+    if root:
         return c.emit("sqrt", [var])
-    if name == "var_mean":
+    if with_mean:
         return [var, c.emit("reduce_mean", [x], dims=dims, keepdim=keep)]
     return var
 
 
-@lowers("argmax", "argmin")
-def _argmax(c: AtenLowering, a: dict) -> Value:
-    name = c.fx_node.target._schema.name.split("::")[-1]
+@lowering(aten.argmax, op="argmax")
+@lowering(aten.argmin, op="argmin")
+def _argmax(c: AtenLowering, a: dict, op: str) -> Value:
     x = a["input"]
     if a.get("dim") is None:
         x, dim = c.reshape(x, (-1,) if False else (max(1, _numel(x.shape)),)), 0
     else:
         dim = a["dim"] % len(x.shape)
-    return c.emit(name, [x], dim=dim, keepdim=bool(a.get("keepdim", False)))
+    return c.emit(op, [x], dim=dim, keepdim=bool(a.get("keepdim", False)))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -760,7 +847,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-@lowers("cumsum")
+@lowering(aten.cumsum)
 def _cumsum(c: AtenLowering, a: dict) -> Value:
     x = a["input"]
     if a.get("dtype") is not None:
@@ -769,7 +856,7 @@ def _cumsum(c: AtenLowering, a: dict) -> Value:
 
 
 # -- padding, gathering, resizing ---------------------------------------------------------------
-@lowers("constant_pad_nd", "pad")
+@lowering(aten.constant_pad_nd, aten.pad)
 def _pad(c: AtenLowering, a: dict) -> Value:
     mode = a.get("mode", "constant")
     value = a.get("value") or 0.0
@@ -779,38 +866,30 @@ def _pad(c: AtenLowering, a: dict) -> Value:
     return c.emit("pad", [a["input"]], pads=pads, mode=mode, value=float(value))
 
 
-@lowers(
-    "reflection_pad1d",
-    "reflection_pad2d",
-    "reflection_pad3d",
-    "replication_pad1d",
-    "replication_pad2d",
-    "replication_pad3d",
-)
-def _pad_mode(c: AtenLowering, a: dict) -> Value:
-    name = c.fx_node.target._schema.name
-    mode = "reflect" if "reflection" in name else "replicate"
+@lowering(aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d, mode="reflect")
+@lowering(aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d, mode="replicate")
+def _pad_mode(c: AtenLowering, a: dict, mode: str) -> Value:
     return c.emit("pad", [a["input"]], pads=[int(p) for p in a["padding"]], mode=mode, value=0.0)
 
 
-@lowers("embedding")
+@lowering(aten.embedding)
 def _embedding(c: AtenLowering, a: dict) -> Value:
     return c.emit("gather", [a["weight"], a["indices"]], dim=0)
 
 
-@lowers("index_select")
+@lowering(aten.index_select)
 def _index_select(c: AtenLowering, a: dict) -> Value:
     return c.emit("gather", [a["input"], a["index"]], dim=a["dim"] % len(a["input"].shape))
 
 
-@lowers("gather", "take_along_dim")
+@lowering(aten.gather, aten.take_along_dim)
 def _take_along(c: AtenLowering, a: dict) -> Value:
     return c.emit(
         "take_along", [a["input"], a.get("index", a.get("indices"))], dim=a["dim"] % len(a["input"].shape)
     )
 
 
-@lowers("index")
+@lowering(aten.index)
 def _index(c: AtenLowering, a: dict) -> Value:
     indices = a["indices"]
     used = [i for i, v in enumerate(indices) if v is not None]
@@ -819,29 +898,20 @@ def _index(c: AtenLowering, a: dict) -> Value:
     return c.emit("gather", [a["input"], indices[used[0]]], dim=used[0])
 
 
-@lowers(
-    "upsample_nearest1d",
-    "upsample_nearest2d",
-    "upsample_nearest3d",
-    "upsample_bilinear2d",
-    "upsample_linear1d",
-    "upsample_trilinear3d",
-    "upsample_bicubic2d",
-    "_upsample_nearest_exact2d",
-    "_upsample_bilinear2d_aa",
-)
-def _resize(c: AtenLowering, a: dict) -> Value:
-    name = c.fx_node.target._schema.name.split("::")[-1]
-    if name.endswith("_aa") or "exact" in name:
-        raise UnsupportedOp(f"{name} resizing")
-    mode = next(m for m in ("nearest", "bilinear", "bicubic", "trilinear", "linear") if m in name)
+@lowering(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, mode="nearest")
+@lowering(aten.upsample_linear1d, mode="linear")
+@lowering(aten.upsample_bilinear2d, mode="bilinear")
+@lowering(aten.upsample_trilinear3d, mode="trilinear")
+@lowering(aten.upsample_bicubic2d, mode="bicubic")
+def _resize(c: AtenLowering, a: dict, mode: str) -> Value:
+    """Only the plain modes: ``nearest-exact`` and anti-aliased resizing have no lowering."""
     x = a["input"]
     size = list(c.out_shape()[2:])
     align = a.get("align_corners") if mode != "nearest" else None
     return c.emit("resize", [x], size=size, mode=mode, align_corners=align)
 
 
-@lowers("celu")
+@lowering(aten.celu)
 def _celu(c: AtenLowering, a: dict) -> Value:
     """celu(x, alpha) = alpha * elu(x / alpha)."""
     alpha = float(a.get("alpha", 1.0))
@@ -849,14 +919,14 @@ def _celu(c: AtenLowering, a: dict) -> Value:
     return _binary(c, "mul", y, alpha)
 
 
-@lowers("softshrink")
+@lowering(aten.softshrink)
 def _softshrink(c: AtenLowering, a: dict) -> Value:
     """softshrink(x, l) = x - clamp(x, -l, l)."""
     lam = float(a.get("lambd", 0.5))
     return c.emit("sub", [a["input"], c.emit("clamp", [a["input"]], min=-lam, max=lam)])
 
 
-@lowers("_safe_softmax")
+@lowering(_optional("_safe_softmax"))
 def _safe_softmax(c: AtenLowering, a: dict) -> Value:
     """softmax that gives 0 (not NaN) on rows that are entirely -inf (fully masked)."""
     x = a["input"]
@@ -864,7 +934,7 @@ def _safe_softmax(c: AtenLowering, a: dict) -> Value:
     return c.emit("where", [c.emit("isnan", [y]), c.scalar(0.0, y), y])
 
 
-@lowers("glu")
+@lowering(aten.glu)
 def _glu(c: AtenLowering, a: dict) -> Value:
     """glu(x) = first half * sigmoid(second half) along ``dim``."""
     x = a["input"]
@@ -874,9 +944,12 @@ def _glu(c: AtenLowering, a: dict) -> Value:
     return c.emit("mul", [first, c.emit("sigmoid", [second])])
 
 
-@lowers("_fused_rms_norm", "rms_norm")
-def _rms_norm(c: AtenLowering, a: dict) -> Any:
-    """rms_norm(x) = x * rsqrt(mean(x^2 over normalized dims) + eps) * weight."""
+@lowering(_optional("rms_norm"))
+@lowering(_optional("_fused_rms_norm"), with_rstd=True)
+def _rms_norm(c: AtenLowering, a: dict, with_rstd: bool = False) -> Any:
+    """rms_norm(x) = x * rsqrt(mean(x^2 over normalized dims) + eps) * weight.
+
+    ``with_rstd``: ``_fused_rms_norm``, which also returns the rsqrt factor."""
     x = a["input"]
     dims = list(range(len(x.shape) - len(a["normalized_shape"]), len(x.shape)))
     eps = a.get("eps")
@@ -887,4 +960,4 @@ def _rms_norm(c: AtenLowering, a: dict) -> Any:
     y = c.emit("mul", [x, rstd])
     if a.get("weight") is not None:
         y = c.emit("mul", [y, a["weight"]])
-    return [y, rstd] if "fused" in c.fx_node.target._schema.name else y
+    return [y, rstd] if with_rstd else y
