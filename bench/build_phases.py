@@ -4,15 +4,19 @@ config timed, Inductor's estimate; the engines' compile on the first call), with
 empty (fresh kerasrt, Triton and Inductor cache folders and CUDA's JIT cache off); the
 first call's error against Keras FP32, and the median of 50 calls (``kerasrt.bench``'s CUDA
 event timing, as the suite's, inputs on the device) to compare the engines different
-builds chose. ``KERASRT_COMPILE_WORKERS=0`` compiles the
-candidates in threads instead.
+builds chose. ``KERASRT_COMPILE_WORKERS=0`` compiles the candidates in threads instead.
 
     source .whl/activate.sh && python bench/build_phases.py [MODEL] [BATCH]
 
 ``STACKS_EVERY=S`` also prints every thread's stack every S seconds on stderr (faulthandler:
 where a slow phase spends its time, even inside C code); ``SAMPLE_EVERY=S`` prints the main
 thread's innermost Python frames instead (from a Python thread: safe, but blind while C code
-holds the GIL). The row ends with the process's child processes (a compile pool).
+holds the GIL).
+
+Prints one JSON line on stdout: convert and convert + first-call seconds, the error, p50 ms,
+seconds and calls per phase, the process's child processes (a compile pool) and the cache
+folders it used (kept after exit, so a later process can reuse the tactics). kerasrt's INFO
+log (the tactics' phases) goes to stderr.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ import triton.runtime.jit  # noqa: E402
 from torch._inductor import compile_fx  # noqa: E402
 
 import kerasrt  # noqa: E402
-from kerasrt import runtime  # noqa: E402
-from kerasrt.backend import tactics  # noqa: E402
 from kerasrt.bench import latency_stats, sample_latencies  # noqa: E402
+from kerasrt.runtime import program  # noqa: E402
+from kerasrt.tuning import merges, tactics  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kerasrt_testing import calibrated_application  # noqa: E402 (calibrated random weights)
@@ -117,16 +121,12 @@ def main(name: str, batch: int) -> None:
     timed(compile_fx, "compile_fx")  # the engines' Inductor compiles (dynamo imports it per call)
     timed(triton.compiler.compiler, "compile")  # Inductor's Triton kernels (it calls this one)
     timed(triton.runtime.jit.JITFunction, "_do_compile")  # kerasrt's Triton kernels
-    timed(runtime.CudaGraphRunner, "__init__")  # warm-up runs (compiling) and the capture
-    for phase in (
-        "measure_cudnn",
-        "precompile",
-        "best_config",
-        "inductor_estimate_ms",
-        "measure_depthwise",
-        "choose",
-    ):
-        timed(tactics, phase)
+    timed(program.CudaGraphRunner, "__init__")  # warm-up runs (compiling) and the capture
+    timed(tactics, "precompile")  # Triton candidates and cuDNN runtime plans, in workers
+    timed(tactics, "choose")  # every per-node choice, its compiling and timing included
+    timed(tactics.Tuner, "measure")  # timing one family's configs on one node
+    timed(tactics.Tuner, "inductor_ms")
+    timed(merges, "merge")
     model = calibrated_application(name)  # as the suite's
     x = torch.randn(batch, 224, 224, 3, device="cuda")
     begin = time.perf_counter()

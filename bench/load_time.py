@@ -5,6 +5,12 @@ first inference, and does the loaded model run at the compiled model's speed?
 
 MODEL: a keras.applications name (default ResNet50) or BERT (the suite's BERT-base encoder).
 
+Prints JSON lines on stdout: the JIT build (convert + build seconds, latency), the save with
+AOT engines (seconds, cuDNN plans saved and their bytes), then per load mode the loading
+process's record (import, load and first-inference seconds, engines, CUDA graph, latency,
+modules imported, Triton cache entries) and the loaded outputs' largest relative difference
+from the JIT-built model's. Writes no files: the artifact lives in a temporary folder.
+
 With KERASRT_PROFILE_LOAD=1 the loading processes print a profile (cumulative time) of load
 and first inference. LOAD_MODES lists the loads to run (default
 "no-cuda-graph,cuda-graph,fresh-machine"; a "profiled" load runs with CUDA graphs and prints
@@ -35,7 +41,7 @@ t1 = time.perf_counter()
 profile = cProfile.Profile() if os.environ.get("KERASRT_PROFILE_LOAD") or "profiled" in sys.argv[4] else None
 spent = {}
 if profile:  # time kerasrt's first-call work per function, next to the profile
-    from kerasrt.backend import cudnn_conv, depthwise_conv, pointwise_conv
+    from kerasrt.kernels import cudnn_conv, depthwise_conv, pointwise_conv
     def timed(module, name):
         fn = getattr(module, name)
         def wrapper(*args, **kwargs):
@@ -49,6 +55,7 @@ if profile:  # time kerasrt's first-call work per function, next to the profile
     from kerasrt.backend import aoti
     import subprocess
     for module, name in ((cudnn_conv, "plan_for"), (cudnn_conv, "build_graph"), (cudnn_conv, "deserialized_plan"),
+                         (cudnn_conv, "install_saved_plans"),
                          (pointwise_conv, "launch"), (depthwise_conv, "launch"),
                          (aoti, "package_problem"), (aoti, "load_package")):
         timed(module, name)

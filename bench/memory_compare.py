@@ -9,6 +9,10 @@ Systems: "kerasrt convert" (Keras ResNet50 -> FP16 engines, conversion included)
 load packages" (the artifact saved with its AOTInductor packages, loaded and run: what a
 deployment holds), and
 "torch.compile" (torchvision resnet50, reduce-overhead + freezing, fp16, channels-last).
+
+Prints one JSON line per system (peak allocated and reserved MiB, allocated after, the driver's
+memory in use after, the input's size); with $OUT set, also writes them to
+$OUT/memory_b{BATCH}.json.
 """
 
 from __future__ import annotations
