@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kerasrt.backend import compile_pool
-from kerasrt.backend.compile_pool import Request
+from kerasrt.tuning import compile_pool
+from kerasrt.tuning.compile_pool import Request
 
 
 class FakeKernel:
@@ -129,7 +129,7 @@ def test_workers_compile_the_requests_and_this_process_what_they_did_not(fake_ke
 
 def test_without_workers_everything_compiles_here(fake_kernels, monkeypatch, caplog) -> None:
     monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "0")
-    with caplog.at_level(logging.DEBUG, logger="kerasrt.backend.compile_pool"):
+    with caplog.at_level(logging.DEBUG, logger="kerasrt.tuning.compile_pool"):
         assert (
             compile_pool.compile_requests([request(id=i) for i in range(40)] + [request(id="x", fail=True)])[
                 1
@@ -235,7 +235,7 @@ def test_how_many_workers(monkeypatch, caplog) -> None:
     monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "64")
     assert compile_pool.worker_count(1000) == 64
     monkeypatch.setenv(compile_pool.WORKERS_VARIABLE, "many")
-    with caplog.at_level(logging.WARNING, logger="kerasrt.backend.compile_pool"):
+    with caplog.at_level(logging.WARNING, logger="kerasrt.tuning.compile_pool"):
         assert compile_pool.worker_count(1000) == cores
     assert "KERASRT_COMPILE_WORKERS='many'" in caplog.text
 

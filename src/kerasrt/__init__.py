@@ -22,7 +22,7 @@ def __getattr__(name: str):  # lazy: importing kerasrt must not import Keras
 
         return Converter
     if name == "load":
-        from kerasrt.artifact import load
+        from kerasrt.runtime.artifact import load
 
         return load
     if name == "OptimizedModel":

@@ -353,7 +353,7 @@ def bench_keras_model(
 
 def _artifact_serves(artifact: str | os.PathLike[str], precision: str, shapes: ShapeKey) -> bool:
     """Whether the artifact saved an engine of ``precision`` for these input shapes."""
-    from kerasrt.artifact import saved_engines
+    from kerasrt.runtime.artifact import saved_engines
 
     saved_precision, saved_shapes = saved_engines(artifact)
     return saved_precision == precision and shapes in saved_shapes
@@ -376,7 +376,7 @@ def _prepare_system(
     begin = time.perf_counter()
     shapes = tuple(tuple(t.shape) for t in tensors)
     if system == "kerasrt" and artifact is not None and _artifact_serves(artifact, precision, shapes):
-        from kerasrt.artifact import load
+        from kerasrt.runtime.artifact import load
 
         loaded = load(artifact, device=str(device))
         loaded(*tensors)  # load its engines, capture

@@ -103,11 +103,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from kerasrt.artifact import load
     from kerasrt.ir.graph import dump
-    from kerasrt.report import format_report, make_report
+    from kerasrt.report import format_report, format_tactics, make_report, tactics_rows
+    from kerasrt.runtime.artifact import load
 
     model = load(args.artifact, device=args.device)
+    if args.tactics:
+        rows = tactics_rows(model)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            out.print(format_tactics(rows), markup=False, highlight=False)
+        return 0
     report = make_report(model)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -139,7 +146,7 @@ def _write_pictures(model: Any, dot_path: str | None, html_path: str | None, sum
             before = build_graph(
                 model.keras, specs, dataclasses.replace(model.settings, optimization_level=0)
             )
-        from kerasrt.runtime import Program
+        from kerasrt.runtime.program import Program
 
         before_program = Program(before, model.settings, model.device, model.keras)
         page = to_html(
@@ -167,8 +174,8 @@ def _write_text(path: Path, text: str) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kerasrt.artifact import load
     from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.runtime.artifact import load
     from kerasrt.validate import compare, random_inputs
 
     model = load(args.artifact, device=args.device)
@@ -200,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     systems = list(dict.fromkeys(["kerasrt", *(args.systems.split(",") if args.compare else [])]))
     if Path(args.model).is_dir():  # an artifact: its settings, and its Keras model
-        from kerasrt.artifact import load
+        from kerasrt.runtime.artifact import load
 
         loaded = load(args.model, device="cpu", compiled_engines=False)  # settings and Keras model only
         keras_model, settings = loaded.keras.get(), loaded.settings
@@ -299,11 +306,11 @@ def _print_timings(timings: Sequence[Any], batch: int, device: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kerasrt.artifact import load
     from kerasrt.bench import compare_keras
     from kerasrt.converter import Converter
     from kerasrt.demo import DATA_PATH, MODEL_PATH
     from kerasrt.frontend import keras_adapter as ka
+    from kerasrt.runtime.artifact import load
     from kerasrt.validate import compare
 
     with np.load(DATA_PATH, allow_pickle=False) as data:
@@ -480,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="machine-readable JSON report")
     p.add_argument("--graph", action="store_true", help="also print the IR graph")
+    p.add_argument(
+        "--tactics",
+        action="store_true",
+        help="list each node's kernel choice and every candidate's timing (with --json: as JSON)",
+    )
     p.add_argument("--dot", metavar="FILE", help="write the optimized graph as Graphviz DOT")
     p.add_argument(
         "--html", metavar="FILE", help="write a page with pictures of the graph before/after optimization"

@@ -22,6 +22,7 @@ from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
 from kerasrt.runtime import KerasSource, OptimizedModel, Progress, ShapeKey, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
+from kerasrt.tuning.tactics import Tuner
 
 
 def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
@@ -153,7 +154,10 @@ class Converter:
         device: str = "auto",
         progress: Progress | None = None,
         settings: ConversionSettings | None = None,
+        tuner: Tuner | None = None,
     ):
+        """``tuner``: how kernel candidates are found and timed (default: on the device); the
+        settings' arguments follow TF-TRT's ``TrtGraphConverterV2``."""
         self.settings = settings or ConversionSettings(
             precision_mode=precision_mode,
             minimum_segment_size=minimum_segment_size,
@@ -173,6 +177,7 @@ class Converter:
         )
         self.device = device
         self.progress = progress
+        self.tuner = tuner
         if isinstance(model, (str, os.PathLike)):
             self.keras = KerasSource(path=Path(model), custom_objects=custom_objects)
         else:
@@ -214,6 +219,7 @@ class Converter:
             device=self.device,
             name=model.name,
             progress=self.progress,
+            tuner=self.tuner,
         )
         self._optimized.program(key)
         if profile is not None:  # and the profile's max engine
@@ -246,7 +252,7 @@ class Converter:
     ) -> Path:
         """Write the artifact directory (atomically: nothing half-written on failure); with
         Inductor engines, also their ahead-of-time compiled packages (see ``artifact.save``)."""
-        from kerasrt.artifact import save
+        from kerasrt.runtime.artifact import save
 
         if compiled_engines and self.progress is not None and self.optimized._programs:
             self.progress("compiling engines ahead of time")

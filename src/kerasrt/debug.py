@@ -21,7 +21,7 @@ from kerasrt.frontend.importer import InputSpec, import_model
 from kerasrt.ir.graph import Graph, Value, torch_dtype
 from kerasrt.ir.ops import OPS
 from kerasrt.passes import Budget, optimize
-from kerasrt.runtime import KerasSource, fallback_runner
+from kerasrt.runtime.program import KerasSource, fallback_runner
 from kerasrt.settings import ConversionSettings
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from kerasrt.backend import merges
 from kerasrt.ir.cost import node_flops
-from kerasrt.runtime import OptimizedModel
+from kerasrt.ir.ops import KERNEL
+from kerasrt.runtime.model import OptimizedModel
+from kerasrt.tuning.choices import Choice
 
 
 def make_report(model: OptimizedModel) -> dict[str, Any]:
@@ -66,11 +67,9 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
         "cuda_graph": program.graphable,
         "conv_kernels": dict(
-            Counter(
-                "merged" if merges.is_merge_signature(s) else c.kernel
-                for s, c in program.kernel_choices.items()
-            )
+            Counter(n.attrs[KERNEL]["kernel"] for s in program.segments for n in s.nodes if KERNEL in n.attrs)
         ),
+        "merged": dict((program.graph.meta.get("kernels") or {}).get("merged", {})),
         "segments": segments,
         "fallbacks": fallbacks,
         "suggestion": suggestion,
@@ -107,18 +106,14 @@ def format_report(report: dict[str, Any]) -> str:
         graph = "replayed as one CUDA graph" if report.get("cuda_graph") else "no CUDA graph"
         lines.append(f"engines: compiler {report['compiler']}, {graph}")
     if report.get("conv_kernels"):
-        kernels = report["conv_kernels"]
-        triton = f", {kernels['triton']} on kerasrt's Triton kernels" if kernels.get("triton") else ""
-        if kernels.get("splitk"):
-            triton += f", {kernels['splitk']} on its split-K kernel"
-        if kernels.get("merged"):
-            triton += (
-                f"; {kernels['merged']} merged kernels, each running two or three neighbouring convolutions"
+        kernels = ", ".join(f"{n} on {k}" for k, n in sorted(report["conv_kernels"].items()))
+        lines.append(f"kernels chosen by timing (tactics): {kernels}")
+        merged = report.get("merged") or {}
+        if merged:
+            lines.append(
+                "merged neighbouring convolutions: "
+                + ", ".join(f"{n} into {op}" for op, n in sorted(merged.items()))
             )
-        lines.append(
-            f"convolution shapes timed (tactics): {kernels.get('cudnn', 0)} on fused cuDNN kernels, "
-            f"{kernels.get('inductor', 0)} on Inductor's{triton}"
-        )
     lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())
@@ -139,4 +134,42 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Layers that run in Keras:")
         lines.extend(f"  {f['layer']}: {f['reason']}" for f in report["fallbacks"])
+    return "\n".join(lines)
+
+
+def tactics_rows(model: OptimizedModel) -> list[dict[str, Any]]:
+    """Every kernel choice of the model's graphs: the node (layer, op, output), the kernel and
+    config chosen, and each candidate's timing (``kerasrt inspect --tactics``)."""
+    rows = []
+    for key, graph in model.graphs.items():
+        for node in graph.nodes:
+            choice = Choice.of(node)
+            if choice is None:
+                continue
+            rows.append(
+                {
+                    "input_shapes": [list(s) for s in key],
+                    "layer": node.layer,
+                    "op": node.op,
+                    "output": node.outputs[0].type_str(),
+                    "kernel": choice.kernel,
+                    "config": choice.config,
+                    "timings_ms": {k: ms for k, (_, ms) in sorted(choice.timings.items())},
+                }
+            )
+    return rows
+
+
+def format_tactics(rows: list[dict[str, Any]]) -> str:
+    """``tactics_rows`` as a table for people."""
+    if not rows:
+        return "no kernel choices: the engines run Inductor's code for every node (or were built on a CPU)"
+    lines = [f"{'layer':<28} {'op':<10} {'output':<22} {'kernel':<15} cfg  timings (ms)"]
+    for r in rows:
+        timed = ", ".join(
+            f"{k} {ms:.4f}" if ms is not None else f"{k} did not run" for k, ms in r["timings_ms"].items()
+        )
+        lines.append(
+            f"{r['layer'][:28]:<28} {r['op']:<10} {r['output'][:22]:<22} {r['kernel']:<15} {r['config']:>3}  {timed}"
+        )
     return "\n".join(lines)

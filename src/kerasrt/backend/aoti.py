@@ -74,6 +74,9 @@ def load_package(path: Path, device: torch.device) -> Any:
     metadata with this machine's (kerasrt's manifest already has), and that probes the CPU's
     vector ISAs by compiling test libraries and loading each in a child process that imports
     torch: 38 s on the GPU machine (torch 2.11). Falls back to it if torch's internals moved."""
+    from kerasrt.kernels import registry
+
+    registry.families()  # the package calls kerasrt's ops: importing their families defines them
     index = device.index if device.index is not None else -1
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, index)
@@ -87,7 +90,6 @@ def load_package(path: Path, device: torch.device) -> Any:
 _PROBE = """
 import sys, torch
 from pathlib import Path
-import kerasrt.backend.torch_backend  # registers kerasrt's custom ops, which packages call
 from kerasrt.backend.aoti import load_package
 device = torch.device(sys.argv[2])
 if device.type == "cuda":

@@ -1,35 +1,32 @@
-"""The torch backend: an IR segment becomes a torch.fx program calling each op's impl.
+"""The torch backend: an IR segment becomes a torch.fx program (an engine), compiled by
+TorchInductor just in time or ahead of time (``aoti``).
 
-Constants become buffers of the program, moved to the target device once at build time.
-The program is a plain ``torch.fx.GraphModule``, which TorchInductor can compile later.
+Each node becomes one call: the op of the kernel family its ``attrs["kernel_choice"]`` names, with
+the chosen config (``kerasrt.kernels``), or else its IR op's implementation, which Inductor
+compiles. Constants become buffers of the program, moved to the target device once at build
+time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import operator
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
 
 from kerasrt import cache
-from kerasrt.backend import (
-    aoti,
-    cudnn_conv,
-    depthwise_conv,
-    merges,
-    op_library,
-    pointwise_conv,
-    splitk_conv,
-    stem_conv,
-)
+from kerasrt.backend import aoti
 from kerasrt.ir.graph import Node, Value, torch_dtype
-from kerasrt.ir.ops import OPS
+from kerasrt.ir.ops import KERNEL, OPS
+from kerasrt.kernels import op_library, registry
 from kerasrt.partition import Support
+from kerasrt.tuning.choices import INDUCTOR
 
 cache.share_with_triton()  # before any Inductor compile: converting and loading processes agree
 
@@ -39,8 +36,7 @@ def inductor_compiling() -> Iterator[None]:
     """The setting every Inductor compile of an engine runs in: kerasrt's ops registered
     with Inductor (``declare_fallbacks``), and the compile in this process. Inductor starts a
     pool of worker processes at its first compile otherwise, one per core, each importing
-    torch, for the few Triton kernels of an engine whose heavy layers are kerasrt's own
-    kernels (ResNet50's engine compiles 7 of them in 0.8 s in process on the H100 machine)."""
+    torch, for the few Triton kernels of an engine whose heavy layers are kerasrt's own."""
     from torch._inductor import config
 
     declare_fallbacks()
@@ -53,9 +49,7 @@ def declare_fallbacks() -> None:
     with the layout constraint Inductor gives an op it meets unregistered. Inductor would
     register them itself at their first use, but logs that first call with every argument
     printed, and torch 2.11 builds the text even with the log off: an argument prints the
-    IR of everything upstream of it. On the H100 machine that took 107-146 s of ResNet50's
-    first engine compile in 5 of 11 cold builds (``python bench/build_phases.py``, sampled
-    with ``SAMPLE_EVERY``)."""
+    IR of everything upstream of it, which took minutes of some cold builds."""
     try:
         from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
@@ -97,88 +91,43 @@ def _ident(name: str) -> str:
     return "c_" + re.sub(r"\W", "_", name)
 
 
-@dataclasses.dataclass(frozen=True)
-class _GraphOperands:
-    """A convolution's operands as values of the fx graph being built (``arg``), made when
-    read: a merged call reads only some of its convolutions' operands. The fields of
-    ``cudnn_conv.Operands`` but its output."""
+class GraphOperands:
+    """``registry.Operands`` as values of the fx program being built: activations are the
+    program's values, constants its buffers (moved to the device once, at build time)."""
 
-    node: Node
-    arg: Callable[..., torch.fx.Node]
+    def __init__(self, graph: torch.fx.Graph, root: torch.nn.Module, device: torch.device):
+        self.graph, self.root, self.device = graph, root, device
+        self.env: dict[int, torch.fx.Node] = {}  # IR value id -> fx node
+        self._buffers: dict[str, torch.fx.Node] = {}
 
-    @property
-    def x(self) -> torch.fx.Node:
-        return self.arg(self.node.inputs[0])
+    def __call__(self, value: Value) -> torch.fx.Node:
+        if id(value) not in self.env:
+            if not value.is_constant:
+                raise ValueError(f"segment reads {value.name} without it being an input")
+            self.env[id(value)] = self._buffer(_ident(value.name), lambda: value.data)
+        return self.env[id(value)]
 
-    @property
-    def w(self) -> torch.fx.Node:
-        return self.arg(self.node.inputs[1], True)
+    def constant(self, prepare: Callable[..., torch.Tensor], *values: Value) -> torch.fx.Node:
+        name = _ident("_".join(v.name for v in values) + "_" + prepare.__name__)
+        return self._buffer(name, lambda: prepare(*(v.data for v in values)))
 
-    @property
-    def bias(self) -> torch.fx.Node | None:
-        value = cudnn_conv.epilogue_values(self.node)[0]
-        return None if value is None else self.arg(value)
+    def apply(self, fn: Callable[..., Any], *args: Any) -> torch.fx.Node:
+        return self.graph.call_function(fn, args)
 
-    @property
-    def residual(self) -> torch.fx.Node | None:
-        value = cudnn_conv.epilogue_values(self.node)[1]
-        return None if value is None else self.arg(value)
-
-
-def _fused_conv_call(
-    node: Node, kernel: str, graph: torch.fx.Graph, arg: Callable[..., torch.fx.Node]
-) -> torch.fx.Node:
-    """The op call of a conv or conv_fused node on kerasrt's cuDNN graphs (``kernel`` "cudnn")
-    or a Triton kernel ("triton": the pointwise kernel for a 1x1 convolution, else the stem
-    kernel; "splitk": the split-K kernel). Input channels are padded as the ops take them: a
-    pad Inductor fuses into the kernel producing the input."""
-    operands = _GraphOperands(node, arg)
-    bias, residual, x = operands.bias, operands.residual, operands.x
-    channels = node.inputs[0].shape[1]
-    if cudnn_conv.input_channels(channels) != channels:
-        extra = cudnn_conv.input_channels(channels) - channels
-        x = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra]))
-    stride, padding, dilation, act, clip = cudnn_conv.op_arguments(node)
-    w = operands.w
-    if kernel == "triton" and pointwise_conv.eligible(node):
-        return graph.call_function(
-            torch.ops.kerasrt.pointwise_conv.default, (x, w, bias, residual, act, clip)
-        )
-    if kernel == "triton" and stem_conv.eligible(node):
-        return graph.call_function(
-            torch.ops.kerasrt.stem_conv.default, (x, w, bias, stride, padding, act, clip)
-        )
-    if kernel == "splitk" and splitk_conv.eligible(node):
-        return graph.call_function(
-            torch.ops.kerasrt.splitk_conv.default, (x, w, bias, residual, stride, padding, act, clip)
-        )
-    if kernel in ("triton", "splitk"):
-        raise ValueError(f"no {kernel} kernel runs {node}")
-    args = (x, w, bias, residual, stride, padding, dilation, act, clip)
-    return graph.call_function(torch.ops.kerasrt.cudnn_conv.default, args)
+    def _buffer(self, name: str, make: Callable[[], torch.Tensor]) -> torch.fx.Node:
+        if name not in self._buffers:
+            self.root.register_buffer(name, make().to(self.device), persistent=False)
+            self._buffers[name] = self.graph.get_attr(name)
+        return self._buffers[name]
 
 
-def _merged_call(
-    merge: merges.Merge,
-    graph: torch.fx.Graph,
-    arg: Callable[..., torch.fx.Node],
-    constant: Callable[[str, torch.Tensor], torch.fx.Node],
-) -> list[tuple[Node, torch.fx.Node]]:
-    """The op call of merged convolutions (``merges``): (node, fx value) for each whose output
-    the call makes. A pair's call returns the lead's output and writes the absorbed one's over
-    the first product's input (its fx value from then on)."""
-    lead = merge.lead
-    args = merges.op_arguments(
-        merge,
-        lambda node: _GraphOperands(node, arg),
-        lambda bias: constant(lead.outputs[0].name + "_dual_bias", bias),
-    )
-    if merge.kind == "dual":
-        return [(lead, graph.call_function(torch.ops.kerasrt.dual_conv.default, args))]
-    return [
-        (lead, graph.call_function(torch.ops.kerasrt.pointwise_pair.default, args)),
-        (merge.absorbed, args[0]),
-    ]
+def kernel_family(node: Node) -> registry.KernelFamily | None:
+    """The kerasrt kernel family chosen for ``node`` (``attrs["kernel_choice"]``), or None where it
+    runs as Inductor compiles its IR op."""
+    choice = node.attrs.get(KERNEL)
+    if not choice or choice.get("kernel") == INDUCTOR:
+        return None
+    return registry.family(choice["kernel"])
 
 
 class TorchEngine:
@@ -198,80 +147,39 @@ class TorchEngine:
         compiler: str = "eager",
         autotune: bool = False,
         package: Path | None = None,
-        kernel_convs: Mapping[int, str] | None = None,
     ):
-        """``kernel_convs``: the convolutions to run on kerasrt's own kernels, by node id: "cudnn"
-        (fused cuDNN graphs), "triton" (the pointwise or stem Triton kernel) or "splitk"; a
-        depthwise convolution listed runs on the depthwise Triton kernel; two merged
-        convolutions (``merges``) have "<kind>:<the other's output name>" on the one that runs
-        them and ``merges.ABSORBED`` on the other."""
-        kernel_convs = kernel_convs or {}
+        """Nodes with a kernel choice (``attrs["kernel_choice"]`` naming a family) run on that family's
+        op with the chosen config; every other node runs its IR op's implementation."""
         self.device = device
         self.compiler = compiler
         self.autotune = autotune
         self.input_types = [(tuple(v.shape), v.dtype) for v in inputs]
         root = torch.nn.Module()
         graph = torch.fx.Graph()
-        env: dict[tuple[int, bool], torch.fx.Node] = {}  # (value, as a cuDNN weight) -> fx node
+        read = GraphOperands(graph, root, device)
         for i, value in enumerate(inputs):
-            env[(id(value), False)] = graph.placeholder(f"in{i}")
-
-        def arg(value: Value, cudnn_weight: bool = False) -> torch.fx.Node:
-            """The fx node of ``value``; constants become buffers (for cuDNN convolution
-            weights: as the op takes them, see ``cudnn_conv.op_weight``)."""
-            key = (id(value), cudnn_weight)
-            if key not in env:
-                if not value.is_constant:
-                    raise ValueError(f"segment reads {value.name} without it being an input")
-                name = _ident(value.name) + ("_cl" if cudnn_weight else "")
-                data = value.data.to(device)
-                if cudnn_weight:
-                    data = cudnn_conv.op_weight(data)
-                root.register_buffer(name, data, persistent=False)
-                env[key] = graph.get_attr(name)
-            return env[key]
-
-        def constant(name: str, data: torch.Tensor) -> torch.fx.Node:
-            """A tensor made at build time (no IR value) as a buffer of the program."""
-            root.register_buffer(_ident(name), data.to(device), persistent=False)
-            return graph.get_attr(_ident(name))
-
-        by_output = {n.outputs[0].name: n for n in nodes}
-        self.kernel_convs = 0
+            read.env[id(value)] = graph.placeholder(f"in{i}")
+        view = registry.View(nodes, outputs)
+        self.kernel_nodes = 0
         for node in nodes:
-            kernel = kernel_convs.get(id(node))
-            merged = merges.parse(kernel) if kernel is not None else None
-            if kernel == merges.ABSORBED:
-                self.kernel_convs += 1
-                continue  # its merge partner's call computes it
-            if merged is not None:
-                kind, partners = merged
-                missing = [name for name in partners if name not in by_output]
-                if missing:
-                    raise ValueError(f"{node} is merged with {missing}, not in its engine")
-                *inner, absorbed = (by_output[name] for name in partners)
-                merge = merges.Merge(kind, node, absorbed, inner[0] if inner else None)
-                for done, value in _merged_call(merge, graph, arg, constant):
-                    env[(id(done.outputs[0]), False)] = value
-                self.kernel_convs += 1
-                continue
-            if kernel is not None and depthwise_conv.eligible(node):
-                x, padding = depthwise_conv.ir_call(node, nodes)
-                stride, act, clip = depthwise_conv.op_arguments(node)
-                bias = arg(node.inputs[2]) if len(node.inputs) > 2 else None
-                result = graph.call_function(
-                    torch.ops.kerasrt.depthwise_conv.default,
-                    (arg(x), arg(node.inputs[1]), bias, stride, padding, act, clip),
-                )
-                self.kernel_convs += 1
-            elif kernel is not None:
-                result = _fused_conv_call(node, kernel, graph, arg)
-                self.kernel_convs += 1
+            family = kernel_family(node)
+            if family is None:
+                args = tuple(read(value) for value in node.inputs)
+                attrs = {k: v for k, v in node.attrs.items() if k != KERNEL}
+                result = graph.call_function(OPS[node.op].impl, args, attrs)
+                results = [result]
+                if len(node.outputs) > 1:
+                    results = [
+                        graph.call_function(operator.getitem, (result, i)) for i in range(len(node.outputs))
+                    ]
             else:
-                args = tuple(arg(value) for value in node.inputs)
-                result = graph.call_function(OPS[node.op].impl, args, dict(node.attrs))
-            env[(id(node.outputs[0]), False)] = result
-        graph.output(tuple(env[(id(v), False)] for v in outputs))
+                args = family.arguments(node, read, view)
+                call = graph.call_function(family.op, (*args, node.attrs[KERNEL]["config"]))
+                results = family.results(call, args)
+                self.kernel_nodes += 1
+            for value, result in zip(node.outputs, results):
+                read.env[id(value)] = result
+        graph.output(tuple(read(v) for v in outputs))
         self.module = torch.fx.GraphModule(root, graph)
         self.module.eval()
         self._run: Callable[..., tuple[torch.Tensor, ...]] = self.module

@@ -30,13 +30,34 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
+KERNEL = "kernel_choice"
+"""The attribute recording the kernel an op was chosen to run on (``kerasrt.tuning.tactics``):
+{"kernel": family or "inductor", "config": index, "timings": {kernel: [config, ms]}}. The math
+does not depend on it, so ``impl`` ignores it."""
 
 
-def _register(name: str, attrs: Sequence[str] = (), category: str = "elementwise", infer: bool = True):
+def _register(
+    name: str,
+    attrs: Sequence[str] = (),
+    category: str = "elementwise",
+    infer: bool = True,
+    kernels: bool = False,
+):
+    """Declare op ``name``; ``kernels``: kerasrt's kernel families may run it, and its nodes may
+    carry the ``KERNEL`` attribute."""
+
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in OPS:
             raise IRError(f"op {name!r} declared twice")
-        OPS[name] = OpDef(name, fn, tuple(attrs), category, infer)
+        impl = fn
+        if kernels:
+
+            def impl(*inputs: torch.Tensor, **attrs: Any) -> Any:
+                attrs.pop(KERNEL, None)
+                return fn(*inputs, **attrs)
+
+            impl.__name__ = fn.__name__
+        OPS[name] = OpDef(name, impl, (*attrs, KERNEL) if kernels else tuple(attrs), category, infer)
         return fn
 
     return wrap
@@ -140,7 +161,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-@_register("conv", ("stride", "padding", "dilation", "groups"), "conv")
+@_register("conv", ("stride", "padding", "dilation", "groups"), "conv", kernels=True)
 def conv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -450,6 +471,7 @@ def _epilogue(
     "conv_fused",
     ("stride", "padding", "dilation", "groups", "has_bias", "has_residual", "activation", "activation_attrs"),
     "conv",
+    kernels=True,
 )
 def conv_fused(
     x: torch.Tensor,
@@ -489,3 +511,64 @@ def linear(
         else torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
     )
     return _epilogue(y, rest, has_bias, has_residual, activation, activation_attrs)
+
+
+# -- merged convolutions (made by the tactics where one kernel beats the parts) --------------
+def _act(y: torch.Tensor, activation: str | None, activation_attrs: dict | None) -> torch.Tensor:
+    return y if activation is None else OPS[activation].impl(y, **(activation_attrs or {}))
+
+
+@_register("dual_conv", ("stride", "has_bias", "activation", "activation_attrs"), "conv", kernels=True)
+def dual_conv(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    x: torch.Tensor,
+    ws: torch.Tensor,
+    *rest: torch.Tensor,
+    stride: list[int],
+    has_bias: bool = True,
+    activation: str | None = None,
+    activation_attrs: dict | None = None,
+) -> torch.Tensor:
+    """act(conv1x1(h, w) + conv1x1(x, ws, stride) + b): a 1x1 convolution with the 1x1
+    projection it adds as its residual (a ResNet stage's first block), one product over both
+    inputs."""
+    y = torch.convolution(h, w, rest[0] if has_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    y = y + torch.convolution(x, ws, None, list(stride), [0, 0], [1, 1], False, [0, 0], 1)
+    return _act(y, activation, activation_attrs)
+
+
+PAIR_OPERANDS = ("x", "w1", "shortcut", "ws", "b1", "residual", "w2", "b2")
+"""The inputs a ``conv_pair`` node may have, in this order; ``operands`` names those it has."""
+
+
+@_register(
+    "conv_pair",
+    ("operands", "stride", "activation", "activation_attrs", "activation2", "activation2_attrs"),
+    "conv",
+    kernels=True,
+)
+def conv_pair(
+    *inputs: torch.Tensor,
+    operands: list[str],
+    stride: list[int],
+    activation: str | None = None,
+    activation_attrs: dict | None = None,
+    activation2: str | None = None,
+    activation2_attrs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z): y = act(conv1x1(x, w1) [+ conv1x1(shortcut, ws, stride)] [+ residual] [+ b1])
+    and z = act2(conv1x1(y, w2) [+ b2]): a 1x1 convolution chained into the 1x1 convolution
+    that reduces its output (a bottleneck's expansion and the next block's reduction)."""
+    a = dict(zip(operands, inputs))
+
+    def conv1x1(t: torch.Tensor, weight: torch.Tensor, bias: Any, step: list[int]) -> torch.Tensor:
+        return torch.convolution(t, weight, bias, step, [0, 0], [1, 1], False, [0, 0], 1)
+
+    y = conv1x1(a["x"], a["w1"], a.get("b1"), [1, 1])
+    if "shortcut" in a:
+        y = y + conv1x1(a["shortcut"], a["ws"], None, list(stride))
+    if "residual" in a:
+        y = y + a["residual"]
+    y = _act(y, activation, activation_attrs)
+    return y, _act(conv1x1(y, a["w2"], a.get("b2"), [1, 1]), activation2, activation2_attrs)

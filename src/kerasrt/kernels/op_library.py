@@ -1,5 +1,11 @@
 """kerasrt's custom operators (``kerasrt::cudnn_conv`` and its kin) in PyTorch's dispatcher.
 
+Each kernel family defines its op with ``define_kernel``: a typed signature (the schema),
+the empty output, the reference math (the op's kernel on every device but CUDA, and its
+definition), and the CUDA launch of one config. The config is the op's last argument, an
+index into the family's configs: the engine passes the one the tactics chose, recorded on the
+IR node, so no table is consulted at call time.
+
 Registered as plain ``torch.library.Library`` kernels rather than with
 ``torch.library.custom_op``: custom_op wraps every kernel in ``torch._disable_dynamo``, whose
 first call imports torch._dynamo (with sympy, ~800 modules). A process that only loads an
@@ -54,6 +60,47 @@ def define(
     arguments the op writes into (graphs compiled by Inductor then reuse their memory)."""
     name = default.__name__
     _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=mutates_args))
+    _register(name, default, cuda, fake, inlinable)
+
+
+def define_kernel(
+    signature: Callable[..., torch.Tensor],
+    *,
+    output: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+    launch: Callable[..., None],
+    runs: Callable[..., bool],
+    inlinable: bool = True,
+) -> Any:
+    """Define ``kerasrt::<signature's name>`` whose last argument is ``config: int`` and
+    return its overload. ``output(*args)``: the empty output (channels-last); ``reference(*args)``:
+    the math in PyTorch ops; ``launch(config, out, *args)``: the CUDA kernel writing ``out``;
+    ``runs(*args)``: whether it takes these operands (else CUDA computes the reference too).
+    ``args`` are the op's arguments without the config."""
+
+    def default(*args: Any) -> torch.Tensor:
+        out = output(*args[:-1])
+        out.copy_(reference(*args[:-1]))
+        return out
+
+    def fake(*args: Any) -> torch.Tensor:
+        return output(*args[:-1])
+
+    def cuda(*args: Any) -> torch.Tensor:
+        *operands, config = args
+        if not runs(*operands):
+            return default(*args)
+        out = output(*operands)
+        launch(config, out, *operands)
+        return out
+
+    name = signature.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(signature, mutates_args=()))
+    _register(name, default, cuda, fake, inlinable)
+    return getattr(torch.ops.kerasrt, name).default
+
+
+def _register(name: str, default: Callable, cuda: Callable, fake: Callable, inlinable: bool) -> None:
     _LIBRARY.impl(name, default, "CompositeExplicitAutograd")
     _LIBRARY.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"kerasrt::{name}", fake, lib=_LIBRARY)
@@ -141,7 +188,7 @@ def dot_block(n: int) -> int:
 def triton_kernels() -> ModuleType | None:
     """The module of kerasrt's Triton kernels, or None when Triton is not installed."""
     try:
-        from kerasrt.backend import triton_kernels as kernels
+        from kerasrt.kernels import triton_kernels as kernels
     except ImportError:
         return None
     return kernels

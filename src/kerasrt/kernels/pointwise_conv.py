@@ -1,28 +1,22 @@
-"""1x1 convolutions with their bias, residual add and activation in one Triton GEMM kernel.
+"""1x1 convolutions with their bias, residual add and activation in one Triton GEMM.
 
 A 1x1, stride-1 convolution over channels-last activations is a matrix product: (pixels x C)
-times (C x K). In MobileNet/EfficientNet-style blocks these products are thin (C of 16 to 960)
-and memory-bound: what matters is writing the activated output once. cuDNN fuses ReLU6 and
-SiLU epilogues only with runtime-compiled kernels (slow to build, 2.7-3.8x their traffic
-floor on an H200 at MobileNetV2 batch 128) and Inductor writes the product, then reads it
-back for the epilogue. ``kerasrt::pointwise_conv`` computes the product tile by tile and
-applies bias, residual and activation before its single store.
-
-Like the other kerasrt ops it is a torch custom op with the reference composition as its
-CPU kernel (the op's definition); the CUDA kernel's tile shape (a "config") is chosen per
-signature by measured tactics (``kerasrt.backend.tactics``) and kept in ``triton_configs``.
+times (C x K). In MobileNet/EfficientNet-style blocks these products are thin and
+memory-bound: what matters is writing the activated output once. cuDNN fuses ReLU6 and SiLU
+epilogues only with runtime-compiled kernels, and Inductor writes the product, then reads it
+back for the epilogue; ``kerasrt::pointwise_conv`` applies residual, bias and activation
+before its single store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kerasrt.backend import cudnn_conv, op_library, triton_configs
+from kerasrt.kernels import conv_spec, op_library
+from kerasrt.kernels.registry import KernelFamily, Operands, View
 
-FUSED_DTYPES = (torch.float16, torch.bfloat16)
 CONFIGS = (
     (128, 64, 32, 4, 3),
     (128, 128, 32, 8, 3),
@@ -33,25 +27,8 @@ CONFIGS = (
     (128, 128, 64, 8, 3),
     (256, 128, 64, 8, 3),
 )
-"""(pixels per program, output channels per program, reduction step, warps, pipeline stages):
-the tactics' candidates. The reduction step shrinks to the input channels (at least 16)."""
-
-
-def reference(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: str,
-    clip: Sequence[float],
-) -> torch.Tensor:
-    """What the op computes, in PyTorch ops: act(conv1x1(x, w) + residual + bias)."""
-    return cudnn_conv.reference(x, w, bias, residual, [1, 1], [0, 0], [1, 1], activation, clip)
-
-
-def empty_output(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The op's output, uninitialized: channels-last, x's dtype and device."""
-    return cudnn_conv.empty_output(x, w, [1, 1], [0, 0], [1, 1])
+"""(pixels per program, output channels per program, reduction step, warps, pipeline stages).
+The reduction step shrinks to the input channels (at least 16)."""
 
 
 def pointwise_conv(
@@ -61,73 +38,34 @@ def pointwise_conv(
     residual: torch.Tensor | None,
     activation: str,
     clip: list[float],
+    config: int,
 ) -> torch.Tensor:
     """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
-    NCHW logical shapes, channels-last output. The op's kernel on every device but CUDA
-    (there, ``_cuda`` runs a Triton GEMM)."""
-    out = empty_output(x, w)
-    out.copy_(reference(x, w, bias, residual, activation, clip))
-    return out
+    NCHW logical shapes, channels-last output."""
+    raise NotImplementedError  # the schema; define_kernel registers the kernels
 
 
-def _fake(x, w, bias, residual, activation, clip):
-    return empty_output(x, w)
+def reference(x, w, bias, residual, activation, clip) -> torch.Tensor:
+    return conv_spec.reference(x, w, bias, residual, [1, 1], [0, 0], [1, 1], activation, clip)
 
 
-def _cuda(x, w, bias, residual, activation, clip):
-    out = empty_output(x, w)
-    if x.dtype not in FUSED_DTYPES or kernel() is None:
-        out.copy_(reference(x, w, bias, residual, activation, clip))
-        return out
-    config = CONFIGS[triton_configs.chosen(signature(x, w, bias, residual, out, activation, clip))]
-    launch(config, x, w, bias, residual, out, activation, clip)
-    return out
-
-
-op_library.define(pointwise_conv, cuda=_cuda, fake=_fake, inlinable=True)
-
-
-def signature(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    out: torch.Tensor,
-    activation: str,
-    clip: Sequence[float],
-) -> str:
-    """The key of a call: the key ``kerasrt::cudnn_conv`` has for the same convolution, so one
-    tactic table entry names either kernel."""
-    operands = cudnn_conv.Operands(x, w, bias, residual, out)
-    return cudnn_conv.signature(operands, [1, 1], [0, 0], [1, 1], activation, clip)
-
-
-def available(device: torch.device) -> bool:
-    """Whether the Triton pointwise kernel can run on ``device``."""
-    return device.type == "cuda" and kernel() is not None
-
-
-# -- the Triton kernel ---------------------------------------------------------------------------
+def _output(x, w, *rest) -> torch.Tensor:
+    return conv_spec.empty_output(x, w)
 
 
 def kernel() -> Any:
-    """The Triton kernel (``triton_kernels.pointwise``), or None when Triton is not installed."""
+    """The Triton kernel, or None when Triton is not installed."""
     kernels = op_library.triton_kernels()
     return kernels.pointwise if kernels else None
 
 
-def launch(
-    config: tuple[int, int, int, int, int],
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    out: torch.Tensor,
-    activation: str,
-    clip: Sequence[float],
-) -> None:
-    """Run the kernel with one tile config (x, residual and out channels-last)."""
-    block_m, block_n, block_k, warps, stages = config
+def runs(x, *rest) -> bool:
+    return x.dtype in conv_spec.FUSED_DTYPES and kernel() is not None
+
+
+def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
+    """Run config ``config`` writing ``out`` (x, residual and out channels-last)."""
+    block_m, block_n, block_k, warps, stages = conv_spec.pick(CONFIGS, config, "pointwise_conv")
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
@@ -139,22 +77,40 @@ def launch(
     op_library.launchable(kernel())[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
         pixels, channels_out, c,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cudnn_conv.epilogue_constants(activation, clip),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **conv_spec.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
-# -- IR nodes ------------------------------------------------------------------------------------
+OP = op_library.define_kernel(pointwise_conv, output=_output, reference=reference, launch=launch, runs=runs)
 
 
-def eligible(node: Any) -> bool:
-    """Whether an IR conv/conv_fused node is a 1x1, stride-1, unpadded, ungrouped convolution
-    this kernel runs (and ``cudnn_conv.fusable``: a fusable activation, constant weights,
-    FP16/BF16)."""
-    if not cudnn_conv.fusable(node):
-        return False
-    a = node.attrs
-    if tuple(node.inputs[1].shape[2:]) != (1, 1) or a.get("groups", 1) != 1:
-        return False
-    return list(a["stride"]) == [1, 1] and list(a["padding"]) == [0, 0] and list(a["dilation"]) == [1, 1]
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and kernel() is not None
+
+
+def eligible(node: Any, view: View | None = None) -> bool:
+    """A fusable 1x1, stride-1, unpadded, ungrouped, undilated convolution."""
+    return conv_spec.is_plain_1x1(node) and conv_spec.geometry(node)[0] == [1, 1]
+
+
+def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
+    """(x, w, bias, residual, activation, clip)."""
+    bias, residual = conv_spec.epilogue_values(node)
+    return (
+        read(node.inputs[0]), read(node.inputs[1]),
+        None if bias is None else read(bias), None if residual is None else read(residual),
+        *conv_spec.activation_of(node),
+    )  # fmt: skip
+
+
+FAMILY = KernelFamily(
+    name="pointwise_conv",
+    ops=conv_spec.CONV_OPS,
+    op=OP,
+    eligible=eligible,
+    arguments=arguments,
+    available=available,
+    configs=CONFIGS,
+)

@@ -1,8 +1,10 @@
 """The saved artifact: a directory with a JSON manifest, safetensors weights and the
 original model as a .keras file (used for fallback layers and for engines built later).
 
-Loading parses JSON and safetensors only: nothing in the artifact is executed, and the
-Keras model is loaded (in Keras safe mode) only if a fallback layer or a rebuild needs it.
+The manifest holds each engine set's graph, kernel choices included (the nodes'
+``attrs["kernel_choice"]``, merged convolutions as their IR ops), so a load times nothing. Loading
+parses JSON and safetensors only: nothing in the artifact is executed, and the Keras model is
+loaded (in Keras safe mode) only if a fallback layer or a rebuild needs it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kerasrt import __version__
-from kerasrt.backend import aoti, cudnn_conv, tactics
+from kerasrt.backend import aoti
 from kerasrt.errors import ArtifactError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.serialize import graph_from_json, graph_to_json
-from kerasrt.runtime import CompiledEngines, KerasSource, OptimizedModel, ShapeKey, TensorSpec, resolve_device
+from kerasrt.kernels import cudnn_conv
+from kerasrt.runtime.model import OptimizedModel
+from kerasrt.runtime.program import CompiledEngines, KerasSource, ShapeKey, TensorSpec, resolve_device
 from kerasrt.settings import ConversionSettings
+from kerasrt.tuning.tactics import Tuner
 
 FORMAT = "kerasrt-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: kernel choices live in the graphs (1 kept them beside, by signature)."""
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 KERAS_MODEL = "keras_model.keras"
@@ -75,11 +80,6 @@ def save(
                 spec["key"] = _store(weights, spec["name"], tensors[spec["name"]])
             entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": data}
             program = model._programs.get(key)
-            if program is not None and program.kernel_choices:  # measured tactics travel along
-                entry["tactics"] = {
-                    "environment": tactics.environment(model.device),
-                    "choices": {sig: asdict(c) for sig, c in program.kernel_choices.items()},
-                }
             if compiled_engines and program is not None and program.compiled_engines:
                 folder = f"engines/{len(engines)}"
                 files, tested = program.export_engines(tmp / folder)
@@ -87,7 +87,6 @@ def save(
                     "environment": aoti.engine_environment(model.device),
                     "files": {str(i): f"{folder}/{name}" for i, name in files.items()},
                     "tested": {str(i): digest for i, digest in tested.items()},
-                    "kernel_convs": dict(sorted(program.kernel_convs.items())),
                 }
                 plans = program.cudnn_plans()
                 if plans:  # JSON: cuDNN's own serialization (kernel binaries), no Python objects
@@ -180,10 +179,12 @@ def load(
     device: str = "auto",
     custom_objects: dict[str, Any] | None = None,
     compiled_engines: bool = True,
+    tuner: Tuner | None = None,
 ) -> OptimizedModel:
     """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only; the
     compiled engine packages (native code) are used when ``compiled_engines`` and built for
-    this machine, else the engines are compiled again from the graph."""
+    this machine, else the engines are compiled again from the graph, with its kernel
+    choices where they were made for this environment (else timed again by ``tuner``)."""
     from kerasrt.converter import build_graph
     from kerasrt.frontend.importer import InputSpec
 
@@ -210,9 +211,6 @@ def load(
             tensors[spec["name"]] = weights[spec["key"]]
         key = tuple(tuple(s) for s in engine["input_shapes"])
         graphs[key] = graph_from_json(engine["graph"], tensors)
-        measured = engine.get("tactics")
-        if measured and target.type == "cuda" and measured.get("environment") == tactics.environment(target):
-            tactics.remember(measured["choices"], measured["environment"])
         compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
             here = here or aoti.engine_environment(target)
@@ -221,8 +219,6 @@ def load(
                     aoti.vouch(str(digest), target)
                 packages[key] = CompiledEngines(
                     {int(i): _inside(root, rel) for i, rel in compiled["files"].items()},
-                    _kernel_convs(compiled),
-                    {s: tactics.Choice(**c) for s, c in (measured or {}).get("choices", {}).items()},
                     _cudnn_plans(root, compiled),
                 )
             else:
@@ -251,6 +247,7 @@ def load(
         device=target,
         name=manifest.get("name", root.name),
         packages=packages,
+        tuner=tuner,
     )
 
 
@@ -262,26 +259,18 @@ def _inside(root: Path, relative: str) -> Path:
     return path
 
 
-def _cudnn_plans(root: Path, compiled: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _cudnn_plans(root: Path, compiled: dict[str, Any]) -> list[dict[str, Any]]:
     """The cuDNN plans saved with compiled engines, if saved by this machine's cuDNN version
     (with another, the engines build their plans at the first call)."""
     relative = compiled.get("cudnn_plans")
     if not relative:
-        return {}
+        return []
     path = _inside(root, relative)
     try:
         document = json.loads(path.read_text())
         version, plans = document["cudnn"], document["plans"]
-        if not all(isinstance(p, dict) and {"plan", "uids", "blob"} <= p.keys() for p in plans.values()):
-            raise ValueError("a plan lacks its index, uids or blob")
+        if not all(isinstance(p, dict) and {"key", "plan", "uids", "blob"} <= p.keys() for p in plans):
+            raise ValueError("a plan lacks its key, index, uids or blob")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{path} is corrupt: {exc}") from None
-    return plans if version == cudnn_conv.cudnn_version() else {}
-
-
-def _kernel_convs(compiled: dict[str, Any]) -> dict[str, str]:
-    """Output name -> kernel of the convolutions a compiled engine runs on kerasrt's kernels.
-    Artifacts before the pointwise kernel listed names only (as "cudnn_convs", later
-    "kernel_convs"): those ran on cuDNN, or on the depthwise kernel where eligible."""
-    listed = compiled.get("kernel_convs", compiled.get("cudnn_convs", ()))
-    return dict(listed) if isinstance(listed, dict) else {name: "cudnn" for name in listed}
+    return plans if version == cudnn_conv.cudnn_version() else []

@@ -1,0 +1,179 @@
+"""What kerasrt's convolution kernels share: how an IR convolution node reads as an op call
+(its epilogue operands, its arguments, its layout), and what every kernel computes (the
+reference).
+
+Every convolution kernel family (cuDNN graphs and the Triton kernels) fuses the same
+epilogue, ``act(conv(x, w) + residual + bias)`` with ``act`` one of ``ACTIVATIONS``, on
+channels-last FP16/BF16 activations: declaring it once keeps the families interchangeable,
+so the tactics can time any of them for a node and the engine emit the winner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+ACTIVATIONS = ("none", "relu", "clamp", "silu")
+"""Epilogue activations the kernels apply; "clamp" takes ``clip`` = [lo, hi] (ReLU6 is
+clamp [0, 6]). A Triton kernel takes the index into this tuple as its ``ACT``."""
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+"""Activation dtypes the kernels compute in (float32 accumulation)."""
+CONV_OPS = ("conv", "conv_fused")
+
+
+def epilogue_constants(activation: str, clip: Sequence[float]) -> dict[str, Any]:
+    """The constexpr arguments of the Triton kernels' epilogue: the activation's code and the
+    clamp bounds (zero unless it clamps). Constexpr, not arguments: an AOTInductor compile
+    types a Python float argument as float64, which made clamps slower in packages."""
+    lo, hi = (clip[0], clip[1]) if activation == "clamp" else (0.0, 0.0)
+    return {"ACT": ACTIVATIONS.index(activation), "LO": lo, "HI": hi}
+
+
+def epilogue_inputs(node: Any) -> tuple[bool, bool]:
+    """(has bias, has residual) of an IR conv or conv_fused node: the operands after x and w."""
+    if node.op == "conv":
+        return len(node.inputs) > 2, False
+    return node.attrs.get("has_bias", True), node.attrs.get("has_residual", False)
+
+
+def epilogue_values(node: Any) -> tuple[Any, Any]:
+    """(bias, residual): the IR values of a conv or conv_fused node's epilogue operands, None
+    for each it lacks."""
+    has_bias, has_residual = epilogue_inputs(node)
+    bias = node.inputs[2] if has_bias else None
+    return bias, node.inputs[2 + int(has_bias)] if has_residual else None
+
+
+def activation_of(node: Any) -> tuple[str, list[float]]:
+    """(activation, clip) of a fused node as the kernels take them."""
+    act = node.attrs.get("activation") or "none"
+    clip: list[float] = []
+    if act == "clamp":
+        bounds = node.attrs.get("activation_attrs") or {}
+        clip = [float(bounds["min"]), float(bounds["max"])]
+    return act, clip
+
+
+def fusable(node: Any) -> bool:
+    """Whether an IR conv or conv_fused node suits the fused kernels at all (each family's
+    ``eligible`` adds its own shape rules): a 2-D convolution, an activation they fuse (a
+    clamp with both bounds), constant weight and bias, FP16/BF16 activations."""
+    if node.op not in CONV_OPS or len(node.inputs[1].shape) != 4:
+        return False
+    act = node.attrs.get("activation") or "none"
+    bounds = node.attrs.get("activation_attrs") or {}
+    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+        return False
+    has_bias, _ = epilogue_inputs(node)
+    constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
+    return constants and node.inputs[0].dtype in ("float16", "bfloat16")
+
+
+def geometry(node: Any) -> tuple[list[int], list[int], list[int]]:
+    """stride, padding and dilation of an IR conv or conv_fused node."""
+    a = node.attrs
+    return list(a["stride"]), list(a["padding"]), list(a.get("dilation", [1, 1]))
+
+
+def is_plain_1x1(node: Any) -> bool:
+    """A fusable 1x1, unpadded, ungrouped, undilated convolution (any stride)."""
+    if not fusable(node) or tuple(node.inputs[1].shape[2:]) != (1, 1):
+        return False
+    _, padding, dilation = geometry(node)
+    return node.attrs.get("groups", 1) == 1 and padding == [0, 0] and dilation == [1, 1]
+
+
+def input_channels(c: int) -> int:
+    """Input channels as the cuDNN convolutions take them: at least 4. cuDNN's FP16 kernels
+    read channels in groups of 4 and would pad an RGB image itself, in an extra kernel per
+    call; padded in the engine, the zero channel is written by the kernel that produces the
+    input anyway."""
+    return max(c, 4)
+
+
+def pad_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zero input channels added up to ``input_channels``."""
+    extra = input_channels(x.shape[1]) - x.shape[1]
+    return torch.ops.aten.constant_pad_nd.default(x, [0, 0, 0, 0, 0, extra]) if extra else x
+
+
+def channels_last_weight(w: torch.Tensor) -> torch.Tensor:
+    """A conv weight with its input channels padded (``input_channels``), channels-last: how
+    the cuDNN and implicit-GEMM kernels read it (memory order K, R, S, C)."""
+    extra = input_channels(w.shape[1]) - w.shape[1]
+    if extra:
+        w = torch.nn.functional.pad(w, [0, 0, 0, 0, 0, extra])
+    return w.contiguous(memory_format=torch.channels_last)
+
+
+def output_shape(
+    x: Sequence[int], w: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> list[int]:
+    """N, K, H', W' of a 2-D convolution with symmetric ``padding``."""
+    spatial = [
+        (x[2 + i] + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)
+    ]
+    return [x[0], w[0], *spatial]
+
+
+def empty_output(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+) -> torch.Tensor:
+    """A convolution's output, uninitialized: channels-last, x's dtype and device."""
+    return empty_channels_last(output_shape(x.shape, w.shape, stride, padding, dilation), x)
+
+
+def empty_channels_last(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized channels-last tensor of NCHW ``shape``, ``like``'s dtype and device.
+
+    Made as an NHWC buffer seen through a permutation: Inductor lowers
+    ``torch.empty(memory_format=channels_last)`` with contiguous strides, so a traced Triton
+    kernel writing an op's output got a copy of the uninitialized buffer first (one more
+    kernel per op), and an ``empty_strided`` output was not always written in place."""
+    n, c, h, w = shape
+    return torch.empty((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
+
+
+def reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    clip: Sequence[float],
+) -> torch.Tensor:
+    """act(conv2d(x, w) + residual + bias) in PyTorch ops (rounded to the input dtype after the
+    conv, as an unfused program would): what every convolution kernel computes."""
+    y = torch.convolution(x, w, bias, list(stride), list(padding), list(dilation), False, [0, 0], 1)
+    if residual is not None:
+        y = y + residual
+    return activate(y, activation, clip)
+
+
+def activate(y: torch.Tensor, activation: str, clip: Sequence[float]) -> torch.Tensor:
+    """An epilogue activation ("none", "relu", "clamp" to ``clip``, "silu") in PyTorch ops."""
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    if activation == "clamp":
+        return torch.clamp(y, clip[0], clip[1])
+    if activation != "none":
+        raise ValueError(f"kerasrt's fused kernels have no activation {activation!r}")
+    return y
+
+
+def pick(configs: Sequence[tuple], config: int, op: str) -> tuple:
+    """``configs[config]``, or a clear error naming the op (a graph made for another kerasrt)."""
+    if not 0 <= config < len(configs):
+        raise ValueError(f"kerasrt::{op} has {len(configs)} configs, not config {config}")
+    return configs[config]
