@@ -43,6 +43,7 @@ def own_cache(tmp_path, monkeypatch):
 
 def test_the_registry_finds_every_family_and_each_op_takes_its_config_last() -> None:
     assert FAMILIES == [
+        "cublas_conv",
         "cudnn_conv",
         "depthwise_conv",
         "dual_conv",

@@ -1,0 +1,80 @@
+"""1x1 convolutions as one cuBLAS GEMM with the bias in its epilogue (``addmm``), the residual
+and activation applied in place after it.
+
+Over channels-last activations a 1x1, stride-1 convolution is the matrix product (pixels x C)
+@ (C x K), which cuBLAS runs at its tuned tile shapes for every size: for wide layers at large
+batches (ResNet's 512 -> 2048 expansions) its GEMM can beat kernels written for thin ones.
+The residual add and the activation are extra memory passes, so the tactics' timing decides
+per layer shape where this wins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kerasrt.kernels import conv_spec, op_library, pointwise_conv
+from kerasrt.kernels.registry import KernelFamily
+
+
+def cublas_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    clip: list[float],
+    config: int,
+) -> torch.Tensor:
+    """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
+    NCHW logical shapes, channels-last output."""
+    raise NotImplementedError  # the schema; define_kernel registers the kernels
+
+
+def _output(x, w, *rest) -> torch.Tensor:
+    return conv_spec.empty_output(x, w)
+
+
+def runs(x, *rest) -> bool:
+    return x.dtype in conv_spec.FUSED_DTYPES
+
+
+def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
+    """(pixels x C) @ (C x K) into ``out``'s (pixels x K) memory, then residual and activation
+    in place."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, wd = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
+    product = out.permute(0, 2, 3, 1).view(n * h * wd, w.shape[0])
+    weight = w.reshape(w.shape[0], c).t()
+    if bias is not None:
+        torch.addmm(bias, rows, weight, out=product)
+    else:
+        torch.mm(rows, weight, out=product)
+    if residual is not None:
+        out.add_(residual)
+    if activation == "relu":
+        out.relu_()
+    elif activation == "clamp":
+        out.clamp_(clip[0], clip[1])
+    elif activation == "silu":
+        torch.nn.functional.silu(out, inplace=True)
+
+
+OP = op_library.define_kernel(
+    cublas_conv, output=_output, reference=pointwise_conv.reference, launch=launch, runs=runs, inlinable=False
+)  # an AOTInductor package calls the op: cuBLAS compiles nothing
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+FAMILY = KernelFamily(
+    name="cublas_conv",
+    ops=conv_spec.CONV_OPS,
+    op=OP,
+    eligible=pointwise_conv.eligible,
+    arguments=pointwise_conv.arguments,
+    available=available,
+    triton=False,
+)
