@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from kerasrt.runtime import ShapeKey
+    from kerasrt.runtime.program import ShapeKey
 
 SCHEMA_VERSION = 1
 SYSTEMS = ("kerasrt", "keras-eager", "keras-torch-compile", "keras-jax-jit")

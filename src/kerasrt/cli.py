@@ -403,8 +403,8 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         "--conv-kernels",
         default=d.conv_kernels,
         choices=CONV_KERNELS,
-        help="FP16/BF16 convolutions on CUDA: auto (default: time kerasrt's fused cuDNN and "
-        "Triton (depthwise, 1x1, stem, split-K) kernels against Inductor's per layer shape, keep the fastest), cudnn "
+        help="FP16/BF16 convolutions on CUDA: auto (default: time the kernel registry's families (cuDNN, "
+        "cuBLAS, Triton) against Inductor's code per layer shape, keep the fastest), cudnn "
         "(kerasrt's kernels wherever they run), inductor",
     )
     p.add_argument(

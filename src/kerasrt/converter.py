@@ -20,7 +20,8 @@ from kerasrt.ir.graph import verify as verify_graph
 from kerasrt.ir.ops import OPS
 from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
-from kerasrt.runtime import KerasSource, OptimizedModel, Progress, ShapeKey, TensorSpec, with_batch
+from kerasrt.runtime.model import OptimizedModel
+from kerasrt.runtime.program import KerasSource, Progress, ShapeKey, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
 from kerasrt.tuning.tactics import Tuner
 

@@ -11,9 +11,12 @@ so the tactics can time any of them for a node and the engine emit the winner.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kerasrt.kernels import op_library
 
 ACTIVATIONS = ("none", "relu", "clamp", "silu")
 """Epilogue activations the kernels apply; "clamp" takes ``clip`` = [lo, hi] (ReLU6 is
@@ -177,3 +180,31 @@ def pick(configs: Sequence[tuple], config: int, op: str) -> tuple:
     if not 0 <= config < len(configs):
         raise ValueError(f"kerasrt::{op} has {len(configs)} configs, not config {config}")
     return configs[config]
+
+
+@dataclass(frozen=True)
+class TritonKernel:
+    """One of ``triton_kernels``' JIT functions, by name (None without Triton): whether it runs
+    on a device and on given operands, and its launch (``kernel[grid](...)``, as
+    ``op_library.launchable`` makes it: traced, precompiled or run)."""
+
+    name: str
+
+    def get(self) -> Any:
+        kernels = op_library.triton_kernels()
+        return getattr(kernels, self.name) if kernels else None
+
+    def runs(self, x: torch.Tensor, *rest: Any) -> bool:
+        """Whether the kernel takes an op call whose first operand is ``x``."""
+        return x.dtype in FUSED_DTYPES and self.get() is not None
+
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.get() is not None
+
+    def __getitem__(self, grid: Any) -> Any:
+        return op_library.launchable(self.get())[grid]
+
+
+def optional(read: Any, value: Any) -> Any:
+    """``read(value)``, or None for a missing operand."""
+    return None if value is None else read(value)

@@ -15,19 +15,11 @@ import torch
 from kerasrt.kernels import conv_spec, op_library, pointwise_conv
 from kerasrt.kernels.registry import KernelFamily
 
-
-def cublas_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
-    NCHW logical shapes, channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, Tensor? residual, str activation, float[] clip, int config) -> Tensor"
+)
+"""The op's signature: act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1,
+no padding; NCHW logical shapes, channels-last output."""
 
 
 def _output(x, w, *rest) -> torch.Tensor:
@@ -61,7 +53,7 @@ def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
 
 
 OP = op_library.define_kernel(
-    cublas_conv, output=_output, reference=pointwise_conv.reference, launch=launch, runs=runs, inlinable=False
+    "cublas_conv", SCHEMA, _output, pointwise_conv.reference, launch, runs, inlinable=False
 )  # an AOTInductor package calls the op: cuBLAS compiles nothing
 
 
@@ -70,11 +62,11 @@ def available(device: torch.device) -> bool:
 
 
 FAMILY = KernelFamily(
-    name="cublas_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=pointwise_conv.eligible,
-    arguments=pointwise_conv.arguments,
-    available=available,
+    "cublas_conv",
+    conv_spec.CONV_OPS,
+    OP,
+    pointwise_conv.eligible,
+    pointwise_conv.arguments,
+    available,
     triton=False,
 )

@@ -43,23 +43,6 @@ RUNTIME_PLANS = 12
 """Plans of a conv + bias + SiLU graph (runtime-compiled only) built in compile workers."""
 
 
-def cudnn_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    activation: str,
-    clip: list[float],
-    plan: int,
-) -> torch.Tensor:
-    """act(conv2d(x, w) + residual + bias) on cuDNN execution plan ``plan``; NCHW logical shapes,
-    channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
-
-
 @functools.cache
 def frontend() -> Any:
     """The ``cudnn`` module of nvidia-cudnn-frontend, or None when it is not installed."""
@@ -68,6 +51,14 @@ def frontend() -> Any:
     except Exception:  # not installed, or no usable libcudnn: Inductor kernels only
         return None
     return cudnn
+
+
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int[] stride, int[] padding, int[] dilation,"
+    " str activation, float[] clip, int plan) -> Tensor"
+)
+"""The op's signature: act(conv2d(x, w) + residual + bias) on cuDNN execution plan ``plan``;
+NCHW logical shapes, channels-last output."""
 
 
 def available(device: torch.device) -> bool:
@@ -177,9 +168,7 @@ def _launch(plan, out, x, w, bias, residual, *conv) -> None:
         built.run(tensors)
 
 
-OP = op_library.define_kernel(
-    cudnn_conv, output=_output, reference=_reference, launch=_launch, runs=_runs, inlinable=False
-)
+OP = op_library.define_kernel("cudnn_conv", SCHEMA, _output, _reference, _launch, _runs, inlinable=False)
 
 
 @functools.cache
@@ -364,7 +353,7 @@ def arguments(node: Any, read: Operands, view: View) -> tuple:
     x = read.apply(conv_spec.pad_channels, read(node.inputs[0]))
     w = read.constant(conv_spec.channels_last_weight, node.inputs[1])
     return (
-        x, w, None if bias is None else read(bias), None if residual is None else read(residual),
+        x, w, conv_spec.optional(read, bias), conv_spec.optional(read, residual),
         *conv_spec.geometry(node), *conv_spec.activation_of(node),
     )  # fmt: skip
 
@@ -453,12 +442,12 @@ def compile_requests(args: tuple, device: torch.device) -> list[Request]:
 
 
 FAMILY = KernelFamily(
-    name="cudnn_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
+    "cudnn_conv",
+    conv_spec.CONV_OPS,
+    OP,
+    eligible,
+    arguments,
+    available,
     configs=(),
     tune=tune,
     compile_requests=compile_requests,

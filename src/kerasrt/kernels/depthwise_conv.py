@@ -35,6 +35,12 @@ CONFIGS = (
 for the pixel-tile kernel, ("rows", output rows per program, (column, channel) elements per
 program, warps) for the row-tiled one. Neither design wins on every layer shape, so
 both are candidates."""
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, int[] stride, int[] padding, str activation, float[] clip, int config)"
+    " -> Tensor"
+)
+"""The op's signature: act(depthwise_conv2d(zero_pad(x, padding), w) + bias); padding = [top,
+bottom, left, right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output."""
 
 
 def output_hw(x_hw: Sequence[int], k: int, stride: Sequence[int], padding: Sequence[int]) -> list[int]:
@@ -43,21 +49,6 @@ def output_hw(x_hw: Sequence[int], k: int, stride: Sequence[int], padding: Seque
         (x_hw[0] + padding[0] + padding[1] - k) // stride[0] + 1,
         (x_hw[1] + padding[2] + padding[3] - k) // stride[1] + 1,
     ]
-
-
-def depthwise_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(depthwise_conv2d(zero_pad(x, padding), w) + bias); padding = [top, bottom, left,
-    right], w of shape (C, 1, K, K); NCHW logical shapes, channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
 
 
 def reference(x, w, bias, stride, padding, activation, clip) -> torch.Tensor:
@@ -73,24 +64,13 @@ def _output(x, w, bias, stride, padding, *rest) -> torch.Tensor:
     return conv_spec.empty_channels_last((x.shape[0], x.shape[1], oh, ow), x)
 
 
-def runs(x, *rest) -> bool:
-    return x.dtype in conv_spec.FUSED_DTYPES and tiles_kernel() is not None
-
-
-def tiles_kernel() -> Any:
-    """The pixel-tile Triton kernel, or None without Triton: a program computes BLOCK_P
-    consecutive output pixels (of the flattened batch, row and column) over BLOCK_C channels."""
-    kernels = op_library.triton_kernels()
-    return kernels.depthwise_tiles if kernels else None
-
-
-def rows_kernel() -> Any:
-    """The row-tiled Triton kernel, or None without Triton: a program computes ROWS output
-    rows of one image over BLOCK consecutive elements of the flattened (column, channel) axis;
-    with channels-last tensors every input tap and the output are contiguous runs of memory,
-    whatever the channel count, and the index math is shifts and constexpr divisions."""
-    kernels = op_library.triton_kernels()
-    return kernels.depthwise_rows if kernels else None
+TILES = conv_spec.TritonKernel("depthwise_tiles")
+"""A program computes BLOCK_P consecutive output pixels (of the flattened batch, row and
+column) over BLOCK_C channels."""
+ROWS = conv_spec.TritonKernel("depthwise_rows")
+"""A program computes ROWS output rows of one image over BLOCK consecutive elements of the
+flattened (column, channel) axis: with channels-last tensors every input tap and the output
+are contiguous runs of memory, whatever the channel count."""
 
 
 def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> None:
@@ -107,7 +87,7 @@ def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> N
     )  # fmt: skip
     if variant == "tiles":
         grid = ((n * oh * ow + first - 1) // first, (c + second - 1) // second)
-        op_library.launchable(tiles_kernel())[grid](
+        TILES[grid](
             x, w, b, out, n * oh * ow, c, h, wd, oh, ow,
             x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2), out.stride(3),
             BLOCK_P=first, BLOCK_C=second, **common,
@@ -115,17 +95,13 @@ def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> N
     else:
         row_blocks = (oh + first - 1) // first
         grid = (n * row_blocks, (ow * c + second - 1) // second)
-        op_library.launchable(rows_kernel())[grid](
+        ROWS[grid](
             x, w, b, out, h, wd, oh, ow, row_blocks, x.stride(0), x.stride(2), out.stride(0), out.stride(2),
             C=c, ROWS=first, BLOCK=second, **common,
         )  # fmt: skip
 
 
-OP = op_library.define_kernel(depthwise_conv, output=_output, reference=reference, launch=launch, runs=runs)
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and tiles_kernel() is not None
+OP = op_library.define_kernel("depthwise_conv", SCHEMA, _output, reference, launch, TILES.runs)
 
 
 def eligible(node: Any, view: View | None = None) -> bool:
@@ -165,17 +141,11 @@ def arguments(node: Any, read: Operands, view: View) -> tuple:
     x, padding = folded_input(node, view)
     bias, _ = conv_spec.epilogue_values(node)
     return (
-        read(x), read(node.inputs[1]), None if bias is None else read(bias),
+        read(x), read(node.inputs[1]), conv_spec.optional(read, bias),
         conv_spec.geometry(node)[0], padding, *conv_spec.activation_of(node),
     )  # fmt: skip
 
 
 FAMILY = KernelFamily(
-    name="depthwise_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
-    configs=CONFIGS,
+    "depthwise_conv", conv_spec.CONV_OPS, OP, eligible, arguments, TILES.available, configs=CONFIGS
 )

@@ -29,22 +29,12 @@ CONFIGS = (
     (128, 64, 32, 4, 3),
 )
 """(pixels per program, output channels per program, reduction step, warps, pipeline stages)."""
-
-
-def dual_conv(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    x: torch.Tensor,
-    ws: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(conv1x1(h, w) + conv1x1(x, ws, stride) + bias); weights (K, C, 1, 1), NCHW logical
-    shapes, channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
+SCHEMA = (
+    "(Tensor h, Tensor w, Tensor x, Tensor ws, Tensor? bias, int[] stride, str activation, float[] clip,"
+    " int config) -> Tensor"
+)
+"""The op's signature: act(conv1x1(h, w) + conv1x1(x, ws, stride) + bias); weights (K, C, 1,
+1), NCHW logical shapes, channels-last output."""
 
 
 def reference(h, w, x, ws, bias, stride, activation, clip) -> torch.Tensor:
@@ -56,14 +46,7 @@ def _output(h, w, *rest) -> torch.Tensor:
     return conv_spec.empty_output(h, w)
 
 
-def kernel() -> Any:
-    """The Triton kernel, or None when Triton is not installed."""
-    kernels = op_library.triton_kernels()
-    return kernels.dual if kernels else None
-
-
-def runs(h, *rest) -> bool:
-    return h.dtype in conv_spec.FUSED_DTYPES and kernel() is not None
+KERNEL = conv_spec.TritonKernel("dual")
 
 
 def launch(config: int, out, h, w, x, ws, bias, stride, activation, clip) -> None:
@@ -83,7 +66,7 @@ def launch(config: int, out, h, w, x, ws, bias, stride, activation, clip) -> Non
         block_k //= 2
     pixels, channels_out = n * oh * ow, w.shape[0]
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
-    op_library.launchable(kernel())[grid](
+    KERNEL[grid](
         h, w, x, ws, bias if bias is not None else w, out,
         pixels, channels_out, k1, k2, oh, ow, h2, w2, stride[0], stride[1],
         HAS_BIAS=bias is not None, **conv_spec.epilogue_constants(activation, clip),
@@ -92,11 +75,7 @@ def launch(config: int, out, h, w, x, ws, bias, stride, activation, clip) -> Non
     )  # fmt: skip
 
 
-OP = op_library.define_kernel(dual_conv, output=_output, reference=reference, launch=launch, runs=runs)
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernel() is not None
+OP = op_library.define_kernel("dual_conv", SCHEMA, _output, reference, launch, KERNEL.runs)
 
 
 def eligible(node: Any, view: View | None = None) -> bool:
@@ -111,17 +90,9 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
     """(h, w, x, ws, bias, stride, activation, clip)."""
     h, w, x, ws, *bias = node.inputs
     return (
-        read(h), read(w), read(x), read(ws), read(bias[0]) if bias else None,
+        read(h), read(w), read(x), read(ws), conv_spec.optional(read, next(iter(bias), None)),
         list(node.attrs["stride"]), *conv_spec.activation_of(node),
     )  # fmt: skip
 
 
-FAMILY = KernelFamily(
-    name="dual_conv",
-    ops=("dual_conv",),
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
-    configs=CONFIGS,
-)
+FAMILY = KernelFamily("dual_conv", ("dual_conv",), OP, eligible, arguments, KERNEL.available, configs=CONFIGS)

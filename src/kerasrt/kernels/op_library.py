@@ -45,38 +45,40 @@ _STATE = threading.local()
 
 
 def define(
-    default: Callable,
+    name: str,
+    schema: str,
     *,
+    default: Callable,
     cuda: Callable,
     fake: Callable,
     inlinable: bool = False,
-    mutates_args: tuple[str, ...] = (),
-) -> None:
-    """Define ``kerasrt::<default's name>``, its schema inferred from ``default``'s type hints
-    (as custom_op does), with kernels: ``cuda`` for CUDA tensors, ``default`` (the op's math in
-    PyTorch ops) for every other device, ``fake`` (the output's shape, dtype, layout) for
-    tracing. ``inlinable``: ``cuda`` is made of PyTorch ops and ``launchable`` Triton kernels,
-    and is traced in the op's place within ``inlining_kernels()``. ``mutates_args``: the
-    arguments the op writes into (graphs compiled by Inductor then reuse their memory)."""
-    name = default.__name__
-    _LIBRARY.define(name + torch.library.infer_schema(default, mutates_args=mutates_args))
+) -> Any:
+    """Define ``kerasrt::<name>`` with ``schema`` (TorchScript's schema language, e.g. ``"(Tensor
+    x, int config) -> Tensor"``; ``Tensor(a!) x`` marks an argument the op writes into, whose
+    memory graphs compiled by Inductor then reuse) and kernels: ``cuda`` for CUDA tensors,
+    ``default`` (the op's math in PyTorch ops) for every other device, ``fake`` (the output's
+    shape, dtype, layout) for tracing. ``inlinable``: ``cuda`` is made of PyTorch ops and
+    ``launchable`` Triton kernels, and is traced in the op's place within
+    ``inlining_kernels()``. Returns the op's overload."""
+    _LIBRARY.define(name + schema)
     _register(name, default, cuda, fake, inlinable)
+    return getattr(torch.ops.kerasrt, name).default
 
 
 def define_kernel(
-    signature: Callable[..., torch.Tensor],
-    *,
+    name: str,
+    schema: str,
     output: Callable[..., torch.Tensor],
     reference: Callable[..., torch.Tensor],
     launch: Callable[..., None],
     runs: Callable[..., bool],
     inlinable: bool = True,
 ) -> Any:
-    """Define ``kerasrt::<signature's name>`` whose last argument is ``config: int`` and
-    return its overload. ``output(*args)``: the empty output (channels-last); ``reference(*args)``:
-    the math in PyTorch ops; ``launch(config, out, *args)``: the CUDA kernel writing ``out``;
-    ``runs(*args)``: whether it takes these operands (else CUDA computes the reference too).
-    ``args`` are the op's arguments without the config."""
+    """Define ``kerasrt::<name>`` (``define``) whose last argument is ``int config``, and
+    return its overload. ``output(*args)``: the empty output (channels-last);
+    ``reference(*args)``: the math in PyTorch ops; ``launch(config, out, *args)``: the CUDA
+    kernel writing ``out``; ``runs(*args)``: whether it takes these operands (else CUDA
+    computes the reference too). ``args`` are the op's arguments without the config."""
 
     def default(*args: Any) -> torch.Tensor:
         out = output(*args[:-1])
@@ -94,10 +96,7 @@ def define_kernel(
         launch(config, out, *operands)
         return out
 
-    name = signature.__name__
-    _LIBRARY.define(name + torch.library.infer_schema(signature, mutates_args=()))
-    _register(name, default, cuda, fake, inlinable)
-    return getattr(torch.ops.kerasrt, name).default
+    return define(name, schema, default=default, cuda=cuda, fake=fake, inlinable=inlinable)
 
 
 def _register(name: str, default: Callable, cuda: Callable, fake: Callable, inlinable: bool) -> None:

@@ -29,20 +29,11 @@ CONFIGS = (
 )
 """(pixels per program, output channels per program, reduction step, warps, pipeline stages).
 The reduction step shrinks to the input channels (at least 16)."""
-
-
-def pointwise_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1, no padding;
-    NCHW logical shapes, channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, Tensor? residual, str activation, float[] clip, int config) -> Tensor"
+)
+"""The op's signature: act(conv2d(x, w) + residual + bias) for a (K, C, 1, 1) weight, stride 1,
+no padding; NCHW logical shapes, channels-last output."""
 
 
 def reference(x, w, bias, residual, activation, clip) -> torch.Tensor:
@@ -53,14 +44,7 @@ def _output(x, w, *rest) -> torch.Tensor:
     return conv_spec.empty_output(x, w)
 
 
-def kernel() -> Any:
-    """The Triton kernel, or None when Triton is not installed."""
-    kernels = op_library.triton_kernels()
-    return kernels.pointwise if kernels else None
-
-
-def runs(x, *rest) -> bool:
-    return x.dtype in conv_spec.FUSED_DTYPES and kernel() is not None
+KERNEL = conv_spec.TritonKernel("pointwise")
 
 
 def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
@@ -74,7 +58,7 @@ def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
     pixels, channels_out = n * h * wd, w.shape[0]
     block_k = min(block_k, op_library.dot_block(c))
     grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
-    op_library.launchable(kernel())[grid](
+    KERNEL[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
         pixels, channels_out, c,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **conv_spec.epilogue_constants(activation, clip),
@@ -83,11 +67,7 @@ def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
     )  # fmt: skip
 
 
-OP = op_library.define_kernel(pointwise_conv, output=_output, reference=reference, launch=launch, runs=runs)
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernel() is not None
+OP = op_library.define_kernel("pointwise_conv", SCHEMA, _output, reference, launch, KERNEL.runs)
 
 
 def eligible(node: Any, view: View | None = None) -> bool:
@@ -106,11 +86,5 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
 
 
 FAMILY = KernelFamily(
-    name="pointwise_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
-    configs=CONFIGS,
+    "pointwise_conv", conv_spec.CONV_OPS, OP, eligible, arguments, KERNEL.available, configs=CONFIGS
 )

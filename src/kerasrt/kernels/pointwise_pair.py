@@ -43,28 +43,13 @@ CONFIGS = (
 """(pixels per program, first-output channels per step, warps, pipeline stages)."""
 
 
-def pointwise_pair(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    shortcut: torch.Tensor | None,
-    ws: torch.Tensor | None,
-    stride: list[int],
-    b1: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    act1: str,
-    clip1: list[float],
-    act2: str,
-    clip2: list[float],
-    config: int,
-) -> torch.Tensor:
-    """Returns y = act1(conv1x1(x, w1) [+ conv1x1(shortcut, ws, stride)] + residual + b1) and
-    writes z = act2(conv1x1(y, w2) + b2) over ``x``; weights (K, C, 1, 1), NCHW logical shapes,
-    channels-last y; ``shortcut`` and ``ws`` both or neither, and then no ``residual``. The
-    op's kernel on every device but CUDA."""
+def pointwise_pair(*args: Any) -> torch.Tensor:
+    """Returns y and writes z over ``x`` (``reference``). The op's kernel on every device but
+    CUDA."""
+    *operands, _config = args
+    x, w1, shortcut, ws, _, _, residual, w2, *_ = operands
     _check(x, w2, shortcut, ws, residual)
-    y, z = reference(x, w1, shortcut, ws, stride, b1, residual, w2, b2, act1, clip1, act2, clip2)
+    y, z = reference(*operands)
     out = conv_spec.empty_output(x, w1)
     out.copy_(y)
     x.copy_(z)
@@ -98,21 +83,28 @@ def _cuda(*args):
     *operands, config = args
     x = operands[0]
     in_place = x.is_contiguous(memory_format=torch.channels_last)
-    if x.dtype not in conv_spec.FUSED_DTYPES or kernel() is None or not in_place:
+    if not KERNEL.runs(x) or not in_place:
         return pointwise_pair(*args)
     y = conv_spec.empty_output(x, operands[1])
     launch(config, y, *operands)
     return y
 
 
-op_library.define(pointwise_pair, cuda=_cuda, fake=_fake, inlinable=True, mutates_args=("x",))
-OP = torch.ops.kerasrt.pointwise_pair.default
+OP = op_library.define(
+    "pointwise_pair",
+    "(Tensor(a!) x, Tensor w1, Tensor? shortcut, Tensor? ws, int[] stride, Tensor? b1, Tensor? residual,"
+    " Tensor w2, Tensor? b2, str act1, float[] clip1, str act2, float[] clip2, int config) -> Tensor",
+    default=pointwise_pair,
+    cuda=_cuda,
+    fake=_fake,
+    inlinable=True,
+)
+"""y = act1(conv1x1(x, w1) [+ conv1x1(shortcut, ws, stride)] + residual + b1), returned, and
+z = act2(conv1x1(y, w2) + b2), written over ``x``; weights (K, C, 1, 1), NCHW logical shapes,
+channels-last y; ``shortcut`` and ``ws`` both or neither, and then no ``residual``."""
 
 
-def kernel() -> Any:
-    """The Triton kernel (``triton_kernels.pair``), or None when Triton is not installed."""
-    kernels = op_library.triton_kernels()
-    return kernels.pair if kernels else None
+KERNEL = conv_spec.TritonKernel("pair")
 
 
 def launch(
@@ -137,7 +129,7 @@ def launch(
     block = op_library.dot_block
     first = conv_spec.epilogue_constants(act1, clip1)
     second = conv_spec.epilogue_constants(act2, clip2)
-    op_library.launchable(kernel())[((n * h * wd + block_m - 1) // block_m,)](
+    KERNEL[((n * h * wd + block_m - 1) // block_m,)](
         x, w1, shortcut if shortcut is not None else x, ws if ws is not None else w1,
         b1 if b1 is not None else w1, residual if residual is not None else x, y,
         w2, b2 if b2 is not None else w2,
@@ -148,10 +140,6 @@ def launch(
         BLOCK_M=block_m, BLOCK_N=min(block_n, block(n1)), BLOCK_C=block(c), BLOCK_C2=block(max(c2, 1)),
         BLOCK_N2=block(n2), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernel() is not None
 
 
 def _activation(node: Any, which: str) -> tuple[str, list[float]]:
@@ -191,12 +179,12 @@ def results(y: Any, args: tuple) -> list[Any]:
 
 
 FAMILY = KernelFamily(
-    name="pointwise_pair",
-    ops=("conv_pair",),
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
+    "pointwise_pair",
+    ("conv_pair",),
+    OP,
+    eligible,
+    arguments,
+    KERNEL.available,
     configs=CONFIGS,
     results=results,
 )

@@ -37,22 +37,12 @@ MAX_WORKSPACE_BYTES = 16 << 20
 """The most memory a launch's partial tiles take: a larger problem splits less (``split_for``)."""
 
 _COUNTERS: dict[int, torch.Tensor] = {}  # device index -> zeroed int32 tile counters (a resource)
-
-
-def splitk_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(conv2d(x, w) + residual + bias), symmetric zero ``padding``; NCHW logical shapes,
-    channels-last output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int[] stride, int[] padding, str activation,"
+    " float[] clip, int config) -> Tensor"
+)
+"""The op's signature: act(conv2d(x, w) + residual + bias), symmetric zero ``padding``; NCHW
+logical shapes, channels-last output."""
 
 
 def reference(x, w, bias, residual, stride, padding, activation, clip) -> torch.Tensor:
@@ -63,14 +53,7 @@ def _output(x, w, bias, residual, stride, padding, *rest) -> torch.Tensor:
     return conv_spec.empty_output(x, w, stride, padding)
 
 
-def kernel() -> Any:
-    """The Triton kernel, or None when Triton is not installed."""
-    kernels = op_library.triton_kernels()
-    return kernels.splitk if kernels else None
-
-
-def runs(x, *rest) -> bool:
-    return x.dtype in conv_spec.FUSED_DTYPES and kernel() is not None
+KERNEL = conv_spec.TritonKernel("splitk")
 
 
 def split_for(split: int, tiles: int, tile_elements: int) -> int:
@@ -138,7 +121,7 @@ def launch(config: int, out, x, w, bias, residual, stride, padding, activation, 
         workspace = torch.empty(
             tiles_m * tiles_n * split * block_m * block_n, dtype=torch.float32, device=x.device
         )
-    op_library.launchable(kernel())[(tiles_m, tiles_n, split)](
+    KERNEL[(tiles_m, tiles_n, split)](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out, workspace, count,
         n * oh * ow, k, c, h, wd, oh, ow, s, stride[0], stride[1], padding[0], padding[1],
         r * s * c // block_k,
@@ -148,11 +131,7 @@ def launch(config: int, out, x, w, bias, residual, stride, padding, activation, 
     )  # fmt: skip
 
 
-OP = op_library.define_kernel(splitk_conv, output=_output, reference=reference, launch=launch, runs=runs)
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernel() is not None
+OP = op_library.define_kernel("splitk_conv", SCHEMA, _output, reference, launch, KERNEL.runs)
 
 
 def eligible(node: Any, view: View | None = None) -> bool:
@@ -171,18 +150,18 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
     stride, padding, _ = conv_spec.geometry(node)
     return (
         read(node.inputs[0]), read.constant(conv_spec.channels_last_weight, node.inputs[1]),
-        None if bias is None else read(bias), None if residual is None else read(residual),
+        conv_spec.optional(read, bias), conv_spec.optional(read, residual),
         stride, padding, *conv_spec.activation_of(node),
     )  # fmt: skip
 
 
 FAMILY = KernelFamily(
-    name="splitk_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
+    "splitk_conv",
+    conv_spec.CONV_OPS,
+    OP,
+    eligible,
+    arguments,
+    KERNEL.available,
     configs=CONFIGS,
     timed=splits_fully,
 )

@@ -33,21 +33,12 @@ CONFIGS = (
 )
 """(output pixels per program, output channels per program, warps, pipeline stages). Channels
 per program shrink to the output channels (at least 16)."""
-
-
-def stem_conv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    activation: str,
-    clip: list[float],
-    config: int,
-) -> torch.Tensor:
-    """act(conv2d(x, w) + bias), symmetric zero ``padding``; NCHW logical shapes, channels-last
-    output."""
-    raise NotImplementedError  # the schema; define_kernel registers the kernels
+SCHEMA = (
+    "(Tensor x, Tensor w, Tensor? bias, int[] stride, int[] padding, str activation, float[] clip, int config)"
+    " -> Tensor"
+)
+"""The op's signature: act(conv2d(x, w) + bias), symmetric zero ``padding``; NCHW logical
+shapes, channels-last output."""
 
 
 def reference(x, w, bias, stride, padding, activation, clip) -> torch.Tensor:
@@ -58,14 +49,7 @@ def _output(x, w, bias, stride, padding, *rest) -> torch.Tensor:
     return conv_spec.empty_output(x, w, stride, padding)
 
 
-def kernel() -> Any:
-    """The Triton kernel, or None when Triton is not installed."""
-    kernels = op_library.triton_kernels()
-    return kernels.stem if kernels else None
-
-
-def runs(x, *rest) -> bool:
-    return x.dtype in conv_spec.FUSED_DTYPES and kernel() is not None
+KERNEL = conv_spec.TritonKernel("stem")
 
 
 def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> None:
@@ -78,7 +62,7 @@ def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> N
     oh, ow = out.shape[2:]
     block_n = min(block_n, op_library.dot_block(k))
     grid = ((n * oh * ow + block_m - 1) // block_m, (k + block_n - 1) // block_n)
-    op_library.launchable(kernel())[grid](
+    KERNEL[grid](
         x, w, bias if bias is not None else w, out,
         n * oh * ow, h, wd, oh, ow, k,
         C=c, R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
@@ -88,11 +72,7 @@ def launch(config: int, out, x, w, bias, stride, padding, activation, clip) -> N
     )  # fmt: skip
 
 
-OP = op_library.define_kernel(stem_conv, output=_output, reference=reference, launch=launch, runs=runs)
-
-
-def available(device: torch.device) -> bool:
-    return device.type == "cuda" and kernel() is not None
+OP = op_library.define_kernel("stem_conv", SCHEMA, _output, reference, launch, KERNEL.runs)
 
 
 def eligible(node: Any, view: View | None = None) -> bool:
@@ -115,17 +95,11 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
     return (
         read.apply(conv_spec.pad_channels, read(node.inputs[0])),
         read.constant(conv_spec.channels_last_weight, node.inputs[1]),
-        None if bias is None else read(bias),
+        conv_spec.optional(read, bias),
         stride, padding, *conv_spec.activation_of(node),
     )  # fmt: skip
 
 
 FAMILY = KernelFamily(
-    name="stem_conv",
-    ops=conv_spec.CONV_OPS,
-    op=OP,
-    eligible=eligible,
-    arguments=arguments,
-    available=available,
-    configs=CONFIGS,
+    "stem_conv", conv_spec.CONV_OPS, OP, eligible, arguments, KERNEL.available, configs=CONFIGS
 )
