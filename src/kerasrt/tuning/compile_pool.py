@@ -1,10 +1,9 @@
 """Compiling kernels in worker processes, ahead of their timing: Triton's, and cuDNN's
 runtime-compiled execution plans.
 
-A cold build compiles hundreds of Triton candidates (231 kernels for EfficientNetB0 at batch
-1). In threads they contend for Python's GIL: 8 threads compiled 7-10 kernels a second, and
-16 threads were no faster (BENCHMARKS.md, thirteenth and fourteenth rounds). Processes
-compile in parallel for real:
+A cold build compiles hundreds of Triton candidates. In threads they contend for Python's
+GIL, and more threads were no faster (BENCHMARKS.md has the measurements); processes compile
+in parallel for real:
 
 1. ``collect`` runs the launches (within ``op_library.precompiling()``, so each is a
    warm-up) with Triton's ``jit_cache_hook`` set. The hook sees each specialization a launch
@@ -54,11 +53,9 @@ MAX_WORKERS = 16
 """Workers at most, unless ``KERASRT_COMPILE_WORKERS`` asks for more (one per CPU core)."""
 MIN_REQUESTS = 128
 REQUESTS_PER_WORKER = 4
-"""Workers start for ``MIN_REQUESTS`` or more requests, one per this many at most. Sixteen
-workers took about 7 s to start on the H100 machine and then compiled about 17 kernels a
-second, against 7-10 a second for 8 threads here: they pay off above about 100 requests
-(ResNet50's 67 took 10.9 s in workers, 7.0 s in threads; EfficientNetB0's 231, 20.5 s
-against 31.1 s)."""
+"""Workers start for ``MIN_REQUESTS`` or more requests, one per this many at most: starting
+them takes seconds, so they pay off only for builds with about a hundred compiles or more
+(BENCHMARKS.md, thirteenth to fifteenth rounds)."""
 THREADS = 8
 """Threads compiling here when no worker runs (and for what no worker compiled)."""
 THREADS_BESIDE_WORKERS = 4
@@ -66,10 +63,8 @@ THREADS_BESIDE_WORKERS = 4
 GPU_WORKERS_VARIABLE = "KERASRT_COMPILE_GPU_WORKERS"
 GPU_WORKERS = 8
 """Workers that take ``gpu`` requests, unless ``KERASRT_COMPILE_GPU_WORKERS`` says otherwise.
-Each holds a CUDA context from its first such request on, about 0.55 GB on an H100:
-EfficientNetB0's cold build at batch 1 peaked at 11.9 GB of GPU memory with all 16 workers
-building cuDNN plans, 5.5 GB with 4 of them and 3.2 GB without workers; with 4 its build
-took 71 s against 61 s (H100, BENCHMARKS.md, fifteenth round)."""
+Each holds a CUDA context from its first such request on (about half a GB of GPU memory):
+fewer of them keep a cold build's peak memory down at some cost in build time."""
 REPLY_TIMEOUT_S = 600.0
 """A worker silent this long on one request is stopped; the request is then done here (if
 ``here``) or left undone."""
@@ -298,10 +293,9 @@ def forget_compiler_version(compiler: Any = None) -> None:
     """Make this process key Triton's disk cache by the ptxas its environment names now, as a
     fresh worker does. Triton puts the ptxas version in every cache key, looked up once per
     process (``get_ptxas_version`` and ``CUDABackend.hash`` are memoized), while Inductor
-    points ``TRITON_PTXAS_PATH`` at torch's own ptxas on its first compile. A process that
-    compiled a Triton kernel before that kept the old version in its keys: every kernel its
-    workers compiled then missed here and compiled again (MobileNetV2 built in 106 s after
-    ResNet50 in one process, against 36 s alone; BENCHMARKS.md, sixteenth round).
+    points ``TRITON_PTXAS_PATH`` at torch's own ptxas on its first compile: a process that
+    compiled a Triton kernel before that kept the old version in its keys, and every kernel
+    its workers compiled then missed here and compiled again.
     ``compiler``: ``triton.backends.nvidia.compiler`` (a test's stand-in)."""
     if compiler is None:
         try:
