@@ -204,13 +204,15 @@ class Program:
         tactics.strip(self.graph.nodes)
         timings = tuner.timing_cache()
         merged: dict[str, int] = {}
-        for seg in engines:
-            view = registry.View(seg.nodes, seg.outputs)
-            tactics.choose(seg.nodes, view, mode, tuner, timings, progress)
-            for op, count in merges.merge(
-                self.graph, seg.nodes, seg.outputs, tuner, timings, progress
-            ).items():
-                merged[op] = merged.get(op, 0) + count
+        try:
+            for seg in engines:
+                view = registry.View(seg.nodes, seg.outputs)
+                tactics.choose(seg.nodes, view, mode, tuner, timings, progress)
+                fired = merges.merge(self.graph, seg.nodes, seg.outputs, tuner, timings, progress)
+                for op, count in fired.items():
+                    merged[op] = merged.get(op, 0) + count
+        finally:
+            tuner.release()
         timings.persist()
         self.graph.meta["kernels"] = {"environment": environment, "mode": mode, "merged": merged}
         return bool(merged)

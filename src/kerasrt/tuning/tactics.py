@@ -47,10 +47,14 @@ CANDIDATES_VERSION = 5
 """Bumped whenever a family's configs or arguments change (timings of another set are void)."""
 
 
-def device_ms(fn: Callable[[], object], repeat: int = 10, replays: int = 5) -> float:
+def device_ms(
+    fn: Callable[[], object], repeat: int = 10, replays: int = 5, stream: torch.cuda.Stream | None = None
+) -> float:
     """Device time of one ``fn()`` call: ``repeat`` calls captured in a CUDA graph, replayed,
-    timed with CUDA events; the best of ``replays``."""
-    stream = torch.cuda.Stream()
+    timed with CUDA events; the best of ``replays``. ``stream``: where to warm up and capture
+    (a new one by default; cuBLAS keeps a workspace per stream, so a caller timing many
+    kernels passes one)."""
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
@@ -122,6 +126,7 @@ class Tuner:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._stream: torch.cuda.Stream | None = None
 
     def environment(self) -> dict[str, str]:
         """What timings and choices are valid for: the engine environment (GPU architecture,
@@ -152,7 +157,18 @@ class Tuner:
         return ExampleOperands(self.device)
 
     def time(self, fn: Callable[[], object]) -> float:
-        return device_ms(fn)
+        """Device ms of ``fn()``, captured and replayed on this tuner's one timing stream."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return device_ms(fn, stream=self._stream)
+
+    def release(self) -> None:
+        """Give back what timing held: the timing stream and cuBLAS's workspaces (allocator
+        memory kept per stream, which the cuBLAS kernels timed here made), so a built engine's
+        memory is its own."""
+        self._stream = None
+        if self.device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
 
     def measure(
         self, family: KernelFamily, args: tuple, prebuilt: dict[int, Any]
