@@ -10,8 +10,8 @@ import pytest
 from keras import layers as L
 
 import kerasrt
+from kerasrt.compile.partition import Support, partition
 from kerasrt.ir.graph import Graph, Node, Value
-from kerasrt.partition import Support, partition
 from kerasrt.report import format_report, make_report
 from kerasrt_testing import convert_and_check, fallbacks, random_input, randomize
 

@@ -131,7 +131,7 @@ def _write_pictures(model: Any, dot_path: str | None, html_path: str | None, sum
     """The optimized graph as DOT, and a page showing the graph before and after optimization."""
     import dataclasses
 
-    from kerasrt.converter import build_graph
+    from kerasrt.compile.pipeline import build_graph
     from kerasrt.frontend.importer import InputSpec
     from kerasrt.visualize import to_dot, to_html, to_svg
 

@@ -2,125 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kerasrt import errors
+from kerasrt.compile.pipeline import build_graph, select_outputs
 from kerasrt.errors import ConversionError
 from kerasrt.frontend import keras_adapter as ka
-from kerasrt.frontend.importer import InputSpec, import_model, resolve_input_specs
+from kerasrt.frontend.importer import InputSpec, resolve_input_specs
 from kerasrt.ir.graph import Graph
-from kerasrt.ir.graph import verify as verify_graph
-from kerasrt.ir.ops import OPS
-from kerasrt.passes import optimize
-from kerasrt.passes.precision import LOW_PRECISION, lower_precision
 from kerasrt.runtime.model import OptimizedModel
 from kerasrt.runtime.program import KerasSource, Progress, ShapeKey, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
 from kerasrt.tuning.tactics import Tuner
-
-
-def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
-    """Indices of the requested model outputs (by name, or by position as a number)."""
-    indices = []
-    for item in wanted:
-        if item in names:
-            indices.append(list(names).index(item))
-        elif str(item).isdigit() and int(item) < max(len(names), 1):
-            indices.append(int(item))
-        else:
-            raise ConversionError(f"model has no output {item!r}; its outputs are {list(names)}")
-    return indices
-
-
-def build_graph(
-    keras: KerasSource,
-    specs: Sequence[InputSpec],
-    settings: ConversionSettings,
-    progress: Progress | None = None,
-) -> Graph:
-    """Import the model at ``specs`` (in this process on the torch backend, else in a child),
-    then optimize it at ``settings.optimization_level``."""
-    keep = settings.keep_in_keras
-    if ka.backend_name() == "torch":
-        graph = import_model(keras.get(), specs, keep, progress)
-    else:
-        graph = _import_in_subprocess(keras, specs, keep)
-    verify_graph(graph)
-    # an entry that names no layer may name an IR op type, kept out of engines by the runtime
-    unmatched = set(keep) - set(graph.meta.pop("kept_in_keras", ()))
-    graph.meta["kept_op_types"] = sorted(unmatched & set(OPS))
-    unknown = unmatched - set(OPS)
-    if unknown:
-        raise ConversionError(
-            f"keep_in_keras names no layer, layer path, layer class or op type of the model: {sorted(unknown)}"
-        )
-    if settings.outputs is not None:
-        names = ka.output_names(keras.get())
-        graph.outputs = [graph.outputs[i] for i in select_outputs(names, settings.outputs)]
-        graph.remove_unused()
-    if progress is not None:
-        progress("optimizing")
-    # KERASRT_CHECK_PASSES=1 (set by the test suite) verifies the graph after every pass
-    result = optimize(graph, settings.optimization_level, check=os.environ.get("KERASRT_CHECK_PASSES") == "1")
-    graph.meta["optimization"] = {
-        "level": settings.optimization_level,
-        "nodes_before": result.nodes_before,
-        "nodes_after": result.nodes_after,
-        "rules": dict(sorted(result.counts.items())),
-    }
-    if settings.precision_mode in LOW_PRECISION:
-        lowered = lower_precision(graph, settings.precision_mode, settings.fp32_ops)
-        graph.meta["precision"]["changes"] = dict(sorted(lowered.items()))
-    verify_graph(graph)
-    return graph
-
-
-def _import_in_subprocess(keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str]) -> Graph:
-    from safetensors.torch import load_file
-
-    from kerasrt.ir.serialize import graph_from_json
-
-    with tempfile.TemporaryDirectory(prefix="kerasrt-import-") as tmp:
-        model_path = keras.path
-        if model_path is None or Path(model_path).suffix.lower() != ".keras":
-            model_path = os.path.join(tmp, "model.keras")
-            ka.save_model(keras.get(), Path(model_path))
-        classes = ka.custom_classes(keras.get())
-        request = {
-            "model": str(model_path),
-            "classes": classes,
-            "sys_path": [p for p in sys.path if p],
-            "specs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
-            "keep": list(keep),
-            "out": tmp,
-        }
-        request_path = os.path.join(tmp, "request.json")
-        with open(request_path, "w") as fh:
-            json.dump(request, fh)
-        env = {**os.environ, "KERAS_BACKEND": "torch"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "kerasrt.frontend.worker", request_path],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        error_path = os.path.join(tmp, "error.json")
-        if os.path.exists(error_path):
-            with open(error_path) as fh:
-                err = json.load(fh)
-            raise getattr(errors, err["type"], ConversionError)(err["message"])
-        if proc.returncode != 0:
-            raise ConversionError(f"importing on the torch backend failed:\n{proc.stderr[-2000:]}")
-        with open(os.path.join(tmp, "graph.json")) as fh:
-            data = json.load(fh)
-        return graph_from_json(data, load_file(os.path.join(tmp, "weights.safetensors")))
 
 
 class Converter:

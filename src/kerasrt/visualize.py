@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from kerasrt.compile.partition import Segment
 from kerasrt.ir.graph import Graph, Node
-from kerasrt.partition import Segment
 
 _PALETTE = ["#cfe8ff", "#d7f5d0", "#fff2c2", "#f3d9ff", "#ffe0cc", "#d0f0f0"]
 _FALLBACK, _NATIVE = "#ffb3b3", "#e0e0e0"

@@ -67,10 +67,13 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-6))
 
 
-def configs_of(family: registry.KernelFamily, args: tuple) -> list[int]:
-    """Every config of a Triton family; for cuDNN, plan 0 and the fastest plan timed here."""
+def configs_of(family: registry.KernelFamily, args: tuple, precision: str) -> list[int]:
+    """Every config of a family in FP16, its first and last in BF16 (the same code with
+    another element type; each config is a Triton compile); for cuDNN, plan 0 and the
+    fastest plan timed here."""
     if family.configs != ():
-        return list(range(len(family.configs)))
+        every = list(range(len(family.configs)))
+        return every if precision == "FP16" else sorted({every[0], every[-1]})
     best = family.tune(args, {}, tactics.device_ms)
     return sorted({0, best[0]}) if best else [0]
 
@@ -83,7 +86,7 @@ def test_each_family_matches_its_ir_op_directly_and_in_a_cuda_graph(name: str, g
     for graph, node, precision in cases:
         view = View(graph.nodes, graph.outputs)
         base = GraphValues(graph, device="cuda")
-        for config in configs_of(family, family.arguments(node, base, view)):
+        for config in configs_of(family, family.arguments(node, base, view), precision):
             values = GraphValues(graph, device="cuda")  # fresh: the pair writes over its input
             expected = ir_result(node, values)
             args = family.arguments(node, values, view)
@@ -163,8 +166,9 @@ def test_each_triton_family_inlines_into_a_package_that_computes_the_op(name: st
         assert relative_error(g, e) < 1e-3
 
 
-@pytest.mark.parametrize("sample", list(SAMPLES))
-@pytest.mark.parametrize("conv_kernels", ["auto", "cudnn"])
+@pytest.mark.parametrize(
+    "sample, conv_kernels", [("resnet_stages", "auto"), ("mobile_net", "auto"), ("resnet_stages", "cudnn")]
+)
 def test_models_on_kernels_chosen_by_timing_match_keras(
     sample: str, conv_kernels: str, tmp_path, monkeypatch
 ) -> None:

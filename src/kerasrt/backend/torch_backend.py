@@ -22,10 +22,10 @@ import torch.fx
 
 from kerasrt import cache
 from kerasrt.backend import aoti
+from kerasrt.compile.partition import Support
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import KERNEL, OPS
 from kerasrt.kernels import op_library, registry
-from kerasrt.partition import Support
 from kerasrt.tuning.choices import INDUCTOR
 
 cache.share_with_triton()  # before any Inductor compile: converting and loading processes agree

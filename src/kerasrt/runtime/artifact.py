@@ -185,7 +185,7 @@ def load(
     compiled engine packages (native code) are used when ``compiled_engines`` and built for
     this machine, else the engines are compiled again from the graph, with its kernel
     choices where they were made for this environment (else timed again by ``tuner``)."""
-    from kerasrt.converter import build_graph
+    from kerasrt.compile.pipeline import build_graph
     from kerasrt.frontend.importer import InputSpec
 
     root = Path(path)

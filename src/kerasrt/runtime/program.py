@@ -21,13 +21,14 @@ import torch
 from torch.utils import _pytree as pytree
 
 from kerasrt.backend.torch_backend import TorchEngine, is_supported, kernel_family
+from kerasrt.compile.partition import Segment, Support, partition
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.graph import Graph, Node, torch_dtype
 from kerasrt.ir.ops import KERNEL
 from kerasrt.kernels import cudnn_conv, registry
-from kerasrt.partition import Segment, Support, partition
 from kerasrt.settings import ConversionSettings
-from kerasrt.tuning import merges, tactics
+from kerasrt.tuning import tactics
+from kerasrt.tuning.kernel_pass import choose_kernels
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -137,7 +138,12 @@ class Program:
             and all(s.kind != "fallback" for s in self.segments)
         )
         if compiled is None:  # a package was compiled with the choices its graph carries
-            if self.choose_kernels(tuner or tactics.Tuner(device), progress):
+            # "auto" considers kerasrt's kernels only for programs replayed as CUDA graphs: each
+            # call of them is launched from Python, host work only a graph replay hides; elsewhere
+            # choices the graph carries run as they are (on a CPU, the ops' reference math)
+            mode = settings.conv_kernels if self.graphable or settings.conv_kernels != "auto" else "inductor"
+            engines = [s for s in self.segments if s.kind == "engine"]
+            if choose_kernels(graph, engines, mode, tuner or tactics.Tuner(device), progress):
                 self.segments = self._partition()
         else:
             cudnn_conv.install_saved_plans(compiled.cudnn_plans, device)
@@ -182,40 +188,6 @@ class Program:
             return is_supported(node)
 
         return partition(self.graph, supported, self.settings.minimum_segment_size)
-
-    def choose_kernels(self, tuner: tactics.Tuner, progress: Progress | None = None) -> bool:
-        """Choose the kernels of the engines' nodes and merge neighbouring convolutions where
-        that wins, writing both into the graph (``graph.meta["kernels"]`` says for which
-        environment). "auto" considers kerasrt's kernels only for programs replayed as CUDA
-        graphs: each call of them is launched from Python, host work that only a graph replay
-        hides; elsewhere choices the graph carries run as they are (on a CPU, kerasrt's ops
-        compute their reference math). Choices made for another environment or mode are timed
-        again. Returns whether the graph changed shape (merges)."""
-        mode = self.settings.conv_kernels
-        if mode == "auto" and not self.graphable:
-            mode = "inductor"
-        engines = [s for s in self.segments if s.kind == "engine"]
-        if mode == "inductor" or not engines:  # the graph's choices, if any, run as they are
-            return False
-        environment = tuner.environment()
-        made = self.graph.meta.get("kernels")
-        if made is not None and made.get("environment") == environment and made.get("mode") == mode:
-            return False
-        tactics.strip(self.graph.nodes)
-        timings = tuner.timing_cache()
-        merged: dict[str, int] = {}
-        try:
-            for seg in engines:
-                view = registry.View(seg.nodes, seg.outputs)
-                tactics.choose(seg.nodes, view, mode, tuner, timings, progress)
-                fired = merges.merge(self.graph, seg.nodes, seg.outputs, tuner, timings, progress)
-                for op, count in fired.items():
-                    merged[op] = merged.get(op, 0) + count
-        finally:
-            tuner.release()
-        timings.persist()
-        self.graph.meta["kernels"] = {"environment": environment, "mode": mode, "merged": merged}
-        return bool(merged)
 
     @property
     def kernel_nodes(self) -> list[Node]:
