@@ -55,8 +55,7 @@ def declare_fallbacks() -> None:
         from torch._library.utils import get_layout_constraint_tag
     except ImportError:  # a torch without these: Inductor registers the ops at first use
         return
-    for name in op_library.NAMES:
-        op = getattr(torch.ops.kerasrt, name).default
+    for op in registry.ops():
         if op not in lowerings:
             tag = get_layout_constraint_tag(op, with_default=True)
             make_fallback(op, layout_constraint=tag_to_layout_constraint(tag))

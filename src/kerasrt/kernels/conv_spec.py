@@ -97,9 +97,14 @@ def input_channels(c: int) -> int:
 
 
 def pad_channels(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with zero input channels added up to ``input_channels``."""
+    """``x`` with zero input channels added up to ``input_channels``, channels-last (as the
+    kernels read it, and as the tactics' example tensors are laid out, so a plan's call key
+    made while timing is the one the engine's call has)."""
     extra = input_channels(x.shape[1]) - x.shape[1]
-    return torch.ops.aten.constant_pad_nd.default(x, [0, 0, 0, 0, 0, extra]) if extra else x
+    if not extra:
+        return x
+    padded = torch.ops.aten.constant_pad_nd.default(x, [0, 0, 0, 0, 0, extra])
+    return padded.contiguous(memory_format=torch.channels_last)
 
 
 def channels_last_weight(w: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,6 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 _LIBRARY = torch.library.Library("kerasrt", "FRAGMENT")  # kept alive: it owns the registrations
-NAMES: list[str] = []
-"""The names of the ops defined so far (``torch.ops.kerasrt.<name>``)."""
 
 _STATE = threading.local()
 # .inlining: export wants kernels inlined; .tracing: inside a decomposition; .precompiling:
@@ -107,7 +105,6 @@ def _register(name: str, default: Callable, cuda: Callable, fake: Callable, inli
         torch.library.register_torch_dispatch(
             f"kerasrt::{name}", FunctionalTensorMode, _decomposition(cuda), lib=_LIBRARY
         )
-    NAMES.append(name)
 
 
 def _decomposition(cuda: Callable) -> Callable:

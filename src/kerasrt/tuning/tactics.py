@@ -226,7 +226,8 @@ class Tuner:
                     continue
                 args = family.arguments(p.node, operands, view)
                 if family.triton:
-                    launches += [(family, args, index) for index in range(len(family.configs))]
+                    timed = [i for i, config in enumerate(family.configs) if family.timed(config, args)]
+                    launches += [(family, args, index) for index in timed]
                 if family.compile_requests is not None:
                     requests[(p.key, family.name)] = family.compile_requests(args, self.device)
         return precompile(launches, self.device, requests)
