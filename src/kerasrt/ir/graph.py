@@ -273,7 +273,12 @@ def dump(graph: Graph) -> str:
     for node in graph.nodes:
         outs = ", ".join(f"%{v.name}: {v.type_str()}" for v in node.outputs)
         ins = ", ".join(("@" if v.is_constant else "%") + v.name for v in node.inputs)
-        attrs = ", ".join(f"{k}={_fmt_attr(v)}" for k, v in node.attrs.items() if k != "call")
+        attrs = ", ".join(
+            f"{k}={_fmt_attr(v)}" for k, v in node.attrs.items() if k not in ("call", "kernel_choice")
+        )
+        choice = node.attrs.get("kernel_choice")
+        if choice:  # the kernel chosen to run it, and its config (``inspect --tactics`` has the timings)
+            attrs += (", " if attrs else "") + f"kernel={choice['kernel']}#{choice['config']}"
         line = f"  {outs} = {node.op}({ins})" + (f" {{{attrs}}}" if attrs else "")
         if node.layer:
             line += f"  # {node.layer}"
