@@ -138,3 +138,13 @@ def sample_graph(
         tuner=tuner or TableTuner(FAST_KERNELS),
     ).convert()
     return optimized.primary_graph(), optimized
+
+
+def own_kernels_converter(
+    model: keras.Model, tuner: TableTuner, batch: int = 2, **settings
+) -> kerasrt.Converter:
+    """An FP16 converter of ``model`` that puts every convolution it can on kerasrt's kernels
+    (``conv_kernels="cudnn"``), as ``tuner`` decides."""
+    return kerasrt.Converter(
+        model, batch_size=batch, precision_mode="FP16", conv_kernels="cudnn", tuner=tuner, **settings
+    )

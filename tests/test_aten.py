@@ -229,6 +229,17 @@ def test_in_place_op_lowers_like_its_functional_twin(
     torch.testing.assert_close(got_functional, expected)
 
 
+def lowered(gm: torch.fx.GraphModule, x: torch.Tensor) -> Graph:
+    """The IR of a traced one-input function, lowered as a layer is."""
+    graph = Graph()
+    values = [graph.add_input("x0", x.shape, "float32")]
+    graph.outputs = AtenLowering(graph, "layer", lambda t, hint: graph.add_constant(hint, t)).lower(
+        gm, values
+    )
+    graph.remove_unused()
+    return graph
+
+
 def test_traced_in_place_ops_lower() -> None:
     def fn(x: torch.Tensor) -> torch.Tensor:
         y = F.relu(x * 2, inplace=True)
@@ -238,13 +249,7 @@ def test_traced_in_place_ops_lower() -> None:
     assert {aten.relu_.default, aten.add_.Tensor, aten.hardtanh_.default} <= {
         n.target for n in gm.graph.nodes
     }
-    graph = Graph()
-    values = [graph.add_input("x0", x3.shape, "float32")]
-    graph.outputs = AtenLowering(graph, "layer", lambda t, hint: graph.add_constant(hint, t)).lower(
-        gm, values
-    )
-    graph.remove_unused()
-    (got,) = run(graph, x3)
+    (got,) = run(lowered(gm, x3), x3)
     torch.testing.assert_close(got, fn(x3.clone()))
 
 
@@ -258,13 +263,7 @@ def test_in_place_op_on_a_constant_leaves_earlier_readers_alone() -> None:
         return y * c
 
     gm = make_fx(fn)(x23)
-    graph = Graph()
-    values = [graph.add_input("x0", x23.shape, "float32")]
-    graph.outputs = AtenLowering(graph, "layer", lambda t, hint: graph.add_constant(hint, t)).lower(
-        gm, values
-    )
-    graph.remove_unused()
-    (got,) = run(graph, x23)
+    (got,) = run(lowered(gm, x23), x23)
     torch.testing.assert_close(got, fn(x23))
 
 

@@ -30,7 +30,15 @@ from kerasrt.kernels.registry import View
 from kerasrt.tuning import tactics
 from kerasrt.tuning.choices import INDUCTOR, Choice, node_key
 from kerasrt_testing import keras_reference, random_input
-from kernel_testing import FAST_KERNELS, SAMPLES, GraphValues, TableTuner, ir_result, sample_graph
+from kernel_testing import (
+    FAST_KERNELS,
+    SAMPLES,
+    GraphValues,
+    TableTuner,
+    ir_result,
+    own_kernels_converter,
+    sample_graph,
+)
 
 L = keras.layers
 FAMILIES = [f.name for f in registry.families()]
@@ -427,14 +435,7 @@ def test_inductor_compiles_engines_of_kerasrt_ops_registered_first(monkeypatch) 
 
     monkeypatch.setattr(inductor_graph, "make_fallback", make_fallback)
     model, shape = SAMPLES["resnet_stages"][0](), SAMPLES["resnet_stages"][1]
-    optimized = kerasrt.Converter(
-        model,
-        batch_size=2,
-        precision_mode="FP16",
-        compiler="inductor",
-        conv_kernels="cudnn",
-        tuner=TableTuner(FAST_KERNELS),
-    ).convert()
+    optimized = own_kernels_converter(model, TableTuner(FAST_KERNELS), compiler="inductor").convert()
     x = random_input(shape)
     (expected,) = keras_reference(model, [x])
     np.testing.assert_allclose(optimized(x), expected, rtol=0, atol=1e-2 * np.abs(expected).max())

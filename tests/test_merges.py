@@ -19,7 +19,7 @@ from kerasrt.kernels.registry import View
 from kerasrt.tuning import merges
 from kerasrt.tuning.choices import Choice
 from kerasrt_testing import keras_reference, random_input
-from kernel_testing import FAST_KERNELS, TableTuner, resnet_stages, sample_graph
+from kernel_testing import FAST_KERNELS, TableTuner, own_kernels_converter, resnet_stages, sample_graph
 from test_artifact import run_packages_in_fresh_process
 
 SLOW_MERGES = {**FAST_KERNELS, "dual_conv": 5.0, "pointwise_pair": 5.0}
@@ -161,14 +161,7 @@ def test_inductor_runs_the_pair_in_the_buffer_of_the_convolution_it_writes_over(
 def test_compiled_packages_of_merged_kernels_run_in_a_fresh_process(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
     model = resnet_stages()
-    conv = kerasrt.Converter(
-        model,
-        batch_size=2,
-        precision_mode="FP16",
-        compiler="inductor",
-        conv_kernels="cudnn",
-        tuner=TableTuner(CUDNN_3X3),
-    )
+    conv = own_kernels_converter(model, TableTuner(CUDNN_3X3), compiler="inductor")
     optimized = conv.convert()
     x = random_input((2, 8, 8, 16))
     got = optimized(x)
