@@ -360,9 +360,7 @@ def arguments(node: Any, read: Operands, view: View) -> tuple:
 
 def call_key_of(args: tuple) -> str:
     """The op's call key for ``arguments`` made of tensors (meta ones will do)."""
-    x, w, bias, residual, stride, padding, dilation, act, clip = args
-    out = conv_spec.empty_output(x, w, stride, padding, dilation)
-    return call_key(Tensors(x, w, bias, residual, out), (stride, padding, dilation, act, clip))
+    return call_key(*_split(args))
 
 
 def _split(args: tuple) -> tuple[Tensors, Convolution]:

@@ -99,7 +99,6 @@ def fallback_runner(
 
 
 @dataclass
-@dataclass
 class CompiledEngines:
     """Engines compiled ahead of time (a loaded artifact's): AOTInductor packages by engine
     segment index, and cuDNN's serialized plans of their cuDNN convolutions

@@ -34,7 +34,7 @@ from kerasrt.ir.ops import KERNEL, PAIR_OPERANDS
 from kerasrt.kernels import conv_spec, dual_conv, pointwise_conv, pointwise_pair, registry
 from kerasrt.kernels.registry import View
 from kerasrt.tuning.choices import Choice, TimingCache, node_key
-from kerasrt.tuning.tactics import Pending, Tuner
+from kerasrt.tuning.tactics import Pending, Tuner, time_pending
 
 log = logging.getLogger(__name__)
 APART = "apart"
@@ -193,11 +193,10 @@ def merge(
         if untimed:
             if progress is not None:
                 progress(f"timing merged kernels for {len(untimed)} group(s) of neighbouring convolutions")
-            pending = [Pending(c.node, keys[id(c)], [family], [family.name]) for c in untimed]
-            tuner.prepare(pending, view, operands)
-            for c in untimed:
-                found = tuner.measure(family, family.arguments(c.node, operands, view), {})
-                timings.add(keys[id(c)], family.name, *(found or (0, None)))
+            pending = [Pending(c.node, keys[id(c)], [family], [family.name], [family.name]) for c in untimed]
+            prebuilt = tuner.prepare(pending, view, operands)
+            for p in pending:
+                time_pending(p, view, tuner, operands, timings, prebuilt)
         replaced: dict[int, Value] = {}  # outputs of rewritten parts -> what reads in their place
         for c in chosen:
             merged = timings.get(keys[id(c)]).get(family.name)

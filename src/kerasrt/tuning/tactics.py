@@ -20,7 +20,6 @@ passes its own (a CPU cannot time a GPU kernel) to drive the same decisions.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -113,11 +112,13 @@ class ExampleOperands:
 
 @dataclass
 class Pending:
-    """A node to time: its key, candidate families and the kernels whose timings are missing."""
+    """A node to time: its key, candidate families, the kernels it may take (the families',
+    and Inductor's where it is timed too) and those whose timings are missing."""
 
     node: Node
     key: str
     families: list[KernelFamily]
+    kernels: list[str]
     missing: list[str]
 
 
@@ -199,7 +200,7 @@ class Tuner:
         x = operands(pad.inputs[0] if pad is not None else x_value)
         stride, padding, dilation = conv_spec.geometry(node)
         groups = node.attrs.get("groups", 1)
-        _, residual = conv_spec.epilogue_values(node)
+        residual = conv_spec.optional(operands, conv_spec.epilogue_values(node)[1])
         epilogue = len(node.inputs) > 2 or (node.attrs.get("activation") or "none") != "none"
         pads = list(pad.attrs["pads"]) if pad is not None else None
 
@@ -207,7 +208,7 @@ class Tuner:
             xi = torch.nn.functional.pad(x, pads) if pads is not None else x
             y = torch.convolution(xi, w, None, stride, padding, dilation, False, [0, 0], groups)
             if epilogue:
-                torch.add(y, operands(residual) if residual is not None else y[:1], out=torch.empty_like(y))
+                torch.add(y, residual if residual is not None else y[:1], out=torch.empty_like(y))
 
         return self.time(run)
 
@@ -254,9 +255,8 @@ def precompile(
                     log.debug("launching %s config %d to compile it failed: %s", family.name, index, exc)
 
     started = time.perf_counter()
-    if not compile_pool.supported():  # an older Triton: the launches compile, in threads
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(launch_all).result()
+    if not compile_pool.supported():  # an older Triton: the launches compile, here
+        launch_all()
         return {}
     kernels = compile_pool.collect(launch_all)
     flat = [r for group in requests.values() for r in group]
@@ -306,7 +306,7 @@ def choose(
             kernels.append(INDUCTOR)
         key = node_key(node, view)
         missing = [k for k in kernels if k not in timings.get(key)]
-        pending.append(Pending(node, key, families, missing))
+        pending.append(Pending(node, key, families, kernels, missing))
     stale = {p.key: p for p in pending if p.missing}
     operands = tuner.operands()
     if stale:
@@ -314,15 +314,13 @@ def choose(
         prebuilt = tuner.prepare(list(stale.values()), view, operands)
         for number, p in enumerate(stale.values(), 1):
             say(f"timing kernels for convolution shape {number} of {len(stale)}")
-            _time(p, view, tuner, operands, timings, prebuilt)
+            time_pending(p, view, tuner, operands, timings, prebuilt)
     for p in pending:
-        timed = timings.get(p.key)
-        kernels = [f.name for f in p.families] + ([INDUCTOR] if INDUCTOR in timed and mode == "auto" else [])
-        p.node.attrs[KERNEL] = Choice.fastest(timed, allowed(mode, kernels)).attr()
+        p.node.attrs[KERNEL] = Choice.fastest(timings.get(p.key), allowed(mode, p.kernels)).attr()
     return len(stale)
 
 
-def _time(
+def time_pending(
     p: Pending,
     view: View,
     tuner: Tuner,
@@ -330,6 +328,8 @@ def _time(
     timings: TimingCache,
     prebuilt: dict[Any, dict[int, Any]],
 ) -> None:
+    """Time ``p``'s missing kernels (``prebuilt``: what ``Tuner.prepare`` built for them) and
+    add the timings to ``timings``; a family none of whose configs ran is recorded as such."""
     for family in p.families:
         if family.name in p.missing:
             args = family.arguments(p.node, operands, view)
