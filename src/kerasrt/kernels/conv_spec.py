@@ -49,12 +49,13 @@ def epilogue_values(node: Any) -> tuple[Any, Any]:
     return bias, node.inputs[2 + int(has_bias)] if has_residual else None
 
 
-def activation_of(node: Any) -> tuple[str, list[float]]:
-    """(activation, clip) of a fused node as the kernels take them."""
-    act = node.attrs.get("activation") or "none"
+def activation_of(node: Any, attr: str = "activation") -> tuple[str, list[float]]:
+    """(activation, clip) of a fused node as the kernels take them; ``attr``: the attribute
+    naming it (a ``conv_pair`` has a second one, "activation2"), its bounds in ``attr_attrs``."""
+    act = node.attrs.get(attr) or "none"
     clip: list[float] = []
     if act == "clamp":
-        bounds = node.attrs.get("activation_attrs") or {}
+        bounds = node.attrs.get(attr + "_attrs") or {}
         clip = [float(bounds["min"]), float(bounds["max"])]
     return act, clip
 
@@ -167,14 +168,15 @@ def reference(
     return activate(y, activation, clip)
 
 
-def activate(y: torch.Tensor, activation: str, clip: Sequence[float]) -> torch.Tensor:
-    """An epilogue activation ("none", "relu", "clamp" to ``clip``, "silu") in PyTorch ops."""
+def activate(y: torch.Tensor, activation: str, clip: Sequence[float], inplace: bool = False) -> torch.Tensor:
+    """An epilogue activation ("none", "relu", "clamp" to ``clip``, "silu") in PyTorch ops;
+    ``inplace``: applied to ``y`` itself (a kernel finishing its output in place)."""
     if activation == "relu":
-        return torch.relu(y)
+        return y.relu_() if inplace else torch.relu(y)
     if activation == "silu":
-        return torch.nn.functional.silu(y)
+        return torch.nn.functional.silu(y, inplace=inplace)
     if activation == "clamp":
-        return torch.clamp(y, clip[0], clip[1])
+        return y.clamp_(clip[0], clip[1]) if inplace else torch.clamp(y, clip[0], clip[1])
     if activation != "none":
         raise ValueError(f"kerasrt's fused kernels have no activation {activation!r}")
     return y

@@ -44,12 +44,7 @@ def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
         torch.mm(rows, weight, out=product)
     if residual is not None:
         out.add_(residual)
-    if activation == "relu":
-        out.relu_()
-    elif activation == "clamp":
-        out.clamp_(clip[0], clip[1])
-    elif activation == "silu":
-        torch.nn.functional.silu(out, inplace=True)
+    conv_spec.activate(out, activation, clip, inplace=True)
 
 
 OP = op_library.define_kernel(

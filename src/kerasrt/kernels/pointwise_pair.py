@@ -142,16 +142,10 @@ def launch(
     )  # fmt: skip
 
 
-def _activation(node: Any, which: str) -> tuple[str, list[float]]:
-    act = node.attrs.get(which) or "none"
-    bounds = node.attrs.get(which + "_attrs") or {}
-    return act, [float(bounds["min"]), float(bounds["max"])] if act == "clamp" else []
-
-
 def eligible(node: Any, view: View) -> bool:
     """A ``conv_pair`` node the kernel runs: activations it fuses, at most ``MAX_CHANNELS``
     channels of ``x`` and of the shortcut, and ``x`` private to the node (it is written over)."""
-    acts = [_activation(node, which)[0] for which in ("activation", "activation2")]
+    acts = [conv_spec.activation_of(node, attr)[0] for attr in ("activation", "activation2")]
     named = dict(zip(node.attrs["operands"], node.inputs))
     widest = max(named["x"].shape[1], named["shortcut"].shape[1] if "shortcut" in named else 0)
     return (
@@ -169,8 +163,8 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
         return read(named[name]) if name in named else None
 
     head = (get("x"), get("w1"), get("shortcut"), get("ws"), list(node.attrs["stride"]), get("b1"))
-    return (*head, get("residual"), get("w2"), get("b2"), *_activation(node, "activation"),
-            *_activation(node, "activation2"))  # fmt: skip
+    return (*head, get("residual"), get("w2"), get("b2"), *conv_spec.activation_of(node),
+            *conv_spec.activation_of(node, "activation2"))  # fmt: skip
 
 
 def results(y: Any, args: tuple) -> list[Any]:
