@@ -17,7 +17,7 @@ import pytest
 from keras import layers as L
 
 import kerasrt
-from kerasrt_testing import random_input, randomize
+from kerasrt_testing import assert_close, random_input, randomize
 from test_models import HostRoundTrip
 
 FRESH_PROCESS = """
@@ -49,11 +49,7 @@ def test_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     conv = kerasrt.Converter(model, batch_size=2)
     optimized = conv.convert()
     path = conv.save(tmp_path / "art")
-    assert sorted(p.name for p in path.iterdir()) == [
-        "keras_model.keras",
-        "manifest.json",
-        "weights.safetensors",
-    ]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "kerasrt-artifact" and manifest["settings"]["minimum_segment_size"] == 3
     assert {"kerasrt", "torch", "keras"} <= set(manifest["versions"])
@@ -363,18 +359,20 @@ def test_a_package_tested_where_it_was_built_loads_without_a_test_process(
         np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_artifact_without_the_keras_model_stores_weights_once(tmp_path: Path) -> None:
+def test_artifact_serves_new_shapes_from_its_source_graph_without_keras(tmp_path: Path) -> None:
     inp = keras.Input((6, 6, 3), name="image")
     model = randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp)))))
     conv = kerasrt.Converter(model, batch_size=2)
     optimized = conv.convert()
-    path = conv.save(tmp_path / "lean", keras_model=False)
+    path = conv.save(tmp_path / "lean")
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
     loaded = kerasrt.load(path)
+    assert not loaded.keras.available
     x = random_input((2, 6, 6, 3))
     np.testing.assert_array_equal(loaded(x), optimized(x))
-    with pytest.raises(kerasrt.ArtifactError, match=r"has no keras_model\.keras to build an engine"):
-        loaded(random_input((3, 6, 6, 3)))
+    for batch in (1, 3):  # engines compiled from the stored source graph
+        x = random_input((batch, 6, 6, 3))
+        assert_close(loaded(x), keras.ops.convert_to_numpy(model(x)), rtol=1e-5)
     fallback = kerasrt.Converter(_model_with_fallback(), batch_size=2)
     fallback.convert()
     with pytest.raises(kerasrt.ArtifactError, match=r"layers \['host'\] run in Keras"):

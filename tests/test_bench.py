@@ -82,7 +82,17 @@ def test_bench_an_artifact_runs_its_own_engines_at_its_shapes(model_file: Path, 
     """Like trtexec --loadEngine: the saved batch runs the artifact's engines (build time is
     load + first call); another batch is converted from its Keras model, at its precision."""
     artifact = tmp_path / "tiny_krt"
-    args = ["convert", str(model_file), "-o", str(artifact), "--precision", "bf16", "--batch-size", "2"]
+    args = [
+        "convert",
+        str(model_file),
+        "-o",
+        str(artifact),
+        "--precision",
+        "bf16",
+        "--batch-size",
+        "2",
+        "--keras-model",
+    ]
     assert main(args) == 0
     report = tmp_path / "a.json"
     assert main(["bench", str(artifact), "--batch", "2,3", "--iters", "3", "--json", str(report)]) == 0

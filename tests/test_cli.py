@@ -53,6 +53,11 @@ def test_convert_inspect_validate_bench(tmp_path: Path, model_file: Path, capsys
     assert main(["validate", str(model_file), str(out), "--inputs", str(inputs)]) == 0
     capsys.readouterr()
 
+    # a self-contained artifact has no Keras model to compare against: one clear error, exit 2
+    assert main(["bench", str(out), "--iters", "3"]) == 2
+    assert "holds no Keras model" in capsys.readouterr().err
+    assert main(["convert", str(model_file), "-o", str(out), "--batch-size", "4", "--keras-model"]) == 0
+    capsys.readouterr()
     assert main(["bench", str(out), "--iters", "3", "--compare", "--systems", "keras-eager"]) == 0
     table, legend, notes = capsys.readouterr().out.partition("ms: time per call on the device")
     rows = [line.split() for line in table.splitlines()[2:]]

@@ -139,11 +139,21 @@ def test_subclassed_model_is_traced() -> None:
     convert_and_check(model, [x])
 
 
-def test_subclassed_model_without_shapes_asks_for_them() -> None:
-    model = Subclassed()
-    model(random_input((1, 8, 8, 3)))
-    with pytest.raises(kerasrt.ConversionError, match="input_shapes"):
-        kerasrt.Converter(model).convert()
+def test_subclassed_model_converts_at_the_shape_keras_recorded_and_serves_other_batches() -> None:
+    model = randomize(Subclassed())
+    model(random_input((1, 8, 8, 3)))  # Keras records (1, 8, 8, 3); the batch stays symbolic
+    optimized = kerasrt.Converter(model).convert()
+    assert optimized.engine_shapes == [((1, 8, 8, 3),)]
+    for batch in (1, 3):
+        x = random_input((batch, 8, 8, 3))
+        assert_close(optimized(x), keras.ops.convert_to_numpy(model(x)), rtol=1e-4)
+    with pytest.raises(kerasrt.InputSignatureError, match=r"shape \(None, 8, 8, 3\)"):
+        optimized(random_input((2, 9, 8, 3)))
+
+
+def test_subclassed_model_never_built_asks_for_its_input_shapes() -> None:
+    with pytest.raises(kerasrt.ConversionError, match=r"never built or called.*input_shapes"):
+        kerasrt.Converter(Subclassed()).convert()
 
 
 def encoder_block(x, heads: int, width: int, mlp: int, name: str):

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from kerasrt.errors import KerasRTError
+from kerasrt.errors import ConversionError, KerasRTError
 from kerasrt.settings import COMPILERS, CONV_KERNELS, PRECISION_MODES, PRECISION_RTOL, ConversionSettings
 
 err = Console(stderr=True, soft_wrap=True)
@@ -97,7 +97,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         conv.convert()
     conv.summary(print_fn=out.print)
     with status(f"saving {args.output}"):
-        path = conv.save(args.output, not args.no_compiled_engines, not args.no_keras_model)
+        keep = True if args.keras_model else False if args.no_keras_model else None
+        path = conv.save(args.output, not args.no_compiled_engines, keep)
     err.print(f"[green]saved[/] {path}")
     return 0
 
@@ -131,8 +132,7 @@ def _write_pictures(model: Any, dot_path: str | None, html_path: str | None, sum
     """The optimized graph as DOT, and a page showing the graph before and after optimization."""
     import dataclasses
 
-    from kerasrt.compile.pipeline import build_graph
-    from kerasrt.frontend.importer import InputSpec
+    from kerasrt.compile.pipeline import compile_graph, serves
     from kerasrt.visualize import to_dot, to_html, to_svg
 
     key = model.engine_shapes[-1]
@@ -141,11 +141,9 @@ def _write_pictures(model: Any, dot_path: str | None, html_path: str | None, sum
         _write_text(Path(dot_path), to_dot(program.graph, program.segments, model.name))
         err.print(f"[green]wrote[/] {dot_path}")
     if html_path:
-        with status("importing the unoptimized graph for the 'before' picture"):
-            specs = [InputSpec(s.name, shape, s.dtype) for s, shape in zip(model.inputs, key)]
-            before = build_graph(
-                model.keras, specs, dataclasses.replace(model.settings, optimization_level=0)
-            )
+        with status("compiling the unoptimized graph for the 'before' picture"):
+            source = next(s for s in model.sources if serves(s, key) is None)
+            before = compile_graph(source, key, dataclasses.replace(model.settings, optimization_level=0))
         from kerasrt.runtime.program import Program
 
         before_program = Program(before, model.settings, model.device, model.keras)
@@ -210,6 +208,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kerasrt.runtime.artifact import load
 
         loaded = load(args.model, device="cpu", compiled_engines=False)  # settings and Keras model only
+        if not loaded.keras.available:
+            raise ConversionError(
+                f"{args.model} holds no Keras model to compare against (an artifact is self-contained): "
+                "bench the model file, or convert with --keras-model to keep it in the artifact"
+            )
         keras_model, settings = loaded.keras.get(), loaded.settings
         precision = args.precision or settings.precision_mode
         batches = args.batch or [loaded.engine_shapes[-1][0][0]]
@@ -355,12 +358,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_debug_reduce(args: argparse.Namespace) -> int:
     from kerasrt.debug import find_divergence
     from kerasrt.frontend import keras_adapter as ka
-    from kerasrt.frontend.importer import resolve_input_specs
+    from kerasrt.frontend.importer import model_inputs
     from kerasrt.validate import random_inputs_for
 
     model = ka.load_model(args.model, _custom_objects(args.custom_objects))
-    specs = resolve_input_specs(model, args.input_shape, args.batch_size)
-    inputs = random_inputs_for([(s.shape, s.dtype) for s in specs], seed=args.seed)
+    declared = model_inputs(model, args.input_shape, args.batch_size)
+    if declared.example is None:
+        raise ConversionError("the model's input sizes are unknown: pass --input-shape")
+    specs = [(shape, s.dtype) for s, shape in zip(declared.specs, declared.example)]
+    inputs = random_inputs_for(specs, seed=args.seed)
     with status("looking for the first divergence"):
         found = find_divergence(
             model, inputs, ConversionSettings(optimization_level=args.level), rtol=args.rtol
@@ -474,11 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-compiled-engines", action="store_true", help="do not store AOTInductor packages of the engines"
     )
-    p.add_argument(
-        "--no-keras-model",
+    keras_model = p.add_mutually_exclusive_group()
+    keras_model.add_argument(
+        "--keras-model",
         action="store_true",
-        help="leave the original model out (smaller; serves only the saved shapes, no fallback layers)",
+        help="store the original model in the artifact (by default only when a layer runs in Keras); "
+        "'kerasrt bench ARTIFACT' compares against it",
     )
+    keras_model.add_argument("--no-keras-model", action="store_true", help="never store the original model")
     _add_conversion_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_convert)

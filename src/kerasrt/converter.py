@@ -7,13 +7,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kerasrt.compile.pipeline import build_graph, select_outputs
+from kerasrt.compile.pipeline import import_graph, select_outputs
 from kerasrt.errors import ConversionError
 from kerasrt.frontend import keras_adapter as ka
-from kerasrt.frontend.importer import InputSpec, resolve_input_specs
-from kerasrt.ir.graph import Graph
+from kerasrt.frontend.importer import model_inputs
 from kerasrt.runtime.model import OptimizedModel
-from kerasrt.runtime.program import KerasSource, Progress, ShapeKey, TensorSpec, with_batch
+from kerasrt.runtime.program import KerasSource, Progress, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
 from kerasrt.tuning.tactics import Tuner
 
@@ -81,7 +80,9 @@ class Converter:
         self._optimized: OptimizedModel | None = None
 
     def convert(self, calibration_input_fn: Callable[[], Iterable[Any]] | None = None) -> OptimizedModel:
-        """Import, partition and build the model for its input shapes; returns the result."""
+        """Import the model (once, with symbolic sizes) and build the engine for its input
+        shapes where they are all known; else engines are built lazily, at the first call or
+        by ``build(input_fn)``, as TF-TRT's dynamic mode does."""
         if calibration_input_fn is not None:
             raise ConversionError("calibration_input_fn is for INT8, which this version does not build")
         model = self.keras.get()
@@ -89,37 +90,32 @@ class Converter:
         shapes = self.settings.input_shapes
         if profile is not None and shapes is not None:  # the first engine is the profile's opt
             shapes = with_batch(shapes, profile[1])
-        specs = resolve_input_specs(model, shapes, profile[1] if profile else self.settings.batch_size)
-        graph = build_graph(self.keras, specs, self.settings, self.progress)
-        declared = ka.input_specs(model)
-        inputs = [
-            TensorSpec(s.name, tuple(declared[i][0]) if declared else (None,) + tuple(s.shape[1:]), s.dtype)
-            for i, s in enumerate(specs)
-        ]
-        key: ShapeKey = tuple(s.shape for s in specs)
-        names = {s.name: s for s in specs}
-
-        def builder(shapes: ShapeKey) -> Graph:
-            new = [InputSpec(n, tuple(shape), names[n].dtype) for n, shape in zip(names, shapes)]
-            return build_graph(self.keras, new, self.settings)
-
+        inputs = model_inputs(model, shapes, profile[1] if profile else self.settings.batch_size)
+        source = import_graph(self.keras, inputs, self.settings, self.progress)
+        names = ka.output_names(model)
         self._optimized = OptimizedModel(
-            {key: graph},
+            {},
             self.settings,
-            inputs,
-            [ka.output_names(model)[i] for i in select_outputs(ka.output_names(model), self.settings.outputs)]
+            [
+                TensorSpec(s.name, tuple(d if isinstance(d, int) else None for d in s.shape), s.dtype)
+                for s in inputs.specs
+            ],
+            [names[i] for i in select_outputs(names, self.settings.outputs)]
             if self.settings.outputs is not None
-            else ka.output_names(model),
+            else names,
             self.keras,
-            builder=builder,
+            sources=[source],
             device=self.device,
             name=model.name,
             progress=self.progress,
             tuner=self.tuner,
         )
-        self._optimized.program(key)
-        if profile is not None:  # and the profile's max engine
-            self._optimized.program(with_batch(key, profile[2]), build=True)
+        if inputs.example is not None:
+            self._optimized.program(inputs.example, build=True)
+            if profile is not None:  # and the profile's max engine
+                self._optimized.program(with_batch(inputs.example, profile[2]), build=True)
+        elif self.progress is not None:
+            self.progress("input sizes unknown: engines are built at the first call (or by build(input_fn))")
         return self._optimized
 
     @property
@@ -144,7 +140,7 @@ class Converter:
         return text
 
     def save(
-        self, output_dir: str | os.PathLike, compiled_engines: bool = True, keras_model: bool = True
+        self, output_dir: str | os.PathLike, compiled_engines: bool = True, keras_model: bool | None = None
     ) -> Path:
         """Write the artifact directory (atomically: nothing half-written on failure); with
         Inductor engines, also their ahead-of-time compiled packages (see ``artifact.save``)."""

@@ -33,3 +33,8 @@ class ArtifactError(KerasRTError):
 
 class IRError(KerasRTError):
     """The IR graph breaks one of its invariants (raised by ``verify``)."""
+
+
+class SymbolicImportError(ConversionError):
+    """The model cannot be imported with sizes unknown until run time (a layer needs them);
+    an import at concrete input shapes may still work."""

@@ -1,12 +1,14 @@
-"""The compile pipeline, device-independent: a Keras model at given input shapes imported into
-the IR (in this process on Keras's torch backend, else in a child process), verified,
-optimized at the settings' level and lowered to their precision. Partitioning into engine
-segments (``partition``) follows when a program is built for a device.
+"""The compile pipeline, device-independent: a Keras model imported once into a symbolic
+source graph (in this process on Keras's torch backend, else in a child process), and that
+graph compiled for concrete input shapes: specialized, optimized at the settings' level and
+lowered to their precision. Partitioning into engine segments (``partition``) follows when a
+program is built for a device.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,16 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kerasrt import errors
-from kerasrt.errors import ConversionError
+from kerasrt.errors import ConversionError, InputSignatureError, SymbolicImportError
 from kerasrt.frontend import keras_adapter as ka
-from kerasrt.frontend.importer import InputSpec, import_model
+from kerasrt.frontend.importer import InputSpec, ModelInputs, import_model
 from kerasrt.ir.graph import Graph
 from kerasrt.ir.graph import verify as verify_graph
 from kerasrt.ir.ops import OPS
+from kerasrt.ir.specialize import bind, broken_guard, specialize
 from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
 from kerasrt.runtime.program import KerasSource, Progress
 from kerasrt.settings import ConversionSettings
+
+log = logging.getLogger(__name__)
 
 
 def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
@@ -40,19 +45,43 @@ def select_outputs(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
     return indices
 
 
-def build_graph(
+def import_graph(
+    keras: KerasSource,
+    inputs: ModelInputs,
+    settings: ConversionSettings,
+    progress: Progress | None = None,
+) -> Graph:
+    """The model's source graph: imported once, symbolically (``inputs.specs`` name the sizes
+    known only at run time), verified, with the requested outputs. Engines for concrete
+    shapes are compiled from it by ``compile_graph``, without Keras.
+
+    A model whose layers need concrete sizes to trace (``SymbolicImportError``) is imported
+    at ``inputs.example`` instead, when that is known: a static graph, which serves that one
+    shape (other shapes import the model again)."""
+    try:
+        graph = _import(keras, inputs.specs, settings, progress, inputs.hints)
+    except SymbolicImportError as exc:
+        if inputs.example is None:
+            raise
+        log.warning("importing at the concrete shapes %s: %s", list(inputs.example), exc)
+        specs = [InputSpec(s.name, shape, s.dtype) for s, shape in zip(inputs.specs, inputs.example)]
+        graph = _import(keras, specs, settings, progress)
+        graph.meta["static_reason"] = str(exc)
+    return graph
+
+
+def _import(
     keras: KerasSource,
     specs: Sequence[InputSpec],
     settings: ConversionSettings,
     progress: Progress | None = None,
+    hints: dict[str, int] | None = None,
 ) -> Graph:
-    """Import the model at ``specs`` (in this process on the torch backend, else in a child),
-    then optimize it at ``settings.optimization_level``."""
     keep = settings.keep_in_keras
     if ka.backend_name() == "torch":
-        graph = import_model(keras.get(), specs, keep, progress)
+        graph = import_model(keras.get(), specs, keep, progress, hints)
     else:
-        graph = _import_in_subprocess(keras, specs, keep)
+        graph = _import_in_subprocess(keras, specs, keep, hints)
     verify_graph(graph)
     # an entry that names no layer may name an IR op type, kept out of engines by the runtime
     unmatched = set(keep) - set(graph.meta.pop("kept_in_keras", ()))
@@ -66,6 +95,34 @@ def build_graph(
         names = ka.output_names(keras.get())
         graph.outputs = [graph.outputs[i] for i in select_outputs(names, settings.outputs)]
         graph.remove_unused()
+    return graph
+
+
+def serves(source: Graph, shapes: Sequence[Sequence[int]]) -> str | None:
+    """Why ``source`` cannot compute the model at input ``shapes`` (None where it can): the
+    shapes do not fit its inputs, or break an assumption its trace made (a guard)."""
+    try:
+        bindings = bind(source, shapes)
+    except InputSignatureError as exc:
+        return str(exc)
+    guard = broken_guard(source, bindings)
+    return None if guard is None else f"the model's trace assumed {guard}"
+
+
+def compile_graph(
+    source: Graph,
+    shapes: Sequence[Sequence[int]],
+    settings: ConversionSettings,
+    progress: Progress | None = None,
+) -> Graph:
+    """The engine graph for input ``shapes``: ``source`` made concrete (``specialize``),
+    optimized at ``settings.optimization_level`` and lowered to their precision."""
+    reason = serves(source, shapes)
+    if reason is not None:
+        raise ConversionError(
+            f"the source graph does not serve input shapes {[list(s) for s in shapes]}: {reason}"
+        )
+    graph = specialize(source, bind(source, shapes))
     if progress is not None:
         progress("optimizing")
     # KERASRT_CHECK_PASSES=1 (set by the test suite) verifies the graph after every pass
@@ -83,7 +140,21 @@ def build_graph(
     return graph
 
 
-def _import_in_subprocess(keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str]) -> Graph:
+def build_graph(
+    keras: KerasSource,
+    specs: Sequence[InputSpec],
+    settings: ConversionSettings,
+    progress: Progress | None = None,
+) -> Graph:
+    """Import the model at concrete ``specs`` and compile it for them (a static graph; tools
+    that look at one shape use this)."""
+    source = _import(keras, specs, settings, progress)
+    return compile_graph(source, [s.shape for s in specs], settings, progress)
+
+
+def _import_in_subprocess(
+    keras: KerasSource, specs: Sequence[InputSpec], keep: Sequence[str], hints: dict[str, int] | None
+) -> Graph:
     from safetensors.torch import load_file
 
     from kerasrt.ir.serialize import graph_from_json
@@ -100,6 +171,7 @@ def _import_in_subprocess(keras: KerasSource, specs: Sequence[InputSpec], keep: 
             "sys_path": [p for p in sys.path if p],
             "specs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
             "keep": list(keep),
+            "hints": hints or {},
             "out": tmp,
         }
         request_path = os.path.join(tmp, "request.json")

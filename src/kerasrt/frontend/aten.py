@@ -27,7 +27,9 @@ import torch
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.fx.operator_schemas import normalize_function
 
+from kerasrt.ir import symbolic
 from kerasrt.ir.graph import Graph, Value, dtype_name
+from kerasrt.ir.symbolic import Dim
 
 aten = torch.ops.aten
 
@@ -119,6 +121,12 @@ _SHAPE_ONLY = frozenset(
         aten.randn_like,
     )
 )
+# Ops that fill a tensor shaped like their input, and their fill value (None: an argument).
+_FILLS: dict[OpOverload, float | None] = {
+    **{op: 0.0 for op in overloads(aten.zeros_like, aten.empty_like)},
+    **{op: 1.0 for op in overloads(aten.ones_like)},
+    **{op: None for op in overloads(aten.full_like)},
+}
 # Ops that only rearrange elements into the recorded shape.
 _RESHAPES = (
     aten.view,
@@ -195,10 +203,19 @@ _REDUCTIONS = {
 class AtenLowering:
     """Lowers one traced fx graph into ``graph``, tagging nodes with ``layer``."""
 
-    def __init__(self, graph: Graph, layer: str, constant: Callable[[torch.Tensor, str], Value]):
+    def __init__(
+        self,
+        graph: Graph,
+        layer: str,
+        constant: Callable[[torch.Tensor, str], Value],
+        dims: Callable[[Any], Dim] = int,
+    ):
+        """``dims`` turns a traced size (an int, or a SymInt of a symbolic trace) into an IR
+        ``Dim``."""
         self.graph = graph
         self.layer = layer
         self._constant = constant
+        self.dims = dims
         self.fx_node: torch.fx.Node | None = None
 
     # -- helpers used by the lowering table ------------------------------------------------
@@ -206,8 +223,10 @@ class AtenLowering:
         return self._constant(tensor, f"{self.layer}.const")
 
     def emit(self, op: str, inputs: list[Value], **attrs: Any) -> Value:
-        """Add an IR node, or fold it into a constant when every input is a constant."""
-        if inputs and all(v.is_constant for v in inputs):
+        """Add an IR node, or fold it into a constant when every input is a constant (and no
+        attribute is a symbolic size)."""
+        sized = any(_is_size(a) for a in torch.utils._pytree.tree_leaves(attrs))
+        if inputs and all(v.is_constant for v in inputs) and not sized:
             from kerasrt.ir.ops import run_reference
 
             return self.constant(run_reference(op, [v.data for v in inputs], attrs))
@@ -230,10 +249,10 @@ class AtenLowering:
             return self.scalar(arg, like)
         raise UnsupportedOp(f"expected a tensor, got {type(arg).__name__}")
 
-    def out_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.fx_node.meta["val"].shape)
+    def out_shape(self) -> tuple[Dim, ...]:
+        return tuple(self.dims(d) for d in self.fx_node.meta["val"].shape)
 
-    def reshape(self, x: Value, shape: tuple[int, ...]) -> Value:
+    def reshape(self, x: Value, shape: tuple[Dim, ...]) -> Value:
         return x if x.shape == tuple(shape) else self.emit("reshape", [x], shape=list(shape))
 
     # -- driver --------------------------------------------------------------------------
@@ -253,6 +272,12 @@ class AtenLowering:
                 result = [_read(env, o) if isinstance(o, torch.fx.Node) else None for o in outs]
                 if any(not isinstance(v, Value) for v in result):
                     raise UnsupportedOp("the layer returns something other than tensors")
+            elif node.op == "call_function" and isinstance(node.meta.get("val"), torch.SymInt):
+                env[node] = self.dims(node.meta["val"])  # a size computed from input sizes
+            elif node.op == "call_function" and isinstance(
+                node.meta.get("val"), (torch.SymBool, torch.SymFloat)
+            ):
+                raise UnsupportedOp(f"{node.target} computes a {type(node.meta['val']).__name__} from sizes")
             elif node.op == "call_function":
                 args = torch.fx.node.map_arg(node.args, lambda n: _read(env, n))
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _read(env, n))
@@ -276,7 +301,12 @@ class AtenLowering:
         if not isinstance(target, OpOverload):
             raise UnsupportedOp(f"call to {getattr(target, '__name__', target)} is not an ATen op")
         values = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Value)]
-        if target in _SHAPE_ONLY or (values and all(v.is_constant for v in values)) or not values:
+        if target in _FILLS and values and not symbolic.is_static(values[0].shape):
+            return self._fill_like(target, args, kwargs, values[0])
+        sized = any(_is_size(a) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        if target in _SHAPE_ONLY or (
+            not sized and ((values and all(v.is_constant for v in values)) or not values)
+        ):
             return self._evaluate(target, args, kwargs)
         lower = LOWERINGS.get(target)
         if lower is None:
@@ -289,6 +319,19 @@ class AtenLowering:
         self._check(out)
         return out
 
+    def _fill_like(self, target: OpOverload, args: tuple, kwargs: dict, like: Value) -> Value:
+        """``zeros_like(x)`` (``ones_like``, ``full_like``) of a tensor of symbolic shape: a
+        ``full_like`` node, a constant again once the shape is concrete (``specialize``)."""
+        value = _FILLS[target]
+        if value is None:
+            normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+            value = normalized.kwargs["fill_value"] if normalized is not None else args[1]
+        dtype = dtype_name(self.fx_node.meta["val"].dtype)
+        node = self.graph.add_node(
+            "full_like", [like], {"value": value, "dtype": dtype}, layer=self._layer_of(self.fx_node)
+        )
+        return node.outputs[0]
+
     def _evaluate(self, target: Any, args: tuple, kwargs: dict) -> Any:
         """Run an op whose result is fixed at conversion time; keep it as a constant."""
         meta = self.fx_node.meta.get("val")
@@ -298,8 +341,12 @@ class AtenLowering:
         def concrete(a: Any) -> Any:
             if isinstance(a, Value):
                 if not a.is_constant:
+                    if not symbolic.is_static(a.shape):
+                        raise UnsupportedOp(f"{target} of a tensor of symbolic shape {a.type_str()}")
                     return torch.zeros(a.shape, dtype=_torch(a))
                 return a.data.clone() if copy else a.data
+            if symbolic.is_size_expression(a):
+                raise UnsupportedOp(f"{target} with the symbolic size {a} as an argument")
             return a
 
         result = target(
@@ -317,11 +364,17 @@ class AtenLowering:
         for value, expected in pairs:
             if value is None or not isinstance(expected, torch.Tensor):
                 continue
-            if value.shape != tuple(expected.shape) or value.dtype != dtype_name(expected.dtype):
+            shape = tuple(self.dims(d) for d in expected.shape)
+            if value.shape != shape or value.dtype != dtype_name(expected.dtype):
                 raise UnsupportedOp(
                     f"lowering of {self.fx_node.target} gave {value.type_str()}, "
-                    f"expected {tuple(expected.shape)} {expected.dtype}"
+                    f"expected {symbolic.shape_str(shape)} {expected.dtype}"
                 )
+
+
+def _is_size(arg: Any) -> bool:
+    """Whether ``arg`` is a symbolic size (a size the traced code computed from input sizes)."""
+    return symbolic.is_size_expression(arg)
 
 
 def _torch(value: Value) -> torch.dtype:
@@ -390,6 +443,34 @@ def _expand(c: AtenLowering, a: dict) -> Value:
     return x if x.shape == shape else c.emit("expand", [x], shape=list(shape))
 
 
+@lowering(aten.repeat)
+def _repeat(c: AtenLowering, a: dict) -> Value:
+    """x.repeat(reps): each dim d_i becomes r_i copies of it, one after the other, i.e. x
+    viewed as (1, d_0, 1, d_1, ...), expanded to (r_0, d_0, r_1, d_1, ...), and merged."""
+    x, reps = a["input"], [symbolic.normalize(r) for r in a["repeats"]]
+    shape = (1,) * (len(reps) - len(x.shape)) + tuple(x.shape)
+    interleaved = [d for size in shape for d in (1, size)]
+    expanded = [d for rep, size in zip(reps, shape) for d in (rep, size)]
+    y = c.emit("expand", [c.reshape(x, tuple(interleaved))], shape=expanded)
+    return c.reshape(y, c.out_shape())
+
+
+@lowering(aten.arange)
+def _arange(c: AtenLowering, a: dict) -> Value:
+    """An arange with a symbolic bound (position ids of a sequence of unknown length); one with
+    numbers only is folded into a constant before lowering."""
+    start, end = a.get("start", 0), a["end"]
+    dtype = dtype_name(c.fx_node.meta["val"].dtype)
+    return c.emit(
+        "arange",
+        [],
+        start=symbolic.normalize(start),
+        end=symbolic.normalize(end),
+        step=a.get("step", 1),
+        dtype=dtype,
+    )
+
+
 @lowering(aten.permute, aten.permute_copy)
 def _permute(c: AtenLowering, a: dict) -> Value:
     return c.emit("permute", [a["input"]], dims=[d % len(a["input"].shape) for d in a["dims"]])
@@ -410,12 +491,25 @@ def _t(c: AtenLowering, a: dict) -> Value:
     return c.emit("permute", [x], dims=list(range(len(x.shape)))[::-1]) if len(x.shape) > 1 else x
 
 
-def _slice(c: AtenLowering, x: Value, dim: int, start: int | None, end: int | None, step: int) -> Value:
+def _slice(c: AtenLowering, x: Value, dim: int, start: Dim | None, end: Dim | None, step: int) -> Value:
     dim %= len(x.shape)
-    start, end, step = slice(start, end, step).indices(x.shape[dim])
-    if start == 0 and end >= x.shape[dim] and step == 1:
+    size = x.shape[dim]
+    if isinstance(size, int) and not isinstance(start, str) and not isinstance(end, str):
+        start, end, step = slice(start, end, step).indices(size)
+        if start == 0 and end >= size and step == 1:
+            return x
+        return c.emit("slice", [x], dim=dim, start=start, end=end, step=step)
+    # a symbolic size or bound: Python's clamping is left to the op (the tracer's recorded
+    # shape checks the result); negative bounds count from the end
+    start = _from_end(0 if start is None else start, size)
+    end = size if end is None or (isinstance(end, int) and end >= 2**62) else _from_end(end, size)
+    if start == 0 and end == size and step == 1:
         return x
     return c.emit("slice", [x], dim=dim, start=start, end=end, step=step)
+
+
+def _from_end(index: Dim, size: Dim) -> Dim:
+    return symbolic.normalize(f"{size} - {-index}") if isinstance(index, int) and index < 0 else index
 
 
 @lowering(aten.slice, aten.slice_copy)
@@ -426,8 +520,10 @@ def _slice_op(c: AtenLowering, a: dict) -> Value:
 @lowering(aten.select, aten.select_copy)
 def _select(c: AtenLowering, a: dict) -> Value:
     x, dim = a["input"], a["dim"] % len(a["input"].shape)
-    index = a["index"] % x.shape[dim]
-    return c.reshape(_slice(c, x, dim, index, index + 1, 1), c.out_shape())
+    size, index = x.shape[dim], a["index"]
+    index = index % size if isinstance(size, int) and isinstance(index, int) else _from_end(index, size)
+    end = index + 1 if isinstance(index, int) else symbolic.normalize(f"{index} + 1")
+    return c.reshape(_slice(c, x, dim, index, end, 1), c.out_shape())
 
 
 @lowering(aten.narrow, aten.narrow_copy)
@@ -657,9 +753,9 @@ def _conv(c: AtenLowering, a: dict) -> Value:
     )
 
 
-def _expand_list(v: int | list[int], n: int) -> list[int]:
-    v = [v] if isinstance(v, int) else list(v)
-    return [int(x) for x in (v * n if len(v) == 1 else v)]
+def _expand_list(v: Dim | list[Dim], n: int) -> list[Dim]:
+    v = [v] if isinstance(v, (int, str)) else list(v)
+    return [symbolic.normalize(x) for x in (v * n if len(v) == 1 else v)]
 
 
 # -- pooling, normalization, softmax, attention -----------------------------------------------
@@ -860,7 +956,7 @@ def _cumsum(c: AtenLowering, a: dict) -> Value:
 def _pad(c: AtenLowering, a: dict) -> Value:
     mode = a.get("mode", "constant")
     value = a.get("value") or 0.0
-    pads = [int(p) for p in a["pad"]]
+    pads = [symbolic.normalize(p) for p in a["pad"]]  # Keras's "same" padding: symbolic sizes
     if not any(pads):
         return a["input"]
     return c.emit("pad", [a["input"]], pads=pads, mode=mode, value=float(value))
@@ -869,7 +965,8 @@ def _pad(c: AtenLowering, a: dict) -> Value:
 @lowering(aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d, mode="reflect")
 @lowering(aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d, mode="replicate")
 def _pad_mode(c: AtenLowering, a: dict, mode: str) -> Value:
-    return c.emit("pad", [a["input"]], pads=[int(p) for p in a["padding"]], mode=mode, value=0.0)
+    pads = [symbolic.normalize(p) for p in a["padding"]]
+    return c.emit("pad", [a["input"]], pads=pads, mode=mode, value=0.0)
 
 
 @lowering(aten.embedding)

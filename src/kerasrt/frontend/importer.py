@@ -1,14 +1,20 @@
 """Keras model -> IR graph.
 
 Functional and Sequential models are walked node by node; each layer or keras.ops call is
-traced on Keras's torch backend (``make_fx``) at the concrete input shapes and lowered from
-ATen into IR nodes tagged with the layer's name. Nested functional models are walked
-recursively. Subclassed models and custom layers have no graph and are traced whole.
-A layer that will not trace or lower becomes a ``keras_layer`` fallback node with the reason.
+traced on Keras's torch backend (``make_fx``) and lowered from ATen into IR nodes tagged with
+the layer's name. Nested functional models are walked recursively. Subclassed models and
+custom layers have no graph and are traced whole. A layer that will not trace or lower
+becomes a ``keras_layer`` fallback node with the reason.
+
+An input shape may hold symbols (``"s0"``): then every layer is traced once, symbolically,
+on fake tensors whose sizes are symbolic integers of one ``ShapeEnv`` shared by the whole
+walk, and the graph's sizes are expressions over those symbols (``kerasrt.ir.symbolic``):
+one import serves every input shape. With numbers only, layers are traced on real tensors.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,18 +25,33 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from kerasrt.errors import ConversionError
+from kerasrt.errors import ConversionError, SymbolicImportError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.frontend.aten import AtenLowering, UnsupportedOp
+from kerasrt.ir import symbolic
 from kerasrt.ir.graph import Graph, Value, dtype_name, torch_dtype
+from kerasrt.ir.specialize import GUARDS, SYMBOLS
+from kerasrt.ir.symbolic import Dim
 
 log = logging.getLogger(__name__)
 
 
-class _NoHostEscape(TorchFunctionMode):
-    """Refuse to trace code that reads tensor values on the host (``.numpy()``, ``bool(x)``,
-    ``.item()``...): a trace would silently bake the example input's values into constants.
+class _TraceMode(TorchFunctionMode):
+    """What tracing a layer needs from the torch functions it calls.
+
+    - Refuse code that reads tensor values on the host (``.numpy()``, ``bool(x)``,
+      ``.item()``...): a trace would silently bake the example input's values into constants.
+    - Keep linear resizes to a given size as their ATen op: in a symbolic trace PyTorch's
+      Python decompositions (registered at its Autograd key) would spell
+      ``upsample_bilinear2d`` out as index arithmetic on symbolic sizes; the op is called
+      below Autograd (inference only, so nothing is lost).
     """
+
+    _RESIZES = {
+        "linear": torch.ops.aten.upsample_linear1d.default,
+        "bilinear": torch.ops.aten.upsample_bilinear2d.default,
+        "trilinear": torch.ops.aten.upsample_trilinear3d.default,
+    }
 
     _BANNED = frozenset(
         {
@@ -50,6 +71,15 @@ class _NoHostEscape(TorchFunctionMode):
             raise UnsupportedOp(
                 f"reads tensor values on the host ({getattr(func, '__name__', func)}), so it cannot be traced"
             )
+        if func is torch.nn.functional.interpolate:
+            call = inspect.signature(func).bind(*args, **(kwargs or {}))
+            a = {**{k: p.default for k, p in inspect.signature(func).parameters.items()}, **call.arguments}
+            resize = self._RESIZES.get(a["mode"])
+            if resize is not None and a["size"] is not None and not a["antialias"]:
+                x, size = a["input"], a["size"]
+                size = list(size) if isinstance(size, (list, tuple)) else [size] * (x.dim() - 2)
+                with torch._C._AutoDispatchBelowAutograd():  # below its Autograd decomposition
+                    return resize(x, size, bool(a["align_corners"]))
         return func(*args, **(kwargs or {}))
 
 
@@ -70,47 +100,104 @@ class _Traced:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A concrete model input: name, shape (batch included) and dtype."""
+    """A model input: name, shape (batch included; a symbol names a size known only at run
+    time) and dtype."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
     dtype: str
 
 
-def resolve_input_specs(
-    model: Any, input_shapes: Sequence[Sequence[int]] | None, batch_size: int
-) -> list[InputSpec]:
-    """Concrete input shapes: the user's, or the model's with the batch dim filled in."""
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the importer needs to know of a model's inputs.
+
+    ``specs``: each input with a symbol for each size known only at run time (the batch
+    always, and every dimension the model declares unknown); ``hints``: a size for each
+    symbol to trace with (the user's where given); ``example``: the concrete input shapes to
+    build the first engine for, when every size is known (else engines are built lazily).
+    """
+
+    specs: list[InputSpec]
+    hints: dict[str, int]
+    example: tuple[tuple[int, ...], ...] | None
+
+
+def model_inputs(model: Any, input_shapes: Sequence[Sequence[int]] | None, batch_size: int) -> ModelInputs:
+    """The inputs of ``model``, from its declaration (or, for a subclassed model, the shapes
+    Keras recorded when it was built) and the user's ``input_shapes``.
+
+    A symbol stands for one dimension position: the batch (``s0``) is shared by every input;
+    another unknown dimension is shared by the inputs that have it at the same position with
+    the same given size (a text model's token ids and padding mask share their sequence
+    length). Give two inputs different sizes in ``input_shapes`` to keep them apart.
+    """
     declared = ka.input_specs(model)
     names = [getattr(x, "name", f"input_{i}") for i, x in enumerate(_model_inputs(model))]
+    if input_shapes is None and not declared:
+        raise ConversionError(
+            f"model {model.name!r} declares no input shape and Keras recorded none (a subclassed "
+            "model that was never built or called?): call it once on data, or pass input_shapes "
+            "(CLI: --input-shape 1,224,224,3)"
+        )
     if input_shapes is not None:
         if declared and len(input_shapes) != len(declared):
             raise ConversionError(
                 f"model has {len(declared)} inputs but {len(input_shapes)} input shapes were given"
             )
-        dtypes = [d for _, d in declared] or ["float32"] * len(input_shapes)
         for i, shape in enumerate(input_shapes):
+            if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
+                raise ConversionError(f"input shape {tuple(shape)} must be positive integers")
             if declared:
                 want = declared[i][0]
                 ok = len(want) == len(shape) and all(w is None or w == s for w, s in zip(want, shape))
                 if not ok:
                     raise ConversionError(f"input shape {tuple(shape)} does not fit the model's input {want}")
-        names = names if len(names) == len(input_shapes) else [f"input_{i}" for i in range(len(input_shapes))]
-        return [InputSpec(n, tuple(s), d) for n, s, d in zip(names, input_shapes, dtypes)]
-    if not declared:
-        raise ConversionError(
-            f"model {model.name!r} has no declared input shape (a subclassed model?): "
-            "pass input_shapes (CLI: --input-shape 1,224,224,3)"
-        )
+        dtypes = [d for _, d in declared] or ["float32"] * len(input_shapes)
+        template = [tuple(d[0]) for d in declared] or [(None, *s[1:]) for s in input_shapes]
+        given: list[tuple[int | None, ...]] = [tuple(s) for s in input_shapes]
+    else:
+        dtypes = [d for _, d in declared]
+        template = [tuple(d[0]) for d in declared]
+        given = [(batch_size, *shape[1:]) for shape, _ in declared]
+    if len(names) != len(template):
+        names = [f"input_{i}" for i in range(len(template))]
+    symbols: dict[tuple[int, int | None], str] = {}
+    hints: dict[str, int] = {}
     specs = []
-    for name, (shape, dtype) in zip(names, declared):
-        concrete = (batch_size,) + tuple(shape[1:])
-        if any(d is None for d in concrete):
-            raise ConversionError(
-                f"input {name!r} has unknown dimensions {shape}: pass input_shapes (CLI: --input-shape)"
-            )
-        specs.append(InputSpec(name, concrete, dtype))
-    return specs
+    for name, want, have, dtype in zip(names, template, given, dtypes):
+        if not want:
+            raise ConversionError(f"input {name!r} is a scalar; kerasrt needs a batch dimension")
+        shape: list[Dim] = []
+        for d, (w, h) in enumerate(zip(want, have)):
+            if d > 0 and w is not None:
+                shape.append(int(w))
+                continue
+            key = (0, None) if d == 0 else (d, h)
+            if key not in symbols:
+                symbols[key] = f"s{len(symbols)}"
+                if h is not None:
+                    hints[symbols[key]] = h
+            shape.append(symbols[key])
+        specs.append(InputSpec(name, tuple(shape), dtype))
+    example = None
+    if all(d is not None for shape in given for d in shape):
+        example = tuple(tuple(int(d) for d in shape) for shape in given)
+    return ModelInputs(specs, _distinct_hints(list(symbols.values()), hints), example)
+
+
+def _distinct_hints(names: Sequence[str], given: dict[str, int]) -> dict[str, int]:
+    """A hint for every symbol: the given size where there is one, raised where needed so that
+    every hint is at least 2 and no two are equal (``SymbolicShapes`` says why); a raise is by
+    64, which keeps the size's remainders (a trace branches on parity, not on 224 vs 288)."""
+    defaults = iter(symbolic.DEFAULT_HINTS)
+    hints: dict[str, int] = {}
+    for name in names:
+        hint = max(given.get(name) or next(defaults), 2)
+        while hint in hints.values():
+            hint += 64
+        hints[name] = hint
+    return hints
 
 
 def _model_inputs(model: Any) -> list[Any]:
@@ -145,6 +232,7 @@ class Importer:
         self.graph = Graph()
         self._constants: dict[tuple, tuple[torch.Tensor, Value]] = {}
         self._var_names = ka.variable_names(model)
+        self.shapes: symbolic.SymbolicShapes | None = None  # set for a symbolic import
 
     # -- constants ------------------------------------------------------------------------
     def constant(self, tensor: torch.Tensor, hint: str) -> Value:
@@ -161,19 +249,42 @@ class Importer:
         return value
 
     # -- the walk --------------------------------------------------------------------------
-    def run(self, specs: Sequence[InputSpec]) -> Graph:
+    def run(self, specs: Sequence[InputSpec], hints: dict[str, int] | None = None) -> Graph:
+        """The graph of the model called on inputs of ``specs``; ``hints``: a size for each
+        symbol to trace with (default: ``symbolic.default_hints``)."""
         gen = torch.Generator().manual_seed(0)
+        names = {d for spec in specs for d in spec.shape if isinstance(d, str)}
+        device = ka.weights_device(self.model)
+        if names:
+            self.shapes = symbolic.SymbolicShapes({**symbolic.default_hints(names), **(hints or {})})
+            self.graph.meta[SYMBOLS] = {}
         traced = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             value = self.graph.add_input(spec.name, spec.shape, spec.dtype)
-            example = example_tensor(spec.shape, spec.dtype, gen).to(ka.weights_device(self.model))
+            if self.shapes is not None:
+                for d, dim in enumerate(spec.shape):
+                    if isinstance(dim, str):
+                        self.graph.meta[SYMBOLS].setdefault(dim, {"input": i, "dim": d})
+                with self.shapes.mode():
+                    example = torch.empty(
+                        self.shapes.sizes(spec.shape), dtype=torch_dtype(spec.dtype), device=device
+                    )
+            else:
+                example = example_tensor(spec.shape, spec.dtype, gen).to(device)
             traced.append(_Traced(value, example))
         with torch.no_grad():
             outputs = self._run_model(self.model, traced, prefix="")
         self.graph.outputs = [t.value for t in outputs]
         self.graph.remove_unused()
         self.graph.meta["kept_in_keras"] = sorted(self.kept)
+        if self.shapes is not None:
+            # a symbol that the traced code fixed to its hint: the graph serves that size only
+            fixed = [f"{name} == {self.shapes.hints[name]}" for name in self.shapes.specialized()]
+            self.graph.meta[GUARDS] = fixed + self.shapes.guards()
         return self.graph
+
+    def _dim(self, size: Any) -> Dim:
+        return self.shapes.dim(size) if self.shapes is not None else int(size)
 
     def _run_model(self, model: Any, inputs: list[_Traced], prefix: str) -> list[_Traced]:
         if ka.is_graph_model(model):
@@ -225,11 +336,12 @@ class Importer:
                     results.append(functional(*tensors))  # real tensors: tracing runs the layer
                     return results[-1]
 
-                with _NoHostEscape(), ka.tag_sublayers(op):
-                    gm = make_fx(run_and_keep)(*[t.example for t in inputs])
+                mode = "symbolic" if self.shapes is not None else "real"
+                with _TraceMode(), ka.tag_sublayers(op):
+                    gm = make_fx(run_and_keep, tracing_mode=mode)(*[t.example for t in inputs])
                 examples = [t.detach() for t in results[-1]]  # the layer ran once, not twice
                 mark = len(self.graph.nodes)
-                lowering = AtenLowering(self.graph, path or op.name, self.constant)
+                lowering = AtenLowering(self.graph, path or op.name, self.constant, self._dim)
                 try:
                     values = lowering.lower(gm, [t.value for t in inputs])
                 except Exception:
@@ -241,8 +353,22 @@ class Importer:
             except Exception as exc:  # tracing runs user code: any failure means fallback
                 reason = f"could not be traced: {type(exc).__name__}: {_short(exc)}"
         log.info("%s falls back to Keras: %s", path or op.name, reason)
-        outputs = fn(*[t.example for t in inputs])
+        outputs = self._run_fallback(fn, inputs, path or op.name, reason)
         return self._fallback(op, path, leaves, spec, slots, inputs, outputs, structures[-1], reason)
+
+    def _run_fallback(self, fn: Callable, inputs: list[_Traced], name: str, reason: str) -> tuple:
+        """The outputs of a layer that falls back (on fake tensors in a symbolic import, for
+        the sizes of its outputs)."""
+        if self.shapes is None:
+            return fn(*[t.example for t in inputs])
+        try:
+            with self.shapes.mode():
+                return fn(*[t.example for t in inputs])
+        except Exception as exc:
+            raise SymbolicImportError(
+                f"layer {name!r} runs in Keras ({reason}), and Keras cannot run it on inputs of "
+                f"unknown size to find the sizes of its outputs ({type(exc).__name__}: {_short(exc)})"
+            ) from None
 
     def _fallback(
         self,
@@ -274,7 +400,7 @@ class Importer:
             [t.value for t in inputs],
             {"layer": path, "reason": reason, "call": call},
             layer=path or op.name,
-            output_types=[(tuple(o.shape), dtype_name(o.dtype)) for o in outputs],
+            output_types=[(tuple(self._dim(d) for d in o.shape), dtype_name(o.dtype)) for o in outputs],
             name=(path or op.name).replace("/", "."),
         )
         traced = [_Traced(v, o.detach()) for v, o in zip(node.outputs, outputs)]
@@ -298,8 +424,10 @@ def import_model(
     specs: Sequence[InputSpec],
     keep_in_keras: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    hints: dict[str, int] | None = None,
 ) -> Graph:
-    """The IR graph of ``model`` at the given concrete input shapes (torch backend only)."""
+    """The IR graph of ``model`` for inputs of ``specs`` (torch backend only): symbolic
+    where the specs hold symbols, traced at ``hints``."""
     if ka.backend_name() != "torch":
         raise ConversionError("import_model needs Keras's torch backend; use kerasrt.Converter")
-    return Importer(model, keep_in_keras, progress).run(specs)
+    return Importer(model, keep_in_keras, progress).run(specs, hints)

@@ -31,8 +31,11 @@ def backend_name() -> str:
     return keras_module().backend.backend()
 
 
-def load_model(source: ModelSource, custom_objects: dict[str, Any] | None = None) -> Any:
-    """A keras.Model from a live model or a .keras/.h5 file, with errors that name the problem."""
+def load_model(
+    source: ModelSource, custom_objects: dict[str, Any] | None = None, safe_mode: bool = True
+) -> Any:
+    """A keras.Model from a live model or a .keras/.h5 file, with errors that name the problem;
+    ``safe_mode=False`` lets Keras load Python lambdas (code) from a .keras file."""
     keras = keras_module()
     if isinstance(source, keras.Model):
         return source
@@ -61,9 +64,16 @@ def load_model(source: ModelSource, custom_objects: dict[str, Any] | None = None
     else:
         raise ModelLoadError(f"{path}: unknown model format {suffix!r}; expected .keras or .h5")
     try:
-        model = keras.saving.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=True)
+        model = keras.saving.load_model(
+            path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode
+        )
     except Exception as exc:
         message = str(exc)
+        if safe_mode and "safe_mode" in message:
+            raise ModelLoadError(
+                f"{path} holds a Python lambda (a Lambda layer), which Keras loads only outside safe mode; "
+                "if you trust the file, load it with safe_mode=False (kerasrt.load(path, safe_mode=False))"
+            ) from None
         if "Could not locate class" in message or "Unknown layer" in message:
             raise UnknownLayerError(
                 f"{path} uses a custom layer or object Keras does not know: "
@@ -91,6 +101,12 @@ def is_graph_model(op: Any) -> bool:
     return isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth")
 
 
+def has_lambda(model: Any) -> bool:
+    """Whether ``model`` holds a Lambda layer (Python code, which safe mode refuses to load)."""
+    lambda_layer = keras_module().layers.Lambda
+    return any(isinstance(layer, lambda_layer) for layer in model._flatten_layers(include_self=False))
+
+
 def is_layer(op: Any) -> bool:
     return isinstance(op, keras_module().layers.Layer)
 
@@ -106,9 +122,26 @@ def input_specs(model: Any) -> list[tuple[tuple[int | None, ...], str]]:
         inputs = _graph_of(model).inputs if is_graph_model(model) else model.inputs
     except (AttributeError, ValueError):
         inputs = None
-    if not inputs:
+    if inputs:
+        return [(tuple(x.shape), str(x.dtype)) for x in inputs]
+    return _built_input_specs(model)
+
+
+def _built_input_specs(model: Any) -> list[tuple[tuple[int | None, ...], str]]:
+    """A subclassed model's inputs as Keras recorded them when the model was built (its first
+    call, or ``build``): the batch dimension is left unknown."""
+    try:
+        config = model.get_build_config() or {}
+    except Exception:
         return []
-    return [(tuple(x.shape), str(x.dtype)) for x in inputs]
+    shape = config.get("input_shape")
+    if isinstance(shape, dict) or shape is None:
+        return []
+    shapes = [shape] if not shape or not isinstance(shape[0], (list, tuple)) else list(shape)
+    if not all(isinstance(s, (list, tuple)) and s for s in shapes):
+        return []
+    dtype = str(getattr(model, "input_dtype", None) or "float32")
+    return [((None, *tuple(s)[1:]), dtype) for s in shapes]
 
 
 def output_names(model: Any) -> list[str]:

@@ -27,7 +27,7 @@ def main(request_path: str) -> int:
     try:
         model = ka.load_model(request["model"], ka.import_classes(request.get("classes", [])))
         specs = [InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in request["specs"]]
-        graph = import_model(model, specs, request.get("keep", []))
+        graph = import_model(model, specs, request.get("keep", []), hints=request.get("hints") or None)
     except KerasRTError as exc:
         with open(os.path.join(request["out"], "error.json"), "w") as fh:
             json.dump({"type": type(exc).__name__, "message": str(exc)}, fh)

@@ -1,8 +1,9 @@
 """The IR: values that know their producer and users, nodes of primitive ops, and graphs.
 
 A graph holds its nodes in topological order. Constants (weights) are values with
-``data`` set and no producer. Shapes are static: kerasrt builds one engine per input
-shape, as TF-TRT does in its static-shape mode.
+``data`` set and no producer. A dimension is a number or an expression over symbols
+(``kerasrt.ir.symbolic``): one imported graph serves every input shape, and ``specialize``
+makes the concrete graph an engine is built from.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from kerasrt.errors import IRError
+from kerasrt.ir.symbolic import Dim, normalize
 
-Shape = tuple[int, ...]
+Shape = tuple[Dim, ...]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -63,9 +65,9 @@ class Value:
 
     __slots__ = ("data", "dtype", "name", "producer", "shape", "users")
 
-    def __init__(self, name: str, shape: Sequence[int], dtype: str, data: torch.Tensor | None = None):
+    def __init__(self, name: str, shape: Sequence[Dim], dtype: str, data: torch.Tensor | None = None):
         self.name = name
-        self.shape: Shape = tuple(int(d) for d in shape)
+        self.shape: Shape = tuple(normalize(d) for d in shape)
         self.dtype = dtype
         self.producer: Node | None = None
         self.users: list[Node] = []
@@ -118,7 +120,7 @@ class Graph:
         self._names.add(name)
         return name
 
-    def add_input(self, name: str, shape: Sequence[int], dtype: str) -> Value:
+    def add_input(self, name: str, shape: Sequence[Dim], dtype: str) -> Value:
         value = Value(self.fresh_name(name), shape, dtype)
         self.inputs.append(value)
         return value
@@ -141,7 +143,7 @@ class Graph:
         attrs: dict[str, Any] | None = None,
         *,
         layer: str = "",
-        output_types: Sequence[tuple[Sequence[int], str]] | None = None,
+        output_types: Sequence[tuple[Sequence[Dim], str]] | None = None,
         name: str | None = None,
         before: Node | None = None,
     ) -> Node:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from kerasrt.errors import IRError
+from kerasrt.ir import symbolic
+from kerasrt.ir.symbolic import Dim
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class OpDef:
     attrs: tuple[str, ...] = ()
     category: str = "elementwise"
     infer: bool = True  # False for ops whose outputs are declared by the importer
+    dim_attrs: tuple[str, ...] = ()
+    """Attributes holding sizes, which may be symbolic (``kerasrt.ir.symbolic``)."""
 
 
 OPS: dict[str, OpDef] = {}
@@ -42,9 +46,11 @@ def _register(
     category: str = "elementwise",
     infer: bool = True,
     kernels: bool = False,
+    dim_attrs: Sequence[str] = (),
 ):
     """Declare op ``name``; ``kernels``: kerasrt's kernel families may run it, and its nodes may
-    carry the ``KERNEL`` attribute."""
+    carry the ``KERNEL`` attribute; ``dim_attrs``: the attributes that hold sizes (a size or
+    a list of them), which may be symbolic."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in OPS:
@@ -57,7 +63,8 @@ def _register(
                 return fn(*inputs, **attrs)
 
             impl.__name__ = fn.__name__
-        OPS[name] = OpDef(name, impl, (*attrs, KERNEL) if kernels else tuple(attrs), category, infer)
+        declared = (*attrs, KERNEL) if kernels else tuple(attrs)
+        OPS[name] = OpDef(name, impl, declared, category, infer, tuple(dim_attrs))
         return fn
 
     return wrap
@@ -147,6 +154,24 @@ def softplus(x: torch.Tensor, *, beta: float = 1.0, threshold: float = 20.0) -> 
     return F.softplus(x, beta, threshold)
 
 
+@_register("full_like", ("value", "dtype"), "shape")
+def full_like(x: torch.Tensor, *, value: float, dtype: str) -> torch.Tensor:
+    """A tensor of ``x``'s shape filled with ``value``: the ``zeros_like`` of a tensor whose
+    shape is symbolic (``specialize`` turns it into a constant)."""
+    from kerasrt.ir.graph import torch_dtype
+
+    return torch.full_like(x, value, dtype=torch_dtype(dtype))
+
+
+@_register("arange", ("start", "end", "step", "dtype"), "shape", dim_attrs=("start", "end"))
+def arange(*, start: int, end: int, step: int = 1, dtype: str) -> torch.Tensor:
+    """start, start + step, ... < end: positions along a dimension of symbolic size
+    (``specialize`` turns it into a constant)."""
+    from kerasrt.ir.graph import torch_dtype
+
+    return torch.arange(start, end, step, dtype=torch_dtype(dtype))
+
+
 @_register("cast", ("dtype",))
 def cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
     from kerasrt.ir.graph import torch_dtype
@@ -161,7 +186,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-@_register("conv", ("stride", "padding", "dilation", "groups"), "conv", kernels=True)
+@_register("conv", ("stride", "padding", "dilation", "groups"), "conv", kernels=True, dim_attrs=("padding",))
 def conv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -177,7 +202,12 @@ def conv(
     return torch.convolution(x, w, b, stride, padding, dilation, False, zeros, groups)
 
 
-@_register("conv_transpose", ("stride", "padding", "output_padding", "dilation", "groups"), "conv")
+@_register(
+    "conv_transpose",
+    ("stride", "padding", "output_padding", "dilation", "groups"),
+    "conv",
+    dim_attrs=("padding", "output_padding"),
+)
 def conv_transpose(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -194,7 +224,9 @@ def conv_transpose(
 
 
 # -- pooling ----------------------------------------------------------------------------------
-@_register("max_pool", ("kernel", "stride", "padding", "dilation", "ceil_mode"), "pool")
+@_register(
+    "max_pool", ("kernel", "stride", "padding", "dilation", "ceil_mode"), "pool", dim_attrs=("padding",)
+)
 def max_pool(
     x: torch.Tensor,
     *,
@@ -209,7 +241,12 @@ def max_pool(
     return fn(x, kernel, stride, padding, dilation, ceil_mode)
 
 
-@_register("avg_pool", ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor"), "pool")
+@_register(
+    "avg_pool",
+    ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor"),
+    "pool",
+    dim_attrs=("padding",),
+)
 def avg_pool(
     x: torch.Tensor,
     *,
@@ -324,7 +361,7 @@ def cumsum(x: torch.Tensor, *, dim: int) -> torch.Tensor:
 
 
 # -- data movement ----------------------------------------------------------------------------
-@_register("reshape", ("shape",), "shape")
+@_register("reshape", ("shape",), "shape", dim_attrs=("shape",))
 def reshape(x: torch.Tensor, *, shape: list[int]) -> torch.Tensor:
     return torch.reshape(x, shape)
 
@@ -334,12 +371,12 @@ def permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
     return torch.permute(x, dims)
 
 
-@_register("expand", ("shape",), "shape")
+@_register("expand", ("shape",), "shape", dim_attrs=("shape",))
 def expand(x: torch.Tensor, *, shape: list[int]) -> torch.Tensor:
     return x.expand(shape)
 
 
-@_register("slice", ("dim", "start", "end", "step"), "shape")
+@_register("slice", ("dim", "start", "end", "step"), "shape", dim_attrs=("start", "end"))
 def slice_(x: torch.Tensor, *, dim: int, start: int, end: int, step: int = 1) -> torch.Tensor:
     return torch.ops.aten.slice.Tensor(x, dim, start, end, step)
 
@@ -349,7 +386,7 @@ def concat(*xs: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(xs, dim)
 
 
-@_register("pad", ("pads", "mode", "value"), "pad")
+@_register("pad", ("pads", "mode", "value"), "pad", dim_attrs=("pads",))
 def pad(x: torch.Tensor, *, pads: list[int], mode: str = "constant", value: float = 0.0) -> torch.Tensor:
     """torch.nn.functional.pad semantics: ``pads`` pairs start from the last dim."""
     if mode == "constant":
@@ -369,7 +406,7 @@ def take_along(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tenso
     return torch.gather(x, dim, index)
 
 
-@_register("resize", ("size", "mode", "align_corners"), "resize")
+@_register("resize", ("size", "mode", "align_corners"), "resize", dim_attrs=("size",))
 def resize(x: torch.Tensor, *, size: list[int], mode: str, align_corners: bool | None = None) -> torch.Tensor:
     """Resize the trailing spatial dims (channels-first) to ``size``."""
     return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
@@ -381,7 +418,7 @@ def keras_layer(*xs: torch.Tensor, layer: str, reason: str, call: dict) -> torch
     raise IRError(f"fallback layer {layer!r} has no reference implementation; the runtime runs it")
 
 
-_INFERRED: dict[tuple, list[tuple[tuple[int, ...], str]]] = {}
+_INFERRED: dict[tuple, list[tuple[tuple[Dim, ...], str]]] = {}
 """infer_types results by (op, input types, attrs): graphs repeat their blocks, and every
 verify() re-infers every node, so running each op on meta tensors once is most of the saving."""
 
@@ -397,8 +434,9 @@ def _frozen(value: Any) -> Any:
     raise TypeError(f"unhashable attribute value {type(value).__name__}")
 
 
-def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
-    """Output (shape, dtype) pairs of ``op``, found by running its impl on meta tensors."""
+def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[Dim, ...], str]]:
+    """Output (shape, dtype) pairs of ``op``, found by running its impl on meta tensors (on
+    fake tensors with symbolic sizes where a shape or a size attribute holds a symbol)."""
     try:
         key = (op, tuple((tuple(v.shape), v.dtype) for v in inputs), _frozen(attrs))
     except TypeError:
@@ -410,7 +448,7 @@ def infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[t
     return list(_INFERRED[key])
 
 
-def _infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
+def _infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[tuple[tuple[Dim, ...], str]]:
     from kerasrt.ir.graph import dtype_name, torch_dtype
 
     opdef = OPS.get(op)
@@ -418,14 +456,50 @@ def _infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[
         raise IRError(f"unknown op {op!r}")
     if not opdef.infer:
         raise IRError(f"op {op!r} needs its output types declared")
-    metas = [torch.empty(v.shape, dtype=torch_dtype(v.dtype), device="meta") for v in inputs]
-    try:
-        out = opdef.impl(*metas, **attrs)
-    except Exception as exc:  # the op rejects these inputs: say which
-        types = ", ".join(v.type_str() for v in inputs)
-        raise IRError(f"op {op}({types}) with {attrs} is invalid: {exc}") from exc
+    sizes = [attrs[a] for a in opdef.dim_attrs if a in attrs]
+    names = set().union(*(symbolic.symbols_of(d) for v in inputs for d in v.shape))
+    names |= set().union(*(symbolic.symbols_of(d) for d in _flat_sizes(sizes)))
+    types = ", ".join(v.type_str() for v in inputs)
+    if not names:
+        metas = [torch.empty(v.shape, dtype=torch_dtype(v.dtype), device="meta") for v in inputs]
+        try:
+            out = opdef.impl(*metas, **attrs)
+        except Exception as exc:  # the op rejects these inputs: say which
+            raise IRError(f"op {op}({types}) with {attrs} is invalid: {exc}") from exc
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [(tuple(o.shape), dtype_name(o.dtype)) for o in outs]
+    shapes = symbolic.SymbolicShapes(symbolic.default_hints(names))
+    with shapes.mode():
+        fakes = [shapes.empty(v.shape, torch_dtype(v.dtype)) for v in inputs]
+        bound = {k: _symints(shapes, v) if k in opdef.dim_attrs else v for k, v in attrs.items()}
+        try:
+            out = opdef.impl(*fakes, **bound)
+        except Exception as exc:
+            raise IRError(
+                f"op {op}({types}) with {attrs} is invalid, or needs concrete sizes: {_first_line(exc)}"
+            ) from exc
+    if shapes.specialized():
+        raise IRError(f"op {op}({types}) with {attrs} needs concrete sizes for {shapes.specialized()}")
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return [(tuple(o.shape), dtype_name(o.dtype)) for o in outs]
+    return [(shapes.shape(o.shape), dtype_name(o.dtype)) for o in outs]
+
+
+def _flat_sizes(values: Sequence[Any]) -> list[Dim]:
+    flat: list[Dim] = []
+    for v in values:
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    return [d for d in flat if isinstance(d, (int, str))]
+
+
+def _symints(shapes: symbolic.SymbolicShapes, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_symints(shapes, v) for v in value]
+    return shapes.symint(value) if isinstance(value, str) else value
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def run_reference(op: str, inputs: Sequence[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:

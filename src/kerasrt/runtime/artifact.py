@@ -1,10 +1,12 @@
-"""The saved artifact: a directory with a JSON manifest, safetensors weights and the
-original model as a .keras file (used for fallback layers and for engines built later).
+"""The saved artifact: a directory with a JSON manifest, safetensors weights, and the original
+model as a .keras file only where a layer runs in Keras (a fallback).
 
-The manifest holds each engine set's graph, kernel choices included (the nodes'
-``attrs["kernel_choice"]``, merged convolutions as their IR ops), so a load times nothing. Loading
-parses JSON and safetensors only: nothing in the artifact is executed, and the Keras model is
-loaded (in Keras safe mode) only if a fallback layer or a rebuild needs it.
+The manifest holds the source graphs (symbolic: they serve every input shape, and an engine
+for a new shape is compiled from them without Keras) and each built engine's graph, kernel
+choices included (the nodes' ``attrs["kernel_choice"]``, merged convolutions as their IR ops),
+so a load times nothing. Loading parses JSON and safetensors only: nothing in the artifact is
+executed, and the Keras model is loaded (in Keras safe mode unless asked otherwise) only if a
+fallback layer needs it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from kerasrt.settings import ConversionSettings
 from kerasrt.tuning.tactics import Tuner
 
 FORMAT = "kerasrt-artifact"
-FORMAT_VERSION = 2
-"""2: kernel choices live in the graphs (1 kept them beside, by signature)."""
+FORMAT_VERSION = 3
+"""3: source graphs with symbolic sizes, the Keras model only for fallback layers; 2: kernel
+choices live in the graphs (1 kept them beside, by signature)."""
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 KERAS_MODEL = "keras_model.keras"
@@ -45,8 +48,16 @@ def _versions() -> dict[str, str]:
     return {"kerasrt": __version__, "torch": torch.__version__, "keras": keras.__version__}
 
 
+def needs_keras(model: OptimizedModel) -> list[str]:
+    """The layers of ``model`` that run in Keras (fallback layers): the artifact must then
+    hold the Keras model. A source graph imported at one concrete shape also needs it, to
+    import the model again for other shapes."""
+    graphs = [*model.sources, *model.graphs.values()]
+    return sorted({n.layer for g in graphs for n in g.nodes if n.op == "keras_layer"})
+
+
 def save(
-    model: OptimizedModel, output_dir: Path, compiled_engines: bool = True, keras_model: bool = True
+    model: OptimizedModel, output_dir: Path, compiled_engines: bool = True, keras_model: bool | None = None
 ) -> Path:
     """Write ``model`` to ``output_dir`` via a temporary sibling directory and a rename.
 
@@ -55,16 +66,28 @@ def save(
     library versions, so ``load`` on a matching machine runs without compiling. The packages
     hold code only; the weights are stored once, in the safetensors file.
 
-    ``keras_model=False`` leaves out the original model (a second copy of the weights, in
-    float32): the artifact then serves only the shapes it was saved with, and a model with
-    Keras fallback layers cannot be saved so.
+    ``keras_model``: store the original model (a second copy of the weights). By default
+    (None) it is stored only where a layer runs in Keras or a source graph was imported at
+    one concrete shape (``static_reason`` in its meta); ``True`` always stores it (an
+    artifact that can import the model again for shapes its source graphs do not serve).
+    A stored model with a Python lambda in it loads only with ``load(..., safe_mode=False)``:
+    saving says so at once.
     """
-    if not keras_model:
-        needs = sorted({n.layer for g in model.graphs.values() for n in g.nodes if n.op == "keras_layer"})
-        if needs:
-            raise ArtifactError(
-                f"layers {needs} run in Keras, so the artifact needs the Keras model (keras_model=True)"
-            )
+    fallbacks = needs_keras(model)
+    static = [g.meta["static_reason"] for g in model.sources if "static_reason" in g.meta]
+    if keras_model is None:
+        keras_model = bool(fallbacks or static or not model.sources)
+    elif not keras_model and fallbacks:
+        raise ArtifactError(
+            f"layers {fallbacks} run in Keras, so the artifact needs the Keras model (keras_model=True)"
+        )
+    if keras_model and fallbacks and ka.has_lambda(model.keras.get()):
+        warnings.warn(
+            f"layers {fallbacks} run in Keras and the model holds a Lambda layer (Python code), which Keras "
+            "loads only outside safe mode: load this artifact with kerasrt.load(path, safe_mode=False), "
+            "and only if you trust it",
+            stacklevel=2,
+        )
     output_dir = Path(output_dir)
     if output_dir.exists() and not (output_dir / MANIFEST).exists():
         raise ArtifactError(f"{output_dir} exists and is not a kerasrt artifact; refusing to overwrite it")
@@ -72,12 +95,18 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     tmp.chmod(0o755)
     try:
-        weights: dict[str, torch.Tensor] = {}
+        weights = _Weights()
+        sources = []
+        for graph in model.sources:
+            data, tensors = graph_to_json(graph)
+            for spec in data["constants"]:
+                spec["key"] = weights.store(spec["name"], tensors[spec["name"]])
+            sources.append({"graph": data})
         engines = []
         for key, graph in model.graphs.items():
             data, tensors = graph_to_json(graph)
             for spec in data["constants"]:
-                spec["key"] = _store(weights, spec["name"], tensors[spec["name"]])
+                spec["key"] = weights.store(spec["name"], tensors[spec["name"]])
             entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": data}
             program = model._programs.get(key)
             if compiled_engines and program is not None and program.compiled_engines:
@@ -102,10 +131,11 @@ def save(
             "settings": model.settings.to_json(),
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
             "outputs": model.output_names,
+            "sources": sources,
             "engines": engines,
             "keras_model": KERAS_MODEL if keras_model else None,
         }
-        save_file(weights, str(tmp / WEIGHTS))
+        save_file(weights.tensors, str(tmp / WEIGHTS))
         if keras_model:
             _save_keras(model.keras, tmp / KERAS_MODEL)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -122,20 +152,32 @@ def save(
     return output_dir
 
 
-def _store(weights: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> str:
-    """Store ``tensor`` once: an identical tensor under the same name is shared."""
-    key, n = name, 0
-    while key in weights:
-        if (
-            weights[key].shape == tensor.shape
-            and weights[key].dtype == tensor.dtype
-            and torch.equal(weights[key], tensor)
-        ):
-            return key
-        n += 1
-        key = f"{name}#{n}"
-    weights[key] = tensor.contiguous()
-    return key
+class _Weights:
+    """The tensors of the weights file, each stored once: a tensor seen before (the same
+    memory, as engine graphs share their source's constants) or an identical one under the
+    same name gets the key it was stored under."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._seen: dict[tuple, str] = {}
+        self._alive: list[torch.Tensor] = []
+
+    def store(self, name: str, tensor: torch.Tensor) -> str:
+        identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.data_ptr() and identity in self._seen:
+            return self._seen[identity]
+        key, n = name, 0
+        while key in self.tensors:
+            stored = self.tensors[key]
+            if stored.shape == tensor.shape and stored.dtype == tensor.dtype and torch.equal(stored, tensor):
+                return key
+            n += 1
+            key = f"{name}#{n}"
+        self.tensors[key] = tensor.contiguous().clone()  # safetensors refuses shared memory
+        if tensor.data_ptr():
+            self._seen[identity] = key
+            self._alive.append(tensor)  # its address must not be reused while saving
+        return key
 
 
 def _save_keras(keras: KerasSource, path: Path) -> None:
@@ -180,14 +222,15 @@ def load(
     custom_objects: dict[str, Any] | None = None,
     compiled_engines: bool = True,
     tuner: Tuner | None = None,
+    safe_mode: bool = True,
 ) -> OptimizedModel:
-    """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only; the
-    compiled engine packages (native code) are used when ``compiled_engines`` and built for
-    this machine, else the engines are compiled again from the graph, with its kernel
-    choices where they were made for this environment (else timed again by ``tuner``)."""
-    from kerasrt.compile.pipeline import build_graph
-    from kerasrt.frontend.importer import InputSpec
-
+    """Load an artifact saved by ``Converter.save``. Parses JSON and safetensors only (Keras
+    is not imported unless a layer runs in it); the compiled engine packages (native code)
+    are used when ``compiled_engines`` and built for this machine, else the engines are
+    compiled again from the graph, with its kernel choices where they were made for this
+    environment (else timed again by ``tuner``). A shape with no saved engine is compiled
+    from the source graphs. ``safe_mode=False``: let Keras load a stored model's Python
+    lambdas (only for artifacts you trust)."""
     root = Path(path)
     manifest = _read_manifest(root)
     try:
@@ -203,14 +246,10 @@ def load(
     here: dict[str, str] | None = None  # what compiled engines must have been built for
     graphs = {}
     packages: dict[Any, CompiledEngines] = {}
+    sources = [_graph(root, entry["graph"], weights) for entry in manifest.get("sources", [])]
     for engine in manifest["engines"]:
-        tensors = {}
-        for spec in engine["graph"]["constants"]:
-            if spec.get("key") not in weights:
-                raise ArtifactError(f"weight {spec.get('key')!r} is missing from {root / WEIGHTS}")
-            tensors[spec["name"]] = weights[spec["key"]]
         key = tuple(tuple(s) for s in engine["input_shapes"])
-        graphs[key] = graph_from_json(engine["graph"], tensors)
+        graphs[key] = _graph(root, engine["graph"], weights)
         compiled = engine.get("compiled") if compiled_engines else None
         if compiled:
             here = here or aoti.engine_environment(target)
@@ -228,27 +267,31 @@ def load(
                     stacklevel=2,
                 )
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in manifest["inputs"]]
-    keras_path = root / (manifest.get("keras_model") or KERAS_MODEL)
-    keras = KerasSource(path=keras_path if keras_path.exists() else None, custom_objects=custom_objects)
-
-    def builder(shapes: tuple[tuple[int, ...], ...]) -> Any:
-        if keras.path is None:
-            raise ArtifactError(f"{root} has no {KERAS_MODEL} to build an engine for new shapes from")
-        specs = [InputSpec(s.name, tuple(shape), s.dtype) for s, shape in zip(inputs, shapes)]
-        return build_graph(keras, specs, settings)
-
+    keras_path = root / manifest["keras_model"] if manifest.get("keras_model") else None
+    if keras_path is not None and not keras_path.is_file():
+        raise ArtifactError(f"{root} lists {manifest['keras_model']} but the file is missing")
+    keras = KerasSource(path=keras_path, custom_objects=custom_objects, safe_mode=safe_mode)
     return OptimizedModel(
         graphs,
         settings,
         inputs,
         manifest.get("outputs", []),
         keras,
-        builder=builder,
+        sources=sources,
         device=target,
         name=manifest.get("name", root.name),
         packages=packages,
         tuner=tuner,
     )
+
+
+def _graph(root: Path, data: dict[str, Any], weights: dict[str, torch.Tensor]) -> Any:
+    tensors = {}
+    for spec in data["constants"]:
+        if spec.get("key") not in weights:
+            raise ArtifactError(f"weight {spec.get('key')!r} is missing from {root / WEIGHTS}")
+        tensors[spec["name"]] = weights[spec["key"]]
+    return graph_from_json(data, tensors)
 
 
 def _inside(root: Path, relative: str) -> Path:

@@ -1,15 +1,18 @@
 """A converted model: call it like the Keras model it came from.
 
 ``OptimizedModel`` keeps up to ``maximum_cached_engines`` programs, one per input shape (least
-recently used evicted). An input shape with no program is built at run time when allowed (it
-needs the original Keras model), or refused with EngineNotBuiltError.
+recently used evicted). An input shape with no program is built at run time when allowed
+(``allow_build_at_runtime``), or refused with EngineNotBuiltError. It is compiled from a
+source graph that serves the shape (``compile.pipeline.serves``), without Keras; only where
+no source graph does (a trace assumed something these sizes break, or the model imported
+at one concrete shape) is the Keras model imported again, traced at these sizes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +35,6 @@ from kerasrt.settings import ConversionSettings
 from kerasrt.tuning.tactics import Tuner
 
 log = logging.getLogger(__name__)
-GraphBuilder = Callable[[ShapeKey], Graph]
-"""Imports and optimizes the model's graph for the given input shapes."""
 
 
 class OptimizedModel:
@@ -46,22 +47,23 @@ class OptimizedModel:
         inputs: Sequence[TensorSpec],
         output_names: Sequence[str],
         keras: KerasSource,
-        builder: GraphBuilder | None = None,
+        sources: Sequence[Graph] = (),
         device: str | torch.device = "auto",
         name: str = "model",
         packages: dict[ShapeKey, CompiledEngines] | None = None,
         progress: Progress | None = None,
         tuner: Tuner | None = None,
     ):
-        """``tuner``: how kernel candidates are timed when a program is built (default: on the
-        model's device)."""
+        """``graphs``: engine graphs already compiled, by input shapes; ``sources``: the source
+        graphs new shapes are compiled from (``compile.pipeline``); ``tuner``: how kernel
+        candidates are timed when a program is built (default: on the model's device)."""
         self.device = resolve_device(device)
         self.progress = progress  # told of engine builds (tactics can take minutes)
         self.settings = settings
         self.inputs = list(inputs)
         self.output_names = list(output_names)
         self.keras = keras
-        self.builder = builder
+        self.sources = list(sources)
         self.name = name
         self.graphs: OrderedDict[ShapeKey, Graph] = OrderedDict(graphs)
         self._programs: OrderedDict[ShapeKey, Program] = OrderedDict()
@@ -79,18 +81,14 @@ class OptimizedModel:
             return program
         graph = self.graphs.get(key)
         if graph is None:
-            if not (self.settings.allow_build_at_runtime or build) or self.builder is None:
+            if not (self.settings.allow_build_at_runtime or build):
                 known = ", ".join(str(list(map(list, k))) for k in self.graphs) or "none"
                 raise EngineNotBuiltError(
                     f"no engine for input shapes {[list(s) for s in key]} (built: {known}) and "
-                    + (
-                        "allow_build_at_runtime is False"
-                        if not self.settings.allow_build_at_runtime
-                        else "the original Keras model is not available to build one"
-                    )
+                    "allow_build_at_runtime is False"
                 )
             log.info("building an engine for input shapes %s", key)
-            graph = self.builder(key)
+            graph = self._compile(key)
             self.graphs[key] = graph
         if self.progress is not None:
             self.progress(f"building the engines for input shapes {', '.join(_fmt(s) for s in key)}")
@@ -105,6 +103,37 @@ class OptimizedModel:
             self.packages.pop(old, None)
             log.info("evicted the engine for input shapes %s", old)
         return program
+
+    def _compile(self, key: ShapeKey) -> Graph:
+        """The engine graph for input shapes ``key``, from the first source graph that serves
+        them; else from the Keras model, imported again at these sizes (a new source)."""
+        from kerasrt.compile.pipeline import compile_graph, import_graph, serves
+        from kerasrt.ir.specialize import bind, is_symbolic
+
+        for source in self.sources:
+            if is_symbolic(source):
+                bind(source, key)  # inputs whose sizes disagree (a shared sequence length): refused
+                break
+        reasons = []
+        for source in self.sources:
+            reason = serves(source, key)
+            if reason is None:
+                return compile_graph(source, key, self.settings, self.progress)
+            reasons.append(reason)
+        if not self.keras.available:
+            why = "; ".join(reasons) or "the artifact holds no source graph"
+            raise EngineNotBuiltError(
+                f"cannot build an engine for input shapes {[list(s) for s in key]}: {why}; the "
+                "original Keras model, needed to import the model again at these sizes, is not available"
+            )
+        from kerasrt.frontend.importer import model_inputs
+
+        if self.progress is not None:
+            self.progress("importing the model again at input shapes " + ", ".join(_fmt(s) for s in key))
+        inputs = model_inputs(self.keras.get(), key, key[0][0] if key and key[0] else 1)
+        source = import_graph(self.keras, inputs, self.settings, self.progress)
+        self.sources.append(source)
+        return compile_graph(source, key, self.settings, self.progress)
 
     @property
     def engine_shapes(self) -> list[ShapeKey]:

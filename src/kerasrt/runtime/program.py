@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from kerasrt.backend.torch_backend import TorchEngine, is_supported, kernel_family
 from kerasrt.compile.partition import Segment, Support, partition
+from kerasrt.errors import EngineNotBuiltError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.graph import Graph, Node, torch_dtype
 from kerasrt.ir.ops import KERNEL
@@ -58,16 +59,28 @@ class TensorSpec:
 
 
 class KerasSource:
-    """The original Keras model, loaded only when a fallback layer or a rebuild needs it."""
+    """The original Keras model, loaded only when a fallback layer or a new import needs it
+    (in Keras safe mode unless ``safe_mode=False``: a Python lambda is code)."""
 
-    def __init__(self, model: Any = None, path: Any = None, custom_objects: dict | None = None):
+    def __init__(
+        self, model: Any = None, path: Any = None, custom_objects: dict | None = None, safe_mode: bool = True
+    ):
         self._model = model
         self.path = path
         self.custom_objects = custom_objects
+        self.safe_mode = safe_mode
+
+    @property
+    def available(self) -> bool:
+        return self._model is not None or self.path is not None
 
     def get(self) -> Any:
         if self._model is None:
-            self._model = ka.load_model(self.path, self.custom_objects)
+            if self.path is None:
+                raise EngineNotBuiltError(
+                    "the original Keras model is not available (the artifact holds none)"
+                )
+            self._model = ka.load_model(self.path, self.custom_objects, safe_mode=self.safe_mode)
         return self._model
 
 

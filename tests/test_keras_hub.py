@@ -1,0 +1,120 @@
+"""keras_hub backbones (small configs, built offline from their constructor arguments) convert
+without input shapes and match Keras at several batch sizes and sequence lengths from one
+conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import kerasrt
+from kerasrt_testing import FP32_ATOL, FP32_RTOL, assert_close, randomize
+
+
+def _text(batch: int, length: int, segments: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch * 1000 + length)
+    lengths = rng.integers(1, length + 1, (batch, 1))
+    inputs = {
+        "token_ids": rng.integers(0, 100, (batch, length)).astype("int32"),
+        "padding_mask": (np.arange(length)[None, :] < lengths).astype("int32"),
+    }
+    if segments:
+        inputs["segment_ids"] = (np.arange(length)[None, :] >= lengths // 2).astype("int32")
+    return inputs
+
+
+def _images(batch: int, height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(batch + height * width).random((batch, height, width, 3)).astype("float32")
+
+
+BACKBONES: dict[str, tuple[Callable[[], keras.Model], list]] = {
+    "bert_encoder": (
+        lambda: keras_hub.models.BertBackbone(
+            vocabulary_size=100,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=16,
+            intermediate_dim=32,
+            max_sequence_length=64,
+        ),
+        [_text(1, 5, True), _text(3, 17, True), _text(2, 64, True)],
+    ),
+    "gpt2_decoder": (  # causal and padding masks
+        lambda: keras_hub.models.GPT2Backbone(
+            vocabulary_size=100,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=16,
+            intermediate_dim=32,
+            max_sequence_length=64,
+        ),
+        [_text(1, 4), _text(4, 23)],
+    ),
+    "vit": (
+        lambda: keras_hub.models.ViTBackbone(
+            image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+        ),
+        [_images(1, 32, 32), _images(3, 32, 32)],
+    ),
+    "resnet": (  # image sizes of unknown height and width
+        lambda: keras_hub.models.ResNetBackbone(
+            input_conv_filters=[8],
+            input_conv_kernel_sizes=[7],
+            stackwise_num_filters=[64, 16],
+            stackwise_num_blocks=[1, 1],
+            stackwise_num_strides=[1, 2],
+            block_type="bottleneck_block",
+            image_shape=(None, None, 3),
+        ),
+        [_images(1, 32, 32), _images(2, 64, 48)],
+    ),
+}
+
+
+def _outputs(result: object) -> list[np.ndarray]:
+    if isinstance(result, dict):
+        return [keras.ops.convert_to_numpy(v) for _, v in sorted(result.items())]
+    return [
+        keras.ops.convert_to_numpy(v) for v in (result if isinstance(result, (list, tuple)) else [result])
+    ]
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_converts_without_shapes_and_matches_keras_at_every_shape(name: str) -> None:
+    make, inputs = BACKBONES[name]
+    keras.utils.set_random_seed(0)
+    model = randomize(make())
+    optimized = kerasrt.Converter(model, maximum_cached_engines=4).convert()
+    assert [n.attrs["reason"] for s in optimized.sources for n in s.nodes if n.op == "keras_layer"] == []
+    for x in inputs:
+        want = _outputs(model(x))
+        got = optimized(x)  # the model's outputs flattened (a dict's in the order of its keys)
+        got = got if isinstance(got, list) else [got]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_close(g, w, rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert len(optimized.sources) == 1  # one import served every shape
+
+
+def test_fp16_bert_stays_within_keras_mixed_precision_error() -> None:
+    make, inputs = BACKBONES["bert_encoder"]
+    keras.utils.set_random_seed(0)
+    model = randomize(make())
+    optimized = kerasrt.Converter(model, precision_mode="FP16").convert()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        mixed = make()
+        mixed.set_weights(model.get_weights())
+    finally:
+        keras.config.set_dtype_policy("float32")
+    for x in inputs[:2]:
+        want = _outputs(model(x))[1]  # sequence_output (after pooled_output)
+        ours = optimized(x)[1]
+        theirs = _outputs(mixed(x))[1].astype(np.float32)
+        scale = np.abs(want).max()
+        assert np.abs(ours - want).max() <= max(2 * np.abs(theirs - want).max(), 1e-3 * scale)
