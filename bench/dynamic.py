@@ -1,0 +1,192 @@
+"""Mixed input shapes from one conversion: a BERT-base encoder served a random mix of batch
+sizes and sequence lengths, against static engines built for each exact shape and against
+transformers' BertModel under torch.compile(dynamic=True), same card, same mix.
+
+Run on the GPU machine:
+    source .whl/activate.sh && python bench/dynamic.py --out $OUT/dynamic.json [--quick]
+
+For each system: the time to serve the whole mix once from cold (compiles included, what a
+service feels at start), then the steady per-request time (every shape warm; median over the
+mix). kerasrt: one ``Converter(model).convert()`` with no input shapes (the sequence length is
+a symbol); each new shape compiles an engine from the source graph. "kerasrt static": a
+separate conversion with ``input_shapes`` for each exact shape, the reference the issue's
+10% bound is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import keras
+import numpy as np
+import torch
+
+import kerasrt
+from kerasrt.bench import environment
+
+WIDTH, HEADS, MLP, LAYERS, VOCAB, MAX_SEQ = 768, 12, 3072, 12, 30522, 512
+
+
+@keras.saving.register_keras_serializable("kerasrt_bench")
+class PositionEmbedding(keras.layers.Layer):
+    """Learned positions for a sequence of any length up to ``max_length``."""
+
+    def __init__(self, max_length: int, width: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length, self.width = max_length, width
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(self.max_length, self.width), name="table")
+
+    def call(self, x):
+        return x + self.table[None, : keras.ops.shape(x)[1]]
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length, "width": self.width}
+
+
+def bert_encoder(layers: int = LAYERS, width: int = WIDTH, heads: int = HEADS, mlp: int = MLP) -> keras.Model:
+    """A BERT-base sized encoder of Keras layers whose sequence length is unknown."""
+    L = keras.layers
+    ids = keras.Input((None,), dtype="int32", name="input_ids")
+    x = PositionEmbedding(MAX_SEQ, width)(L.Embedding(VOCAB, width)(ids))
+    x = L.LayerNormalization(epsilon=1e-12)(x)
+    for _ in range(layers):
+        a = L.MultiHeadAttention(heads, width // heads)(x, x)
+        x = L.LayerNormalization(epsilon=1e-12)(x + a)
+        h = L.Dense(width)(L.Dense(mlp, activation="gelu")(x))
+        x = L.LayerNormalization(epsilon=1e-12)(x + h)
+    return keras.Model(ids, x, name="bert_encoder")
+
+
+def request_mix(count: int, batches: list[int], lengths: list[int], seed: int = 0) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(rng.choice(batches)), int(rng.choice(lengths))) for _ in range(count)]
+
+
+def serve(call, mix: list[tuple[int, int]], inputs: dict) -> tuple[float, list[float], dict]:
+    """(seconds to serve the mix once from cold, per-request ms of a second warm pass, ms per
+    shape (median of 5 warm calls))."""
+    begin = time.perf_counter()
+    for shape in mix:
+        call(inputs[shape])
+    torch.cuda.synchronize()
+    cold = time.perf_counter() - begin
+    warm, per_shape = [], {}
+    for shape in mix:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        call(inputs[shape])
+        end.record()
+        torch.cuda.synchronize()
+        warm.append(start.elapsed_time(end))
+    for shape in sorted(set(mix)):
+        times = []
+        for _ in range(5):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call(inputs[shape])
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        per_shape[f"{shape[0]}x{shape[1]}"] = float(np.median(times))
+    return cold, warm, per_shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="dynamic.json")
+    parser.add_argument("--quick", action="store_true", help="a 2-layer encoder and a small mix")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--systems", default="kerasrt,kerasrt-static,torch-compile-dynamic")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    layers = 2 if args.quick else LAYERS
+    batches, lengths = ([1, 8], [16, 128]) if args.quick else ([1, 8, 32, 64], [16, 128, 512])
+    mix = request_mix(args.requests, batches, lengths)
+    shapes = sorted(set(mix))
+    rng = np.random.default_rng(1)
+    host = {s: rng.integers(0, VOCAB, s).astype("int32") for s in shapes}
+    inputs = {s: torch.from_numpy(x).to(dev) for s, x in host.items()}
+    keras.utils.set_random_seed(0)
+    model = bert_encoder(layers)
+    record = {"environment": environment(), "mix": mix, "shapes": [list(s) for s in shapes], "rows": []}
+
+    def row(system: str, cold: float, warm: list[float], per_shape: dict, note: str = "") -> None:
+        record["rows"].append(
+            {
+                "system": system,
+                "cold_s": round(cold, 2),
+                "warm_ms_p50": float(np.median(warm)),
+                "warm_ms_mean": float(np.mean(warm)),
+                "per_shape_ms": per_shape,
+                "note": note,
+            }
+        )
+        print(json.dumps(record["rows"][-1]), flush=True)
+        with open(args.out, "w") as fh:
+            json.dump(record, fh, indent=1)
+
+    systems = args.systems.split(",")
+    if "kerasrt" in systems:
+        begin = time.perf_counter()
+        optimized = kerasrt.Converter(
+            model, precision_mode="FP16", maximum_cached_engines=len(shapes)
+        ).convert()
+        convert_s = time.perf_counter() - begin
+        cold, warm, per_shape = serve(optimized, mix, inputs)
+        errors = []
+        for s in shapes[:2]:
+            want = keras.ops.convert_to_numpy(model(inputs[s])).astype(np.float64)
+            got = optimized(inputs[s]).float().cpu().numpy()
+            errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+        row(
+            "kerasrt (one conversion)",
+            convert_s + cold,
+            warm,
+            per_shape,
+            f"convert {convert_s:.1f} s; rel err {max(errors):.1e}",
+        )
+        del optimized
+    if "kerasrt-static" in systems:
+        engines, build = {}, 0.0
+        for s in shapes:
+            begin = time.perf_counter()
+            engines[s] = kerasrt.Converter(model, precision_mode="FP16", input_shapes=[s]).convert()
+            engines[s](inputs[s])
+            torch.cuda.synchronize()
+            build += time.perf_counter() - begin
+        cold, warm, per_shape = serve(lambda x: engines[tuple(x.shape)](x), mix, inputs)
+        row(
+            "kerasrt static (one conversion per shape)",
+            build + cold,
+            warm,
+            per_shape,
+            f"builds {build:.1f} s",
+        )
+        del engines
+    if "torch-compile-dynamic" in systems:
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=MLP, num_hidden_layers=layers
+        )
+        config._attn_implementation = "sdpa"
+        module = BertModel(config, add_pooling_layer=False).eval().half().to(dev)
+        torch._dynamo.reset()
+        compiled = torch.compile(module, dynamic=True)
+        with torch.no_grad():
+            cold, warm, per_shape = serve(lambda x: compiled(x.long()).last_hidden_state, mix, inputs)
+        row("transformers BertModel, torch.compile(dynamic=True)", cold, warm, per_shape)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
