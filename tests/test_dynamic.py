@@ -167,3 +167,20 @@ def test_python_m_kerasrt_is_the_command_line() -> None:
         [sys.executable, "-m", "kerasrt", "inspect", "/nonexistent"], capture_output=True, text=True
     )
     assert done.returncode != 0 and "nonexistent" in done.stderr
+
+
+def test_the_command_line_converts_a_model_of_unknown_sizes_lazily(tmp_path: Path, capsys) -> None:
+    from kerasrt.cli import main
+
+    tokens = keras.Input((None,), dtype="int32", name="ids")
+    model = randomize(keras.Model(tokens, L.Dense(3)(L.Embedding(20, 8)(tokens))))
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "m.keras"), "-o", str(out)]) == 0
+    assert "no engine built yet" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--graph"]) == 0
+    assert "int32[s0,s1]" in capsys.readouterr().out  # printed as is, not as rich markup
+    assert main(["validate", str(tmp_path / "m.keras"), str(out)]) == 2
+    assert "pass --inputs" in capsys.readouterr().err
+    np.savez(tmp_path / "x.npz", ids=np.random.default_rng(0).integers(0, 20, (2, 5)).astype("int32"))
+    assert main(["validate", str(tmp_path / "m.keras"), str(out), "--inputs", str(tmp_path / "x.npz")]) == 0

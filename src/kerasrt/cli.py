@@ -95,12 +95,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with status(f"converting {args.model}") as progress:
         conv = Converter(args.model, progress=progress, **_converter_kwargs(args))
         conv.convert()
-    conv.summary(print_fn=out.print)
+    conv.summary(print_fn=_plain)
     with status(f"saving {args.output}"):
         keep = True if args.keras_model else False if args.no_keras_model else None
         path = conv.save(args.output, not args.no_compiled_engines, keep)
     err.print(f"[green]saved[/] {path}")
     return 0
+
+
+def _plain(text: str) -> None:
+    """Print text that is not rich markup (a type such as ``f32[s0,s1]`` looks like a tag)."""
+    out.print(text, markup=False, highlight=False)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -120,9 +125,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        out.print(format_report(report))
+        _plain(format_report(report))
     if args.graph:
-        out.print(dump(model.primary_graph()))
+        _plain(dump(model.primary_graph() if model.graphs else model.sources[0]))
     if args.dot or args.html:
         _write_pictures(model, args.dot, args.html, format_report(report))
     return 0
@@ -184,7 +189,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 data[s.name] if s.name in data else data[data.files[i]] for i, s in enumerate(model.inputs)
             ]
     else:
-        batch = model.engine_shapes[-1][0][0]
+        if not model.engine_shapes and any(d is None for s in model.inputs for d in s.shape[1:]):
+            raise ConversionError(
+                f"{args.artifact} has no engine yet and its inputs have sizes known only at run time: "
+                "pass --inputs x.npz"
+            )
+        batch = model.engine_shapes[-1][0][0] if model.engine_shapes else 1
         inputs = random_inputs(model, batch, seed=args.seed)
     rtol = args.rtol if args.rtol is not None else PRECISION_RTOL[model.settings.precision_mode]
     with status("running both models"):
@@ -326,7 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with status("converting") as progress:
         conv = Converter(MODEL_PATH, batch_size=batch, progress=progress, device=args.device)
         conv.convert()
-    conv.summary(print_fn=out.print)
+    conv.summary(print_fn=_plain)
     keras_model = ka.load_model(MODEL_PATH)
     with tempfile.TemporaryDirectory() as tmp:
         with status("saving and reloading the artifact"):

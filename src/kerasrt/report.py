@@ -12,17 +12,61 @@ from kerasrt.tuning.choices import Choice
 
 
 def make_report(model: OptimizedModel) -> dict[str, Any]:
-    """A JSON-safe report of the model's most recently used engine set."""
+    """A JSON-safe report of the model's most recently used engine set; before any engine is
+    built (sizes unknown until the first call), of its source graph, partitioned as an engine
+    build would (with no optimization yet, and FLOPs unknown)."""
+    if not model.engine_shapes:
+        return _source_report(model)
     key = model.engine_shapes[-1]
     program = model.program(key)
     nodes = program.graph.nodes
+    report = _segments_report(model, program.segments, nodes)
+    report.update(
+        {
+            "input_shapes": [list(s) for s in key],
+            "optimization": program.graph.meta.get("optimization", {}),
+            "precision_lowering": program.graph.meta.get("precision", {}),
+            "compiler": model.settings.compiler_for(model.device.type),
+            "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
+            "cuda_graph": program.graphable,
+            "conv_kernels": dict(
+                Counter(
+                    n.attrs[KERNEL]["kernel"] for s in program.segments for n in s.nodes if KERNEL in n.attrs
+                )
+            ),
+            "merged": dict((program.graph.meta.get("kernels") or {}).get("merged", {})),
+        }
+    )
+    return report
+
+
+def _source_report(model: OptimizedModel) -> dict[str, Any]:
+    from kerasrt.backend.torch_backend import is_supported
+    from kerasrt.compile.partition import partition
+
+    source = model.sources[0]
+    segments = partition(source, is_supported, model.settings.minimum_segment_size)
+    report = _segments_report(model, segments, source.nodes)
+    report["input_shapes"] = [list(v.shape) for v in source.inputs]
+    report["note"] = "no engine built yet (input sizes unknown): engines are built at the first call"
+    return report
+
+
+def _flops(nodes: Any) -> int | None:
+    try:
+        return sum(node_flops(n) for n in nodes)
+    except TypeError:  # symbolic sizes
+        return None
+
+
+def _segments_report(model: OptimizedModel, program_segments: Any, nodes: Any) -> dict[str, Any]:
     segments = []
-    for seg in program.segments:
+    for seg in program_segments:
         entry: dict[str, Any] = {
             "index": seg.index,
             "kind": seg.kind,
             "ops": dict(Counter(n.op for n in seg.nodes).most_common()),
-            "flops": sum(node_flops(n) for n in seg.nodes),
+            "flops": _flops(seg.nodes),
             "layers": sorted({n.layer for n in seg.nodes}),
             "inputs": [{"name": v.name, "type": v.type_str()} for v in seg.inputs],
             "outputs": [{"name": v.name, "type": v.type_str()} for v in seg.outputs],
@@ -30,10 +74,10 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         if seg.reason:
             entry["reason"] = seg.reason
         segments.append(entry)
-    in_engines = sum(len(s.nodes) for s in program.segments if s.kind == "engine")
-    flops_total = sum(node_flops(n) for n in nodes)
-    flops_engines = sum(node_flops(n) for s in program.segments if s.kind == "engine" for n in s.nodes)
-    native = [s for s in program.segments if s.kind == "native"]
+    in_engines = sum(len(s.nodes) for s in program_segments if s.kind == "engine")
+    flops_total = _flops(nodes)
+    flops_engines = _flops([n for s in program_segments if s.kind == "engine" for n in s.nodes])
+    native = [s for s in program_segments if s.kind == "native"]
     suggestion = ""
     if native:
         largest = max(len(s.nodes) for s in native)
@@ -44,7 +88,7 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         )
     fallbacks = [
         {"layer": n.attrs["layer"] or model.name, "reason": n.attrs["reason"]}
-        for s in program.segments
+        for s in program_segments
         if s.kind == "fallback"
         for n in s.nodes
     ]
@@ -52,7 +96,6 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "model": model.name,
         "precision": model.settings.precision_mode,
         "device": str(model.device),
-        "input_shapes": [list(s) for s in key],
         "engine_shapes": [[list(s) for s in k] for k in model.engine_shapes],
         "settings": model.settings.to_json(),
         "nodes": len(nodes),
@@ -61,15 +104,6 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
         "layers": len({n.layer for n in nodes}),
         "flops": flops_total,
         "flops_in_engines": flops_engines,
-        "optimization": program.graph.meta.get("optimization", {}),
-        "precision_lowering": program.graph.meta.get("precision", {}),
-        "compiler": model.settings.compiler_for(model.device.type),
-        "engines_compiled": {str(i): e.compiler for i, e in program.compiled_engines.items()},
-        "cuda_graph": program.graphable,
-        "conv_kernels": dict(
-            Counter(n.attrs[KERNEL]["kernel"] for s in program.segments for n in s.nodes if KERNEL in n.attrs)
-        ),
-        "merged": dict((program.graph.meta.get("kernels") or {}).get("merged", {})),
         "segments": segments,
         "fallbacks": fallbacks,
         "suggestion": suggestion,
@@ -87,9 +121,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['nodes_in_engines']} ({100 * report['nodes_in_engines'] / total:.0f}%) in "
         f"{kinds['engine']} engine(s), {kinds['native']} native segment(s), {kinds['fallback']} Keras fallback(s)",
         f"FLOPs per call: {report['flops'] / 1e6:.1f} M, "
-        f"{100 * report['flops_in_engines'] / max(report['flops'], 1):.1f}% in engines",
+        f"{100 * report['flops_in_engines'] / max(report['flops'], 1):.1f}% in engines"
+        if report["flops"] is not None
+        else "FLOPs per call: depend on the input sizes",
         "ops: " + ", ".join(f"{op} x{n}" for op, n in report["ops"].items()),
     ]
+    if report.get("note"):
+        lines.append(report["note"])
     opt = report.get("optimization") or {}
     if opt:
         lines.append(
