@@ -546,6 +546,7 @@ def _epilogue(
     ("stride", "padding", "dilation", "groups", "has_bias", "has_residual", "activation", "activation_attrs"),
     "conv",
     kernels=True,
+    dim_attrs=("padding",),
 )
 def conv_fused(
     x: torch.Tensor,

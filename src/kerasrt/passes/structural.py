@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 
 from kerasrt.ir.graph import Graph, Node, Value
+from kerasrt.ir import symbolic
 from kerasrt.ir.ops import OPS, run_reference
 from kerasrt.passes.base import Pass, emit, replace, rule
 
@@ -75,6 +76,8 @@ def _foldable(node: Node) -> bool | str:
         return "runs in Keras"
     if not node.inputs or not all(v.is_constant for v in node.inputs):
         return "has a non-constant input"
+    if not symbolic.is_static(node.outputs[0].shape):
+        return "its output size is symbolic (known only once the graph is specialized)"
     return True
 
 
