@@ -184,3 +184,30 @@ def test_the_command_line_converts_a_model_of_unknown_sizes_lazily(tmp_path: Pat
     assert "pass --inputs" in capsys.readouterr().err
     np.savez(tmp_path / "x.npz", ids=np.random.default_rng(0).integers(0, 20, (2, 5)).astype("int32"))
     assert main(["validate", str(tmp_path / "m.keras"), str(out), "--inputs", str(tmp_path / "x.npz")]) == 0
+
+
+def test_dynamic_shape_engines_are_compiled_once_and_serve_every_shape() -> None:
+    model = _text_encoder()
+    conv = kerasrt.Converter(model, use_dynamic_shape=True, maximum_cached_engines=3)
+    optimized = conv.convert()
+    shapes = [(1, 3), (4, 17), (2, 64), (4, 17)]
+    for batch, length in shapes:
+        _check(model, optimized, _text_inputs(batch, length))
+    programs = {id(optimized.program(((b, n), (b, n)))) for b, n in shapes}
+    assert len(programs) == 1 and len(optimized._dynamic) == 1  # one program, optimized once
+    program = optimized.program(((2, 64), (2, 64)))
+    assert program.dynamic and program.graph.inputs[0].shape == ("s0", "s1")
+    assert program.graph.meta["optimization"]["rules"]  # the optimizer ran on the symbolic graph
+    assert len(optimized.engine_shapes) == 3  # LRU over the shapes seen
+
+
+def test_dynamic_shape_engines_of_a_cnn_take_a_second_source_where_a_guard_breaks() -> None:
+    model = _odd_even_cnn()
+    optimized = kerasrt.Converter(model, input_shapes=[(1, 15, 15, 3)], use_dynamic_shape=True).convert()
+    for shape in [(2, 9, 11, 3), (1, 21, 7, 3)]:
+        x = random_input(shape)
+        assert_close(optimized(x), keras.ops.convert_to_numpy(model(x)))
+    assert len(optimized._dynamic) == 1
+    x = random_input((3, 10, 12, 3))  # even sizes: imported again, compiled once more
+    assert_close(optimized(x), keras.ops.convert_to_numpy(model(x)))
+    assert len(optimized.sources) == 2 and len(optimized._dynamic) == 2

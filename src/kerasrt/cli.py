@@ -84,6 +84,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graphs": not args.no_cuda_graphs,
         "autotune": args.autotune,
         "conv_kernels": args.conv_kernels,
+        "use_dynamic_shape": args.dynamic_shape,
         "custom_objects": _custom_objects(args.custom_objects),
         "device": args.device,
     }
@@ -412,6 +413,12 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         "on CUDA, eager on CPU)",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch kernels one by one on CUDA")
+    p.add_argument(
+        "--dynamic-shape",
+        action="store_true",
+        help="one engine set compiled with symbolic sizes for every input shape, instead of one per "
+        "exact shape (TF-TRT's use_dynamic_shape)",
+    )
     p.add_argument(
         "--autotune", action="store_true", help="time kernel choices per layer shape (slower build)"
     )

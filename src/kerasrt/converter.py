@@ -45,6 +45,7 @@ class Converter:
         cuda_graphs: bool = True,
         autotune: bool = False,
         conv_kernels: str = "auto",
+        use_dynamic_shape: bool = False,
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -69,6 +70,7 @@ class Converter:
             cuda_graphs=cuda_graphs,
             autotune=autotune,
             conv_kernels=conv_kernels,
+            use_dynamic_shape=use_dynamic_shape,
         )
         self.device = device
         self.progress = progress

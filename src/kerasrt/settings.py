@@ -52,6 +52,12 @@ class ConversionSettings:
     (choices cached on disk, see ``kerasrt.backend.tactics``), in
     programs replayed as CUDA graphs (the kernels are launched from Python); "cudnn" takes
     kerasrt's kernels wherever they run; "inductor" never does.
+
+    ``use_dynamic_shape`` (TF-TRT's name): one engine set for every input shape the source
+    graph serves, optimized and compiled once with symbolic sizes (Inductor's dynamic
+    shapes), instead of one static engine set per exact shape. A new shape then costs a
+    CUDA-graph capture (kept for up to ``maximum_cached_engines`` shapes), not a compile;
+    kerasrt's own convolution kernels, chosen per exact shape, are not used.
     """
 
     precision_mode: str = "FP32"
@@ -69,6 +75,7 @@ class ConversionSettings:
     cuda_graphs: bool = True
     autotune: bool = False
     conv_kernels: str = "auto"
+    use_dynamic_shape: bool = False
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()

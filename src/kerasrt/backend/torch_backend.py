@@ -23,6 +23,7 @@ import torch.fx
 from kerasrt import cache
 from kerasrt.backend import aoti
 from kerasrt.compile.partition import Support
+from kerasrt.ir import symbolic
 from kerasrt.ir.graph import Node, Value, torch_dtype
 from kerasrt.ir.ops import KERNEL, OPS
 from kerasrt.kernels import op_library, registry
@@ -120,6 +121,43 @@ class GraphOperands:
         return self._buffers[name]
 
 
+class _SymbolicSizes:
+    """Sizes of an engine with symbolic shapes, as values of its fx program: each symbol is
+    read off the first engine input that has it as a dimension (``aten.sym_size``), and an
+    expression (``s0*12``) is computed from those, so Inductor sees how sizes relate."""
+
+    def __init__(self, graph: torch.fx.Graph, inputs: Sequence[tuple[torch.fx.Node, Sequence[Any]]]):
+        self.graph = graph
+        self.where: dict[str, tuple[torch.fx.Node, int]] = {}
+        for node, shape in inputs:
+            for d, dim in enumerate(shape):
+                if isinstance(dim, str) and symbolic.SYMBOL.fullmatch(dim):
+                    self.where.setdefault(dim, (node, d))
+        self._made: dict[str, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        if not isinstance(value, str) or not symbolic.is_size_expression(value):
+            return value
+        if value not in self._made:
+            missing = symbolic.symbols_of(value) - set(self.where)
+            if missing:
+                raise ValueError(
+                    f"size {value} uses {sorted(missing)}, which no engine input has as a dimension"
+                )
+            read = {
+                name: self.graph.call_function(torch.ops.aten.sym_size.int, (node, d))
+                for name, (node, d) in self.where.items()
+                if name in symbolic.symbols_of(value)
+            }
+            self._made[value] = symbolic.evaluate_with(value, read.__getitem__, self._emit)
+        return self._made[value]
+
+    def _emit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.graph.call_function(fn, args)
+
+
 def kernel_family(node: Node) -> registry.KernelFamily | None:
     """The kerasrt kernel family chosen for ``node`` (``attrs["kernel_choice"]``), or None where it
     runs as Inductor compiles its IR op."""
@@ -153,18 +191,21 @@ class TorchEngine:
         self.compiler = compiler
         self.autotune = autotune
         self.input_types = [(tuple(v.shape), v.dtype) for v in inputs]
+        self.dynamic = not all(symbolic.is_static(v.shape) for v in [*inputs, *outputs])
         root = torch.nn.Module()
         graph = torch.fx.Graph()
         read = GraphOperands(graph, root, device)
         for i, value in enumerate(inputs):
             read.env[id(value)] = graph.placeholder(f"in{i}")
+        sizes = _SymbolicSizes(graph, [(read.env[id(v)], v.shape) for v in inputs])
         view = registry.View(nodes, outputs)
         self.kernel_nodes = 0
         for node in nodes:
             family = kernel_family(node)
             if family is None:
                 args = tuple(read(value) for value in node.inputs)
-                attrs = {k: v for k, v in node.attrs.items() if k != KERNEL}
+                dims = OPS[node.op].dim_attrs
+                attrs = {k: sizes(v) if k in dims else v for k, v in node.attrs.items() if k != KERNEL}
                 result = graph.call_function(OPS[node.op].impl, args, attrs)
                 results = [result]
                 if len(node.outputs) > 1:
@@ -189,7 +230,7 @@ class TorchEngine:
             self._run = torch.compile(
                 self.module,
                 fullgraph=True,
-                dynamic=False,
+                dynamic=self.dynamic,
                 mode="max-autotune-no-cudagraphs" if autotune else None,
                 options={"freezing": True},
             )
@@ -222,6 +263,8 @@ class TorchEngine:
         """Compile the engine ahead of time with AOTInductor into a package at ``path``. The
         package holds code only: the weights stay in the artifact and are handed over at load.
         Returns the package's digest when it loaded in a test process here (``aoti.vouch``)."""
+        if self.dynamic:
+            raise ValueError("an engine with symbolic sizes is compiled when loaded, not packaged")
         with torch.no_grad(), inductor_compiling(), op_library.inlining_kernels():
             exported = torch.export.export(self.module, tuple(self.example_inputs()))
             aoti.compile_package(exported, path, weights_inside=False, autotune=self.autotune)

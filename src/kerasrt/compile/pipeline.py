@@ -122,7 +122,10 @@ def compile_graph(
         raise ConversionError(
             f"the source graph does not serve input shapes {[list(s) for s in shapes]}: {reason}"
         )
-    graph = specialize(source, bind(source, shapes))
+    return _optimize(specialize(source, bind(source, shapes)), settings, progress)
+
+
+def _optimize(graph: Graph, settings: ConversionSettings, progress: Progress | None) -> Graph:
     if progress is not None:
         progress("optimizing")
     # KERASRT_CHECK_PASSES=1 (set by the test suite) verifies the graph after every pass
@@ -138,6 +141,16 @@ def compile_graph(
         graph.meta["precision"]["changes"] = dict(sorted(lowered.items()))
     verify_graph(graph)
     return graph
+
+
+def compile_symbolic(source: Graph, settings: ConversionSettings, progress: Progress | None = None) -> Graph:
+    """The engine graph for every shape ``source`` serves: a copy of it optimized and lowered
+    to the settings' precision with its sizes still symbolic (``use_dynamic_shape``)."""
+    from kerasrt.ir.serialize import graph_from_json, graph_to_json
+
+    data, tensors = graph_to_json(source)
+    graph = graph_from_json(json.loads(json.dumps(data)), tensors)  # a copy; tensors shared
+    return _optimize(graph, settings, progress)
 
 
 def build_graph(

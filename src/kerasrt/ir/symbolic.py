@@ -124,7 +124,7 @@ def _walk(
         value = _walk(node.operand, name, call, binary)
         if isinstance(node.op, ast.Not):
             return not value
-        return -value if isinstance(node.op, ast.USub) else value
+        return binary[ast.Sub](0, value) if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.Compare):
         left = _walk(node.left, name, call, binary)
         return _COMPARE[type(node.ops[0])](left, _walk(node.comparators[0], name, call, binary))
@@ -150,6 +150,18 @@ def evaluate(dim: Dim, bindings: Mapping[str, int]) -> int:
         return int(bindings[symbol])
 
     return int(_walk(_parse(dim), name, _CALLS, _BINARY))
+
+
+def evaluate_with(dim: str, name: Callable[[str], Any], emit: Callable[..., Any]) -> Any:
+    """``dim`` computed by ``emit(fn, *args)`` for each operation (``operator.mul``...), from
+    ``name(symbol)`` for each symbol: e.g. the nodes of a program that computes sizes."""
+
+    def call(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: emit(fn, *args)
+
+    calls = {"min": call(torch.sym_min), "max": call(torch.sym_max)}
+    binary = {op: call(fn) for op, fn in _BINARY.items()}
+    return _walk(_parse(dim), name, calls, binary)
 
 
 def holds(condition: str, bindings: Mapping[str, int]) -> bool:

@@ -7,8 +7,8 @@ from collections import Counter
 
 import torch
 
-from kerasrt.ir.graph import Graph, Node, Value
 from kerasrt.ir import symbolic
+from kerasrt.ir.graph import Graph, Node, Value
 from kerasrt.ir.ops import OPS, run_reference
 from kerasrt.passes.base import Pass, emit, replace, rule
 

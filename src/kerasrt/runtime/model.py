@@ -69,6 +69,7 @@ class OptimizedModel:
         self._programs: OrderedDict[ShapeKey, Program] = OrderedDict()
         self.packages = dict(packages or {})  # ahead-of-time compiled engines, by input shapes
         self.tuner = tuner
+        self._dynamic: dict[int, Program] = {}  # use_dynamic_shape: a program per source graph
 
     # -- engines -----------------------------------------------------------------------
     def program(self, key: ShapeKey, build: bool = False) -> Program:
@@ -77,8 +78,20 @@ class OptimizedModel:
         program = self._programs.get(key)
         if program is not None:
             self._programs.move_to_end(key)
-            self.graphs.move_to_end(key)
+            if key in self.graphs:  # (a dynamic program has no graph per shape)
+                self.graphs.move_to_end(key)
             return program
+        if self.settings.use_dynamic_shape:
+            program = self._dynamic_program(key, build)
+            if program is None and self.keras.available and (self.settings.allow_build_at_runtime or build):
+                self._import_again(key)  # a source that serves key, then its dynamic program
+                program = self._dynamic_program(key, build)
+            if program is not None:
+                self._programs[key] = program
+                self._programs.move_to_end(key)
+                while len(self._programs) > self.settings.maximum_cached_engines:
+                    self._programs.popitem(last=False)
+                return program
         graph = self.graphs.get(key)
         if graph is None:
             if not (self.settings.allow_build_at_runtime or build):
@@ -104,10 +117,35 @@ class OptimizedModel:
             log.info("evicted the engine for input shapes %s", old)
         return program
 
+    def _dynamic_program(self, key: ShapeKey, build: bool) -> Program | None:
+        """The program compiled once with symbolic sizes (``use_dynamic_shape``) from the first
+        source graph that serves ``key``; None where none does (a static engine is built)."""
+        from kerasrt.compile.pipeline import compile_symbolic, serves
+        from kerasrt.ir.specialize import is_symbolic
+
+        for index, source in enumerate(self.sources):
+            if not is_symbolic(source) or serves(source, key) is not None:
+                continue
+            program = self._dynamic.get(index)
+            if program is None:
+                if not (self.settings.allow_build_at_runtime or build):
+                    raise EngineNotBuiltError(
+                        f"no engine for input shapes {[list(s) for s in key]} and allow_build_at_runtime is False"
+                    )
+                if self.progress is not None:
+                    self.progress("building the engines for every input shape (symbolic sizes)")
+                graph = compile_symbolic(source, self.settings, self.progress)
+                program = Program(
+                    graph, self.settings, self.device, self.keras, None, self.progress, self.tuner
+                )
+                self._dynamic[index] = program
+            return program
+        return None
+
     def _compile(self, key: ShapeKey) -> Graph:
         """The engine graph for input shapes ``key``, from the first source graph that serves
         them; else from the Keras model, imported again at these sizes (a new source)."""
-        from kerasrt.compile.pipeline import compile_graph, import_graph, serves
+        from kerasrt.compile.pipeline import compile_graph, serves
         from kerasrt.ir.specialize import bind, is_symbolic
 
         for source in self.sources:
@@ -126,6 +164,11 @@ class OptimizedModel:
                 f"cannot build an engine for input shapes {[list(s) for s in key]}: {why}; the "
                 "original Keras model, needed to import the model again at these sizes, is not available"
             )
+        return compile_graph(self._import_again(key), key, self.settings, self.progress)
+
+    def _import_again(self, key: ShapeKey) -> Graph:
+        """A new source graph, from the Keras model traced at sizes ``key``."""
+        from kerasrt.compile.pipeline import import_graph
         from kerasrt.frontend.importer import model_inputs
 
         if self.progress is not None:
@@ -133,13 +176,19 @@ class OptimizedModel:
         inputs = model_inputs(self.keras.get(), key, key[0][0] if key and key[0] else 1)
         source = import_graph(self.keras, inputs, self.settings, self.progress)
         self.sources.append(source)
-        return compile_graph(source, key, self.settings, self.progress)
+        return source
 
     @property
     def engine_shapes(self) -> list[ShapeKey]:
+        """The input shapes with an engine: a static engine's, or the shapes a dynamic program
+        (``use_dynamic_shape``) ran at most recently."""
+        if self.settings.use_dynamic_shape:
+            return list(dict.fromkeys([*self.graphs, *self._programs]))
         return list(self.graphs)
 
     def primary_graph(self) -> Graph:
+        if self.settings.use_dynamic_shape and self._programs:
+            return next(reversed(self._programs.values())).graph
         return next(reversed(self.graphs.values()))
 
     # -- inference -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from kerasrt.errors import EngineNotBuiltError
 from kerasrt.frontend import keras_adapter as ka
 from kerasrt.ir.graph import Graph, Node, torch_dtype
 from kerasrt.ir.ops import KERNEL
+from kerasrt.ir.specialize import is_symbolic
 from kerasrt.kernels import cudnn_conv, registry
 from kerasrt.settings import ConversionSettings
 from kerasrt.tuning import tactics
@@ -144,6 +146,7 @@ class Program:
         self.keras = keras
         self.settings = settings
         self.segments = self._partition()
+        self.dynamic = is_symbolic(graph)  # one program for every shape (use_dynamic_shape)
         self.graphable = (
             device.type == "cuda"
             and settings.cuda_graphs
@@ -154,6 +157,8 @@ class Program:
             # call of them is launched from Python, host work only a graph replay hides; elsewhere
             # choices the graph carries run as they are (on a CPU, the ops' reference math)
             mode = settings.conv_kernels if self.graphable or settings.conv_kernels != "auto" else "inductor"
+            if self.dynamic:  # kerasrt's kernels are chosen per exact shape
+                mode = "inductor"
             engines = [s for s in self.segments if s.kind == "engine"]
             if choose_kernels(graph, engines, mode, tuner or tactics.Tuner(device), progress):
                 self.segments = self._partition()
@@ -187,7 +192,7 @@ class Program:
                 )
                 engine = TorchEngine(*args)
             self.steps.append((engine, ins, outs))
-        self._graph: CudaGraphRunner | None = None
+        self._graphs: OrderedDict[tuple, CudaGraphRunner] = OrderedDict()  # by input shapes
 
     def _partition(self) -> list[Segment]:
         kept_ops = set(self.graph.meta.get("kept_op_types", ()))
@@ -211,7 +216,7 @@ class Program:
     @property
     def captured(self) -> bool:
         """Whether calls replay a captured CUDA graph."""
-        return self.graphable and self._graph is not None
+        return self.graphable and bool(self._graphs)
 
     @property
     def compiled_engines(self) -> dict[int, TorchEngine]:
@@ -270,14 +275,20 @@ class Program:
         """Run on ``inputs`` of the model's dtypes: a staged input (``precision.stage_inputs``)
         is cast as it is copied into the CUDA graph's input buffer, or before the first segment."""
         if self.graphable:
-            if self._graph is None:
+            key = tuple(tuple(t.shape) for t in inputs)
+            runner = self._graphs.get(key)
+            if runner is None:
                 try:
-                    self._graph = CudaGraphRunner(self.run, inputs, self.input_dtypes)
+                    runner = CudaGraphRunner(self.run, inputs, self.input_dtypes)
                 except RuntimeError as exc:  # e.g. an op that syncs with the host cannot be captured
                     log.warning("running without a CUDA graph: capture failed (%s)", str(exc).splitlines()[0])
                     self.graphable = False
                     return self.run(self.staged(inputs))
-            return self._graph(inputs)
+                self._graphs[key] = runner  # a dynamic program captures one graph per shape
+                while len(self._graphs) > (self.settings.maximum_cached_engines if self.dynamic else 1):
+                    self._graphs.popitem(last=False)
+            self._graphs.move_to_end(key)
+            return runner(inputs)
         return self.run(self.staged(inputs))
 
     def staged(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
