@@ -30,9 +30,14 @@ def runs(x, *rest) -> bool:
     return x.dtype in conv_spec.FUSED_DTYPES
 
 
+CONFIGS = ((),)
+"""One config: cuBLAS picks its own tiles."""
+
+
 def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
     """(pixels x C) @ (C x K) into ``out``'s (pixels x K) memory, then residual and activation
     in place."""
+    conv_spec.pick(CONFIGS, config, "cublas_conv")  # a graph made for another kerasrt: say so
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, wd = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
@@ -63,5 +68,6 @@ FAMILY = KernelFamily(
     pointwise_conv.eligible,
     pointwise_conv.arguments,
     available,
+    configs=CONFIGS,
     triton=False,
 )
