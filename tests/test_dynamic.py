@@ -211,3 +211,39 @@ def test_dynamic_shape_engines_of_a_cnn_take_a_second_source_where_a_guard_break
     x = random_input((3, 10, 12, 3))  # even sizes: imported again, compiled once more
     assert_close(optimized(x), keras.ops.convert_to_numpy(model(x)))
     assert len(optimized.sources) == 2 and len(optimized._dynamic) == 2
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_shape_profile_serves_its_range_and_refuses_outside_without_build_at_runtime(dynamic: bool) -> None:
+    model = _text_encoder()
+    profile = ([(1, 4), (1, 4)], [(2, 16), (2, 16)], [(4, 32), (4, 32)])
+    conv = kerasrt.Converter(
+        model,
+        shape_profile=profile,
+        allow_build_at_runtime=False,
+        use_dynamic_shape=dynamic,
+        maximum_cached_engines=4,
+    )
+    optimized = conv.convert()
+    assert optimized.engine_shapes == [((2, 16), (2, 16))]  # the opt engine, built at convert()
+    for batch, length in [(1, 4), (4, 32), (3, 9)]:  # min, max, and inside: served
+        _check(model, optimized, _text_inputs(batch, length))
+    with pytest.raises(kerasrt.EngineNotBuiltError, match=r"shape profile serves \[\[1, 4\], \[1, 4\]\] to"):
+        optimized(*_text_inputs(5, 8))  # outside: batch above the max
+    allowed = kerasrt.Converter(model, shape_profile=profile, use_dynamic_shape=dynamic).convert()
+    _check(model, allowed, _text_inputs(5, 40))  # outside, built at run time
+
+
+def test_a_shape_profile_that_does_not_fit_is_refused() -> None:
+    with pytest.raises(kerasrt.ConversionError, match="min <= opt <= max"):
+        kerasrt.Converter(_text_encoder(), shape_profile=([(2, 4)] * 2, [(1, 16)] * 2, [(4, 32)] * 2))
+    with pytest.raises(kerasrt.ConversionError, match="alone"):
+        kerasrt.Converter(
+            _text_encoder(),
+            shape_profile=([(1, 4)] * 2, [(2, 16)] * 2, [(4, 32)] * 2),
+            input_shapes=[(2, 16)] * 2,
+        )
+    with pytest.raises(kerasrt.ConversionError, match="does not fit"):
+        kerasrt.Converter(
+            _odd_even_cnn(), shape_profile=([(1, 9, 9, 4)], [(1, 9, 9, 4)], [(1, 9, 9, 4)])
+        ).convert()

@@ -40,6 +40,7 @@ class Converter:
         optimization_level: int = 2,
         outputs: Sequence[str | int] | None = None,
         batch_profile: Sequence[int] | None = None,
+        shape_profile: Sequence[Sequence[Sequence[int]]] | None = None,
         fp32_ops: Sequence[str] | None = None,
         compiler: str = "auto",
         cuda_graphs: bool = True,
@@ -65,6 +66,7 @@ class Converter:
             optimization_level=optimization_level,
             outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
             batch_profile=tuple(batch_profile) if batch_profile is not None else None,
+            shape_profile=shape_profile,
             fp32_ops=tuple(fp32_ops) if fp32_ops is not None else None,
             compiler=compiler,
             cuda_graphs=cuda_graphs,
@@ -92,6 +94,10 @@ class Converter:
         shapes = self.settings.input_shapes
         if profile is not None and shapes is not None:  # the first engine is the profile's opt
             shapes = with_batch(shapes, profile[1])
+        if self.settings.shape_profile is not None:
+            low, shapes, high = self.settings.shape_profile  # traced and first built at opt
+            for bound in (low, high):
+                model_inputs(model, bound, 1)  # each fits the model's inputs (else a clear error)
         inputs = model_inputs(model, shapes, profile[1] if profile else self.settings.batch_size)
         source = import_graph(self.keras, inputs, self.settings, self.progress)
         names = ka.output_names(model)

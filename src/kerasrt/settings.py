@@ -33,6 +33,12 @@ class ConversionSettings:
     padded to ``opt``, one in (opt, max] padded to ``max`` (rows are independent at inference,
     the padding is dropped from the outputs); a batch outside [min, max] is refused.
 
+    ``shape_profile``: (min, opt, max) input shapes, one shape per model input in each, as a
+    TensorRT optimization profile over every dimension (TF-TRT's dynamic mode): the first
+    engine is built for ``opt``; any shapes between ``min`` and ``max`` (each dimension) are
+    served, their engines built when first met even with ``allow_build_at_runtime=False``;
+    shapes outside need ``allow_build_at_runtime``.
+
     ``fp32_ops``: in FP16/BF16 engines, the IR op types that compute in float32 (default:
     ``kerasrt.passes.precision.FP32_OPS``: softmax, normalization, reductions, exp/log/pow);
     ``()`` runs everything in the low precision.
@@ -70,6 +76,7 @@ class ConversionSettings:
     optimization_level: int = 2
     outputs: tuple[str, ...] | None = None  # a subset of model outputs (names or positions)
     batch_profile: tuple[int, int, int] | None = None
+    shape_profile: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     fp32_ops: tuple[str, ...] | None = None
     compiler: str = "auto"
     cuda_graphs: bool = True
@@ -108,6 +115,10 @@ class ConversionSettings:
             object.__setattr__(self, "batch_profile", profile)
             if self.maximum_cached_engines < 2:
                 object.__setattr__(self, "maximum_cached_engines", 2)  # the opt and max engines
+        if self.shape_profile is not None:
+            object.__setattr__(self, "shape_profile", _checked_profile(self.shape_profile))
+            if self.batch_profile is not None or self.input_shapes is not None:
+                raise ConversionError("give shape_profile alone: its opt shapes are the first engine's")
         if self.fp32_ops is not None:
             from kerasrt.ir.ops import OPS
 
@@ -121,6 +132,16 @@ class ConversionSettings:
             )
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
+
+    def in_profile(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
+        """Whether input ``shapes`` lie between the shape profile's min and max."""
+        if self.shape_profile is None:
+            return False
+        low, _, high = self.shape_profile
+        return len(shapes) == len(low) and all(
+            len(s) == len(lo) and all(a <= d <= b for d, a, b in zip(s, lo, hi))
+            for s, lo, hi in zip(shapes, low, high)
+        )
 
     def compiler_for(self, device_type: str) -> str:
         """The engine compiler actually used on a device of ``device_type``."""
@@ -143,3 +164,24 @@ class ConversionSettings:
         if kwargs.get("outputs") is not None:
             kwargs["outputs"] = tuple(kwargs["outputs"])
         return cls(**kwargs)
+
+
+def _checked_profile(profile: object) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """(min, opt, max) shapes per input, each dimension min <= opt <= max, all positive."""
+    try:
+        low, opt, high = (tuple(tuple(int(d) for d in shape) for shape in shapes) for shapes in profile)
+    except (TypeError, ValueError):
+        raise ConversionError(
+            "shape_profile must be (min_shapes, opt_shapes, max_shapes), one shape per model input in each"
+        ) from None
+    ranks = [[len(s) for s in shapes] for shapes in (low, opt, high)]
+    if ranks[0] != ranks[1] or ranks[1] != ranks[2]:
+        raise ConversionError(
+            f"shape_profile's min, opt and max shapes differ in count or rank: {low}, {opt}, {high}"
+        )
+    for lo, mid, hi in zip(low, opt, high):
+        if not all(1 <= a <= b <= c for a, b, c in zip(lo, mid, hi)):
+            raise ConversionError(
+                f"shape_profile needs 1 <= min <= opt <= max in every dimension, got {lo}, {mid}, {hi}"
+            )
+    return (low, opt, high)

@@ -81,6 +81,7 @@ class OptimizedModel:
             if key in self.graphs:  # (a dynamic program has no graph per shape)
                 self.graphs.move_to_end(key)
             return program
+        build = build or self.settings.in_profile(key)  # a profile's shapes are always served
         if self.settings.use_dynamic_shape:
             program = self._dynamic_program(key, build)
             if program is None and self.keras.available and (self.settings.allow_build_at_runtime or build):
@@ -98,7 +99,7 @@ class OptimizedModel:
                 known = ", ".join(str(list(map(list, k))) for k in self.graphs) or "none"
                 raise EngineNotBuiltError(
                     f"no engine for input shapes {[list(s) for s in key]} (built: {known}) and "
-                    "allow_build_at_runtime is False"
+                    "allow_build_at_runtime is False" + _outside(self.settings)
                 )
             log.info("building an engine for input shapes %s", key)
             graph = self._compile(key)
@@ -119,10 +120,17 @@ class OptimizedModel:
 
     def _dynamic_program(self, key: ShapeKey, build: bool) -> Program | None:
         """The program compiled once with symbolic sizes (``use_dynamic_shape``) from the first
-        source graph that serves ``key``; None where none does (a static engine is built)."""
+        source graph that serves ``key``; None where none does (a static engine is built).
+        It serves every shape, except, under a shape profile without build at runtime, those
+        outside the profile (as TF-TRT's dynamic mode refuses them)."""
         from kerasrt.compile.pipeline import compile_symbolic, serves
         from kerasrt.ir.specialize import is_symbolic
 
+        if self.settings.shape_profile is not None and not (self.settings.allow_build_at_runtime or build):
+            raise EngineNotBuiltError(
+                f"input shapes {[list(s) for s in key]} are outside the shape profile and "
+                "allow_build_at_runtime is False" + _outside(self.settings)
+            )
         for index, source in enumerate(self.sources):
             if not is_symbolic(source) or serves(source, key) is not None:
                 continue
@@ -131,6 +139,7 @@ class OptimizedModel:
                 if not (self.settings.allow_build_at_runtime or build):
                     raise EngineNotBuiltError(
                         f"no engine for input shapes {[list(s) for s in key]} and allow_build_at_runtime is False"
+                        + _outside(self.settings)
                     )
                 if self.progress is not None:
                     self.progress("building the engines for every input shape (symbolic sizes)")
@@ -308,6 +317,13 @@ class OptimizedModel:
             parts.append([r[: batch_size - short] for r in result])
         merged = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
         return merged[0] if len(merged) == 1 else merged
+
+
+def _outside(settings: ConversionSettings) -> str:
+    if settings.shape_profile is None:
+        return ""
+    low, _, high = settings.shape_profile
+    return f" (the shape profile serves {[list(s) for s in low]} to {[list(s) for s in high]})"
 
 
 def _fmt(shape: Sequence[int | None]) -> str:
