@@ -247,3 +247,32 @@ def test_a_shape_profile_that_does_not_fit_is_refused() -> None:
         kerasrt.Converter(
             _odd_even_cnn(), shape_profile=([(1, 9, 9, 4)], [(1, 9, 9, 4)], [(1, 9, 9, 4)])
         ).convert()
+
+
+def test_a_hot_shape_gets_a_static_engine_where_that_is_faster_by_measurement() -> None:
+    model = _text_encoder()
+    conv = kerasrt.Converter(model, use_dynamic_shape=True, hot_shape_calls=3, maximum_cached_engines=4)
+    optimized = conv.convert()
+    hot, cold = _text_inputs(2, 9), _text_inputs(3, 5)
+    for _ in range(3):
+        _check(model, optimized, hot)
+    _check(model, optimized, cold)
+    key = ((2, 9), (2, 9))
+    assert list(optimized.shape_choices) == [key]  # timed once, when the shape became hot
+    choice = optimized.shape_choices[key]
+    assert choice["static_ms"] > 0 and choice["dynamic_ms"] > 0
+    faster = "static" if choice["static_ms"] < choice["dynamic_ms"] else "dynamic"
+    assert choice["chosen"] == faster
+    assert optimized.program(key).dynamic == (faster == "dynamic")
+    assert optimized.program(((3, 5), (3, 5))).dynamic
+    _check(model, optimized, hot)  # served by the chosen engine
+
+
+def test_the_report_lists_each_hot_shape_pick() -> None:
+    model = _text_encoder()
+    conv = kerasrt.Converter(model, use_dynamic_shape=True, hot_shape_calls=2)
+    optimized = conv.convert()
+    for _ in range(2):
+        optimized(*_text_inputs(2, 6))
+    text = conv.summary(print_fn=None)
+    assert "hot input shapes [[2, 6], [2, 6]]:" in text and "static" in text and "dynamic" in text

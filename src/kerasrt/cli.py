@@ -85,6 +85,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "autotune": args.autotune,
         "conv_kernels": args.conv_kernels,
         "use_dynamic_shape": args.dynamic_shape,
+        "hot_shape_calls": args.hot_shape_calls,
         "custom_objects": _custom_objects(args.custom_objects),
         "device": args.device,
     }
@@ -418,6 +419,14 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one engine set compiled with symbolic sizes for every input shape, instead of one per "
         "exact shape (TF-TRT's use_dynamic_shape)",
+    )
+    p.add_argument(
+        "--hot-shape-calls",
+        type=int,
+        default=d.hot_shape_calls,
+        metavar="N",
+        help="with --dynamic-shape: after N calls at one shape, time a static engine for it against "
+        "the dynamic one and keep the faster (default 0: never)",
     )
     p.add_argument(
         "--autotune", action="store_true", help="time kernel choices per layer shape (slower build)"

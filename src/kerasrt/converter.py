@@ -47,6 +47,7 @@ class Converter:
         autotune: bool = False,
         conv_kernels: str = "auto",
         use_dynamic_shape: bool = False,
+        hot_shape_calls: int = 0,
         custom_objects: dict[str, Any] | None = None,
         device: str = "auto",
         progress: Progress | None = None,
@@ -73,6 +74,7 @@ class Converter:
             autotune=autotune,
             conv_kernels=conv_kernels,
             use_dynamic_shape=use_dynamic_shape,
+            hot_shape_calls=hot_shape_calls,
         )
         self.device = device
         self.progress = progress

@@ -35,6 +35,9 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
                 )
             ),
             "merged": dict((program.graph.meta.get("kernels") or {}).get("merged", {})),
+            "shape_choices": [
+                {"input_shapes": [list(s) for s in k], **v} for k, v in model.shape_choices.items()
+            ],
         }
     )
     return report
@@ -152,6 +155,11 @@ def format_report(report: dict[str, Any]) -> str:
                 "merged neighbouring convolutions: "
                 + ", ".join(f"{n} into {op}" for op, n in sorted(merged.items()))
             )
+    for choice in report.get("shape_choices") or []:
+        lines.append(
+            f"hot input shapes {choice['input_shapes']}: {choice['chosen']} engine "
+            f"(static {choice['static_ms']:.3f} ms, dynamic {choice['dynamic_ms']:.3f} ms)"
+        )
     lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())

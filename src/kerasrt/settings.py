@@ -64,6 +64,9 @@ class ConversionSettings:
     shapes), instead of one static engine set per exact shape. A new shape then costs a
     CUDA-graph capture (kept for up to ``maximum_cached_engines`` shapes), not a compile;
     kerasrt's own convolution kernels, chosen per exact shape, are not used.
+    ``hot_shape_calls`` (with ``use_dynamic_shape``): once one shape has been called this many
+    times, a static engine is built for it too and both are timed on its inputs; the faster
+    serves that shape from then on (0: never).
     """
 
     precision_mode: str = "FP32"
@@ -83,6 +86,7 @@ class ConversionSettings:
     autotune: bool = False
     conv_kernels: str = "auto"
     use_dynamic_shape: bool = False
+    hot_shape_calls: int = 0
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -100,6 +104,8 @@ class ConversionSettings:
             raise ConversionError(f"optimization_level must be 0, 1 or 2, got {self.optimization_level}")
         if self.batch_size < 1:
             raise ConversionError("batch_size must be >= 1")
+        if self.hot_shape_calls < 0:
+            raise ConversionError("hot_shape_calls must be >= 0")
         if self.input_shapes is not None:
             shapes = tuple(tuple(int(d) for d in s) for s in self.input_shapes)
             if any(d < 1 for s in shapes for d in s):

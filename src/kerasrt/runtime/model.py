@@ -11,7 +11,7 @@ at one concrete shape) is the Keras model imported again, traced at these sizes.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +70,9 @@ class OptimizedModel:
         self.packages = dict(packages or {})  # ahead-of-time compiled engines, by input shapes
         self.tuner = tuner
         self._dynamic: dict[int, Program] = {}  # use_dynamic_shape: a program per source graph
+        self._calls: Counter[ShapeKey] = Counter()  # calls per shape on a dynamic program
+        self.shape_choices: dict[ShapeKey, dict[str, Any]] = {}
+        """Hot shapes (``hot_shape_calls``): the static and dynamic engines' times, and the pick."""
 
     # -- engines -----------------------------------------------------------------------
     def program(self, key: ShapeKey, build: bool = False) -> Program:
@@ -282,12 +285,11 @@ class OptimizedModel:
         if padded != batch:  # repeat the last row: real data, so no NaN/overflow surprises
             tensors = [torch.cat([t, t[-1:].expand(padded - batch, *t.shape[1:])]) for t in tensors]
         program = self.program(key)
-        with torch.inference_mode():  # (the captured buffers are inference tensors)
-            if program.captured:  # a CUDA graph replay: the math modes no longer matter
-                outputs = program(tensors)
-            else:
-                with precision_scope(self.device, self.settings.precision_mode):
-                    outputs = program(tensors)
+        if program.dynamic and self.settings.hot_shape_calls:
+            self._calls[key] += 1
+            if self._calls[key] == self.settings.hot_shape_calls:
+                program = self._settle(key, program, tensors)
+        outputs = self._run(program, tensors)
         if padded != batch:
             outputs = [o[:batch] if o.dim() and o.shape[0] == padded else o for o in outputs]
         if as_torch:
@@ -295,6 +297,55 @@ class OptimizedModel:
         else:
             outputs = [o.detach().cpu().numpy() for o in outputs]
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _run(self, program: Program, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():  # (the captured buffers are inference tensors)
+            if program.captured:  # a CUDA graph replay: the math modes no longer matter
+                return program(tensors)
+            with precision_scope(self.device, self.settings.precision_mode):
+                return program(tensors)
+
+    def _settle(self, key: ShapeKey, dynamic: Program, tensors: Sequence[torch.Tensor]) -> Program:
+        """A hot shape: build its static engine, time it against the dynamic one on these
+        inputs, and keep the faster for this shape (``shape_choices`` records both)."""
+        from kerasrt.compile.pipeline import compile_graph, serves
+
+        source = next(s for s in self.sources if serves(s, key) is None)
+        if self.progress is not None:
+            self.progress(
+                f"timing a static engine for the hot input shapes {', '.join(_fmt(s) for s in key)}"
+            )
+        graph = compile_graph(source, key, self.settings, self.progress)
+        static = Program(graph, self.settings, self.device, self.keras, None, self.progress, self.tuner)
+        times = {name: self._time(p, tensors) for name, p in (("dynamic", dynamic), ("static", static))}
+        chosen = "static" if times["static"] < times["dynamic"] else "dynamic"
+        self.shape_choices[key] = {
+            "dynamic_ms": times["dynamic"],
+            "static_ms": times["static"],
+            "chosen": chosen,
+        }
+        log.info("input shapes %s: %s engine (%s)", key, chosen, times)
+        if chosen == "dynamic":
+            return dynamic
+        self._programs[key] = static
+        self.graphs[key] = graph
+        return static
+
+    def _time(self, program: Program, tensors: Sequence[torch.Tensor], runs: int = 5) -> float:
+        """Median milliseconds of ``program`` on ``tensors`` after two warm-up calls."""
+        import time
+
+        samples = []
+        for i in range(runs + 2):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            begin = time.perf_counter()
+            self._run(program, tensors)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if i >= 2:
+                samples.append((time.perf_counter() - begin) * 1e3)
+        return float(np.median(samples))
 
     def predict(self, x: Any, batch_size: int | None = None) -> Any:
         """Keras-style predict: numpy in and out, in batches of ``batch_size``.
