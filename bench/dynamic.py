@@ -48,6 +48,9 @@ class PositionEmbedding(keras.layers.Layer):
     def call(self, x):
         return x + self.table[None, : keras.ops.shape(x)[1]]
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
     def get_config(self):
         return {**super().get_config(), "max_length": self.max_length, "width": self.width}
 
@@ -102,19 +105,76 @@ def serve(call, mix: list[tuple[int, int]], inputs: dict) -> tuple[float, list[f
     return cold, warm, per_shape
 
 
+def jax_worker(request: dict) -> None:
+    """Child process (KERAS_BACKEND=jax): the model under jax.jit with a bfloat16 policy, served
+    the mix. jax.jit compiles once per new input shape, so cold includes a compile per shape."""
+    import jax
+
+    from kerasrt.bench import keras_with_policy
+
+    model = keras_with_policy(keras.models.load_model(request["model"], compile=False), "mixed_bfloat16")
+    params = [v.value for v in model.trainable_variables]
+    state = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def infer(params, state, x):
+        return model.stateless_call(params, state, x, training=False)[0]
+
+    mix = [tuple(s) for s in request["mix"]]
+    rng = np.random.default_rng(1)
+    inputs = {s: jax.device_put(rng.integers(0, VOCAB, s).astype("int32")) for s in sorted(set(mix))}
+
+    def timed(shape: tuple) -> float:
+        begin = time.perf_counter()
+        jax.block_until_ready(infer(params, state, inputs[shape]))
+        return (time.perf_counter() - begin) * 1e3
+
+    cold = sum(timed(s) for s in mix) / 1e3
+    warm = [timed(s) for s in mix]
+    per_shape = {f"{s[0]}x{s[1]}": float(np.median([timed(s) for _ in range(5)])) for s in sorted(set(mix))}
+    with open(request["out"], "w") as fh:
+        json.dump({"cold_s": cold, "warm": warm, "per_shape": per_shape, "device": str(jax.devices()[0])}, fh)
+
+
+def run_jax(model: keras.Model, mix: list[tuple[int, int]], folder: str) -> dict:
+    """``jax_worker`` in a child process on this model (saved to ``folder``)."""
+    import subprocess
+    import sys
+
+    path = os.path.join(folder, "bert_dynamic.keras")
+    model.save(path)
+    request = {"model": path, "mix": [list(s) for s in mix], "out": os.path.join(folder, "jax.json")}
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--jax-worker", json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the JAX worker failed: {done.stderr[-1500:]}")
+    with open(request["out"]) as fh:
+        return json.load(fh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="dynamic.json")
     parser.add_argument("--quick", action="store_true", help="a 2-layer encoder and a small mix")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--systems", default="kerasrt-dynamic,kerasrt-static,torch-compile-dynamic")
+    parser.add_argument(
+        "--systems", default="kerasrt-dynamic,kerasrt-static,keras-jax-jit,torch-compile-dynamic"
+    )
     parser.add_argument(
         "--static-shapes",
         type=int,
         default=3,
         help="static engines for this many of the most frequent shapes",
     )
+    parser.add_argument("--jax-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.jax_worker:
+        return jax_worker(json.loads(args.jax_worker))
     dev = torch.device("cuda")
     layers = 2 if args.quick else LAYERS
     batches, lengths = ([1, 8], [16, 128]) if args.quick else ([1, 8, 32, 64], [16, 128, 512])
@@ -199,6 +259,18 @@ def main() -> None:
         )
         row("kerasrt static (one conversion per exact shape)", build + cold, warm, per_shape, note)
         del engines
+    if "keras-jax-jit" in systems:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kerasrt-dynamic-") as folder:
+            done = run_jax(model, mix, folder)
+        row(
+            "Keras on JAX, jax.jit (bfloat16 policy; a compile per new shape)",
+            done["cold_s"],
+            done["warm"],
+            done["per_shape"],
+            done["device"],
+        )
     if "torch-compile-dynamic" in systems:
         from transformers import BertConfig, BertModel
 
