@@ -65,10 +65,6 @@ _ALLOWED = (
 )
 
 
-def is_symbolic(dim: Any) -> bool:
-    return isinstance(dim, str)
-
-
 def is_static(shape: Sequence[Dim]) -> bool:
     """Whether every dimension of ``shape`` is a number."""
     return not any(isinstance(d, str) for d in shape)
