@@ -63,8 +63,9 @@ def test_build_ahead_of_time_and_no_build_at_runtime() -> None:
     _check(model, optimized, _text_inputs(3, 9))
 
 
-def test_mismatched_sizes_and_dtypes_get_one_clear_error() -> None:
-    optimized = kerasrt.Converter(_text_encoder()).convert()
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_mismatched_sizes_and_dtypes_get_one_clear_error(dynamic: bool) -> None:
+    optimized = kerasrt.Converter(_text_encoder(), use_dynamic_shape=dynamic).convert()
     tokens, mask = _text_inputs(2, 6)
     with pytest.raises(kerasrt.InputSignatureError, match=r"its size s1 must equal 6"):
         optimized(tokens, mask[:, :5])

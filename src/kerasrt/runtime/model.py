@@ -84,6 +84,7 @@ class OptimizedModel:
             if key in self.graphs:  # (a dynamic program has no graph per shape)
                 self.graphs.move_to_end(key)
             return program
+        self._check_sizes(key)
         build = build or self.settings.in_profile(key)  # a profile's shapes are always served
         if self.settings.use_dynamic_shape:
             program = self._dynamic_program(key, build)
@@ -92,9 +93,7 @@ class OptimizedModel:
                 program = self._dynamic_program(key, build)
             if program is not None:
                 self._programs[key] = program
-                self._programs.move_to_end(key)
-                while len(self._programs) > self.settings.maximum_cached_engines:
-                    self._programs.popitem(last=False)
+                self._evict_beyond(self._programs)
                 return program
         graph = self.graphs.get(key)
         if graph is None:
@@ -114,12 +113,28 @@ class OptimizedModel:
         )
         self._programs[key] = program
         self.graphs.move_to_end(key)
-        while len(self.graphs) > self.settings.maximum_cached_engines:
-            old, _ = self.graphs.popitem(last=False)
+        self._evict_beyond(self.graphs)
+        return program
+
+    def _evict_beyond(self, table: OrderedDict) -> None:
+        """Drop the least recently used engines of ``table`` (``graphs`` for static engines,
+        ``_programs`` under ``use_dynamic_shape``) beyond ``maximum_cached_engines``, with
+        their graph, program and package."""
+        while len(table) > self.settings.maximum_cached_engines:
+            old, _ = table.popitem(last=False)
+            self.graphs.pop(old, None)
             self._programs.pop(old, None)
             self.packages.pop(old, None)
             log.info("evicted the engine for input shapes %s", old)
-        return program
+
+    def _check_sizes(self, key: ShapeKey) -> None:
+        """Refuse inputs whose sizes disagree where the model shares a symbol between them (a
+        shared sequence length), before any engine is built or the model imported again."""
+        from kerasrt.ir.specialize import bind, is_symbolic
+
+        source = next((s for s in self.sources if is_symbolic(s)), None)
+        if source is not None:
+            bind(source, key)
 
     def _dynamic_program(self, key: ShapeKey, build: bool) -> Program | None:
         """The program compiled once with symbolic sizes (``use_dynamic_shape``) from the first
@@ -158,12 +173,7 @@ class OptimizedModel:
         """The engine graph for input shapes ``key``, from the first source graph that serves
         them; else from the Keras model, imported again at these sizes (a new source)."""
         from kerasrt.compile.pipeline import compile_graph, serves
-        from kerasrt.ir.specialize import bind, is_symbolic
 
-        for source in self.sources:
-            if is_symbolic(source):
-                bind(source, key)  # inputs whose sizes disagree (a shared sequence length): refused
-                break
         reasons = []
         for source in self.sources:
             reason = serves(source, key)
