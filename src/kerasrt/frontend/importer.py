@@ -183,21 +183,7 @@ def model_inputs(model: Any, input_shapes: Sequence[Sequence[int]] | None, batch
     example = None
     if all(d is not None for shape in given for d in shape):
         example = tuple(tuple(int(d) for d in shape) for shape in given)
-    return ModelInputs(specs, _distinct_hints(list(symbols.values()), hints), example)
-
-
-def _distinct_hints(names: Sequence[str], given: dict[str, int]) -> dict[str, int]:
-    """A hint for every symbol: the given size where there is one, raised where needed so that
-    every hint is at least 2 and no two are equal (``SymbolicShapes`` says why); a raise is by
-    64, which keeps the size's remainders (a trace branches on parity, not on 224 vs 288)."""
-    defaults = iter(symbolic.DEFAULT_HINTS)
-    hints: dict[str, int] = {}
-    for name in names:
-        hint = max(given.get(name) or next(defaults), 2)
-        while hint in hints.values():
-            hint += 64
-        hints[name] = hint
-    return hints
+    return ModelInputs(specs, symbolic.hints(symbols.values(), hints), example)
 
 
 def _model_inputs(model: Any) -> list[Any]:
@@ -251,12 +237,12 @@ class Importer:
     # -- the walk --------------------------------------------------------------------------
     def run(self, specs: Sequence[InputSpec], hints: dict[str, int] | None = None) -> Graph:
         """The graph of the model called on inputs of ``specs``; ``hints``: a size for each
-        symbol to trace with (default: ``symbolic.default_hints``)."""
+        symbol to trace with (the rest: ``symbolic.hints``)."""
         gen = torch.Generator().manual_seed(0)
         names = {d for spec in specs for d in spec.shape if isinstance(d, str)}
         device = ka.weights_device(self.model)
         if names:
-            self.shapes = symbolic.SymbolicShapes({**symbolic.default_hints(names), **(hints or {})})
+            self.shapes = symbolic.SymbolicShapes(symbolic.hints(names, hints))
             self.graph.meta[SYMBOLS] = {}
         traced = []
         for i, spec in enumerate(specs):

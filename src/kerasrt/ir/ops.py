@@ -468,7 +468,7 @@ def _infer_types(op: str, inputs: Sequence[Any], attrs: dict[str, Any]) -> list[
             raise IRError(f"op {op}({types}) with {attrs} is invalid: {exc}") from exc
         outs = out if isinstance(out, (tuple, list)) else [out]
         return [(tuple(o.shape), dtype_name(o.dtype)) for o in outs]
-    shapes = symbolic.SymbolicShapes(symbolic.default_hints(names))
+    shapes = symbolic.SymbolicShapes(symbolic.hints(names))
     with shapes.mode():
         fakes = [shapes.empty(v.shape, torch_dtype(v.dtype)) for v in inputs]
         bound = {k: _symints(shapes, v) if k in opdef.dim_attrs else v for k, v in attrs.items()}

@@ -433,8 +433,20 @@ DEFAULT_HINTS = (61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 1
 of them) look equal to the op code that branches on sizes."""
 
 
-def default_hints(names: Iterable[str]) -> dict[str, int]:
+def hints(names: Iterable[str], given: Mapping[str, int] | None = None) -> dict[str, int]:
+    """A hint for every symbol: its size in ``given`` where there is one, else the next of
+    ``DEFAULT_HINTS`` (symbols in order); raised where needed so that every hint is at least
+    2 and no two are equal (``SymbolicShapes`` says why). A raise is by 64, which keeps the
+    size's remainders (a trace branches on parity, not on 224 vs 288)."""
+    given = given or {}
     names = sorted(set(names), key=lambda n: (len(n), n))
-    if len(names) > len(DEFAULT_HINTS):
+    if sum(n not in given for n in names) > len(DEFAULT_HINTS):
         raise IRError(f"{len(names)} symbolic dimensions; kerasrt handles at most {len(DEFAULT_HINTS)}")
-    return dict(zip(names, DEFAULT_HINTS))
+    defaults = iter(DEFAULT_HINTS)
+    chosen: dict[str, int] = {}
+    for name in names:
+        hint = max(given[name] if name in given else next(defaults), 2)
+        while hint in chosen.values():
+            hint += 64
+        chosen[name] = hint
+    return chosen
