@@ -50,8 +50,7 @@ def _versions() -> dict[str, str]:
 
 def needs_keras(model: OptimizedModel) -> list[str]:
     """The layers of ``model`` that run in Keras (fallback layers): the artifact must then
-    hold the Keras model. A source graph imported at one concrete shape also needs it, to
-    import the model again for other shapes."""
+    hold the Keras model."""
     graphs = [*model.sources, *model.graphs.values()]
     return sorted({n.layer for g in graphs for n in g.nodes if n.op == "keras_layer"})
 
@@ -96,18 +95,10 @@ def save(
     tmp.chmod(0o755)
     try:
         weights = _Weights()
-        sources = []
-        for graph in model.sources:
-            data, tensors = graph_to_json(graph)
-            for spec in data["constants"]:
-                spec["key"] = weights.store(spec["name"], tensors[spec["name"]])
-            sources.append({"graph": data})
+        sources = [{"graph": weights.graph(graph)} for graph in model.sources]
         engines = []
         for key, graph in model.graphs.items():
-            data, tensors = graph_to_json(graph)
-            for spec in data["constants"]:
-                spec["key"] = weights.store(spec["name"], tensors[spec["name"]])
-            entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": data}
+            entry: dict[str, Any] = {"input_shapes": [list(s) for s in key], "graph": weights.graph(graph)}
             program = model._programs.get(key)
             if compiled_engines and program is not None and program.compiled_engines:
                 folder = f"engines/{len(engines)}"
@@ -161,6 +152,14 @@ class _Weights:
         self.tensors: dict[str, torch.Tensor] = {}
         self._seen: dict[tuple, str] = {}
         self._alive: list[torch.Tensor] = []
+
+    def graph(self, graph: Any) -> dict[str, Any]:
+        """``graph`` as JSON, its constants stored here (each names its key); ``_graph`` on
+        load is the inverse."""
+        data, tensors = graph_to_json(graph)
+        for spec in data["constants"]:
+            spec["key"] = self.store(spec["name"], tensors[spec["name"]])
+        return data
 
     def store(self, name: str, tensor: torch.Tensor) -> str:
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
