@@ -203,10 +203,16 @@ def main() -> None:
             json.dump(record, fh, indent=1)
 
     systems = args.systems.split(",")
-    if "kerasrt-dynamic" in systems:
+    variants = {  # system name -> (row name, use_dynamic_shape)
+        "kerasrt-dynamic": ("kerasrt use_dynamic_shape (one conversion, one compile)", True),
+        "kerasrt": ("kerasrt (one conversion)", False),
+    }
+    for system, (name, dynamic) in variants.items():
+        if system not in systems:
+            continue
         begin = time.perf_counter()
         optimized = kerasrt.Converter(
-            model, precision_mode="FP16", use_dynamic_shape=True, maximum_cached_engines=len(shapes)
+            model, precision_mode="FP16", use_dynamic_shape=dynamic, maximum_cached_engines=len(shapes)
         ).convert()
         convert_s = time.perf_counter() - begin
         cold, warm, per_shape = serve(optimized, mix, inputs)
@@ -215,33 +221,7 @@ def main() -> None:
             want = keras.ops.convert_to_numpy(model(inputs[s])).astype(np.float64)
             got = optimized(inputs[s]).float().cpu().numpy()
             errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
-        row(
-            "kerasrt use_dynamic_shape (one conversion, one compile)",
-            convert_s + cold,
-            warm,
-            per_shape,
-            f"convert {convert_s:.1f} s; rel err {max(errors):.1e}",
-        )
-        del optimized
-    if "kerasrt" in systems:
-        begin = time.perf_counter()
-        optimized = kerasrt.Converter(
-            model, precision_mode="FP16", maximum_cached_engines=len(shapes)
-        ).convert()
-        convert_s = time.perf_counter() - begin
-        cold, warm, per_shape = serve(optimized, mix, inputs)
-        errors = []
-        for s in shapes[:2]:
-            want = keras.ops.convert_to_numpy(model(inputs[s])).astype(np.float64)
-            got = optimized(inputs[s]).float().cpu().numpy()
-            errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
-        row(
-            "kerasrt (one conversion)",
-            convert_s + cold,
-            warm,
-            per_shape,
-            f"convert {convert_s:.1f} s; rel err {max(errors):.1e}",
-        )
+        row(name, convert_s + cold, warm, per_shape, f"convert {convert_s:.1f} s; rel err {max(errors):.1e}")
         del optimized
     if "kerasrt-static" in systems:
         engines, build = {}, 0.0

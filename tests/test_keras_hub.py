@@ -31,27 +31,23 @@ def _images(batch: int, height: int, width: int) -> np.ndarray:
     return np.random.default_rng(batch + height * width).random((batch, height, width, 3)).astype("float32")
 
 
+TEXT_CONFIG = {
+    "vocabulary_size": 100,
+    "num_layers": 2,
+    "num_heads": 2,
+    "hidden_dim": 16,
+    "intermediate_dim": 32,
+    "max_sequence_length": 64,
+}
+"""A small text backbone (BERT's and GPT-2's constructors take the same arguments)."""
+
 BACKBONES: dict[str, tuple[Callable[[], keras.Model], list]] = {
     "bert_encoder": (
-        lambda: keras_hub.models.BertBackbone(
-            vocabulary_size=100,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=64,
-        ),
+        lambda: keras_hub.models.BertBackbone(**TEXT_CONFIG),
         [_text(1, 5, True), _text(3, 17, True), _text(2, 64, True)],
     ),
     "gpt2_decoder": (  # causal and padding masks
-        lambda: keras_hub.models.GPT2Backbone(
-            vocabulary_size=100,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=64,
-        ),
+        lambda: keras_hub.models.GPT2Backbone(**TEXT_CONFIG),
         [_text(1, 4), _text(4, 23)],
     ),
     "vit": (
