@@ -25,10 +25,8 @@ identity batch norms or zero biases, and the logits really depend on the input. 
 ResNet50, MobileNetV3Small, EfficientNetB0 and ConvNeXtTiny also go through
 ``Converter.save`` / ``kerasrt.load``; the loaded model must give bit-identical outputs.
 
-NASNetMobile refuses to build on the torch backend (Keras raises "not available with the
-torch backend ... due to an outstanding bug"), so it is built through the generic
-``keras.src.applications.nasnet.NASNet`` constructor with exactly the arguments
-``NASNetMobile`` passes; Keras itself runs that model fine on torch.
+NASNetMobile refuses to build on the torch backend, so ``kerasrt_testing.application``
+builds it through the generic ``NASNet`` constructor with ``NASNetMobile``'s arguments.
 
 The expensive models are marked ``slow``. The whole file takes 4-6 minutes with
 ``pytest -n 2`` on 2 CPU cores, nearly all of it tracing the models' layers.
@@ -45,7 +43,7 @@ import pytest
 import torch
 
 import kerasrt
-from kerasrt_testing import randomize_weights
+from kerasrt_testing import application, randomize_weights
 
 # name -> smallest accepted input side (default 32)
 MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -70,37 +68,6 @@ SLOW = (
 )
 ROUND_TRIP = {"ResNet50", "MobileNetV3Small", "EfficientNetB0", "ConvNeXtTiny"}
 ARCHITECTURES = sorted(n for n in dir(keras.applications) if n[:1].isupper())
-
-
-def _nasnet_mobile(**kwargs):
-    from keras.src.applications import nasnet
-
-    # NASNetMobile's own arguments (keras/src/applications/nasnet.py)
-    return nasnet.NASNet(
-        penultimate_filters=1056,
-        num_blocks=4,
-        stem_block_filters=32,
-        skip_reduction=False,
-        filter_multiplier=2,
-        default_size=224,
-        name="nasnet_mobile",
-        **kwargs,
-    )
-
-
-def _constructor(name: str):
-    if name == "NASNetMobile" and keras.backend.backend() == "torch":
-        return _nasnet_mobile
-    return getattr(keras.applications, name)
-
-
-def _build(name: str, size: int):
-    ctor = _constructor(name)
-    kwargs = {"weights": None, "input_shape": (size, size, 3)}
-    try:
-        return ctor(classifier_activation=None, **kwargs)
-    except TypeError:  # a constructor without classifier_activation
-        return ctor(**kwargs)
 
 
 def _params():
@@ -149,7 +116,7 @@ def test_application_converts_and_matches(name, size, tmp_path, fresh_keras):
     seed = ARCHITECTURES.index(name)
     keras.utils.set_random_seed(seed)  # the kernels' initializers: reproducible runs
     rng = np.random.default_rng(seed + 1000)
-    model = _build(name, size)
+    model = application(name, size)
     x = _images(name, rng, 2, size)
     randomize_weights(model, seed, calibration=np.concatenate([x, _images(name, rng, 14, size)]))
     expected = keras.ops.convert_to_numpy(model(x, training=False))

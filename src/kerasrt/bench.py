@@ -203,6 +203,9 @@ def relative_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> floa
 
 
 def _as_list(out: Any) -> list[Any]:
+    """A system's outputs in Keras's flat order (a dict's values by sorted key)."""
+    if isinstance(out, dict):
+        return [out[key] for key in sorted(out)]
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
@@ -271,7 +274,13 @@ def keras_with_policy(model: Any, policy: str) -> Any:
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 
-    clone = keras.models.clone_model(model, clone_function=rebuild)
+    try:
+        clone = keras.models.clone_model(model, clone_function=rebuild)
+    except Exception:  # a model class of its own (keras_hub backbones): rebuild it whole
+        config = model.get_config()
+        if "dtype" not in config:
+            raise
+        clone = model.__class__.from_config({**config, "dtype": policy})
     clone.set_weights(model.get_weights())
     return clone
 
@@ -288,12 +297,15 @@ def bench_keras_model(
     progress: Callable[[str], None] | None = None,
     model_path: str | None = None,
     artifact: str | os.PathLike[str] | None = None,
+    inputs: Callable[[int], Sequence[np.ndarray]] | None = None,
 ) -> list[Result]:
     """Measure ``systems`` on ``keras_model`` (torch backend) at each batch size, same inputs,
     errors against Keras FP32. ``model_path`` (a .keras file) saves one for the JAX worker.
     ``artifact`` (a saved kerasrt model of ``keras_model``): kerasrt runs the artifact's own
     engines where it has one of this precision for the batch's shapes, and its build time is
-    then load + first call (like trtexec --loadEngine); other batches are converted."""
+    then load + first call (like trtexec --loadEngine); other batches are converted.
+    ``inputs(batch)`` gives the host inputs of a batch (default: random draws of the model's
+    input specs, normal floats and 0/1 integers, unknown sizes 8)."""
     from kerasrt.frontend import keras_adapter as ka
     from kerasrt.validate import keras_outputs, random_inputs_for
 
@@ -305,8 +317,13 @@ def bench_keras_model(
     specs = ka.input_specs(keras_model)
     results: list[Result] = []
     for batch in batches:
-        shapes = [((batch, *[d if d is not None else 8 for d in shape[1:]]), dtype) for shape, dtype in specs]
-        host = random_inputs_for(shapes, seed=batch)
+        if inputs is not None:
+            host = [np.asarray(x) for x in inputs(batch)]
+        else:
+            shapes = [
+                ((batch, *[d if d is not None else 8 for d in shape[1:]]), dtype) for shape, dtype in specs
+            ]
+            host = random_inputs_for(shapes, seed=batch)
         tensors = [torch.from_numpy(x).to(dev) for x in host]
         with torch.no_grad():
             reference = [np.asarray(o, np.float64) for o in keras_outputs(keras_model, [t for t in tensors])]
@@ -399,7 +416,9 @@ def _prepare_system(
         return (lambda: optimized(*tensors)), time.perf_counter() - begin, ""
     policy = KERAS_POLICY[precision]
     model = keras_with_policy(keras_model, policy)
-    args = tensors[0] if len(tensors) == 1 else list(tensors)
+    from kerasrt.frontend.keras_adapter import call_inputs
+
+    args = call_inputs(model, tensors)
     if system == "keras-eager":
         return (lambda: model(args, training=False)), None, f"policy {policy}"
     compiled = torch.compile(lambda: model(args, training=False))
@@ -464,6 +483,7 @@ def _bench_jax(
             "warmup": warmup,
             "iters": iters,
             "out": os.path.join(tmp, "result.json"),
+            "imports": _defining_packages(keras_model),
         }
         env = {
             **os.environ,
@@ -495,6 +515,14 @@ def _bench_jax(
         max_rel_err=relative_error(outputs, reference),
         note=f"policy {JAX_POLICY[precision]}, {data['device']}",
     )
+
+
+def _defining_packages(keras_model: Any) -> list[str]:
+    """The importable packages (other than Keras) whose classes the model's layers are: the
+    JAX worker imports them so that loading the saved model finds those classes."""
+    layers = [keras_model, *keras_model._flatten_layers(include_self=False, recursive=True)]
+    packages = {type(layer).__module__.split(".")[0] for layer in layers}
+    return sorted(packages - {"keras", "__main__", "builtins"})
 
 
 def report_json(results: Sequence[Result], meta: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ its outputs as .npy files next to the result. Usage: python -m kerasrt.bench_jax
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -20,9 +21,12 @@ def main(request: dict) -> None:
     import numpy as np
 
     from kerasrt.bench import keras_with_policy, latency_stats
+    from kerasrt.frontend.keras_adapter import call_inputs
 
     if keras.backend.backend() != "jax":
         raise SystemExit("kerasrt.bench_jax needs KERAS_BACKEND=jax")
+    for module in request.get("imports", []):  # packages that register the model's classes
+        importlib.import_module(module)
     model = keras.models.load_model(request["model"], compile=False, safe_mode=True)
     model = keras_with_policy(model, request["policy"])
     with np.load(request["inputs"], allow_pickle=False) as data:
@@ -34,7 +38,7 @@ def main(request: dict) -> None:
 
     @jax.jit
     def infer(params, state, *xs):
-        out, _ = model.stateless_call(params, state, xs[0] if len(xs) == 1 else list(xs), training=False)
+        out, _ = model.stateless_call(params, state, call_inputs(model, xs), training=False)
         return out
 
     begin = time.perf_counter()
@@ -47,7 +51,7 @@ def main(request: dict) -> None:
         t = time.perf_counter()
         jax.block_until_ready(infer(params, state, *inputs))
         samples.append((time.perf_counter() - t) * 1e3)
-    outs = out if isinstance(out, (list, tuple)) else [out]
+    outs = keras.tree.flatten(out)
     folder = os.path.dirname(request["out"])
     for i, o in enumerate(outs):
         np.save(os.path.join(folder, f"out{i}.npy"), np.asarray(o, dtype=np.float32))

@@ -52,8 +52,7 @@ def random_inputs_for(specs: Sequence[tuple[Sequence[int], str]], seed: int = 0)
 def keras_outputs(keras_model: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The Keras model's outputs as numpy arrays, in inference mode."""
     keras = ka.keras_module()
-    args = inputs[0] if len(inputs) == 1 else list(inputs)
-    out = keras_model(args, training=False)
+    out = keras_model(ka.call_inputs(keras_model, inputs), training=False)
     return [np.asarray(keras.ops.convert_to_numpy(o)) for o in ka.flatten(out)]
 
 

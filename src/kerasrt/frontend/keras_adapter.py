@@ -337,3 +337,13 @@ def tag_sublayers(op: Any) -> Iterator[None]:
     finally:
         for layer in wrapped:
             vars(layer).pop("call", None)
+
+
+def call_inputs(model: Any, flat: Sequence[Any]) -> Any:
+    """``flat`` (one array per model input, in ``model.inputs`` order) in the structure the
+    model's ``call`` takes: the single input itself, a list, or the dict a model declared
+    with named inputs (keras_hub backbones) requires."""
+    structure = getattr(model, "_inputs_struct", None)
+    if isinstance(structure, dict):
+        return pack_like(structure, flat)
+    return flat[0] if len(flat) == 1 else list(flat)
