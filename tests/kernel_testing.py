@@ -57,6 +57,7 @@ FAST_KERNELS = {
     "splitk_conv": 2.0,
     "dual_conv": 0.5,
     "pointwise_pair": 0.3,
+    "linear_gemm": 0.9,
     "inductor": 1.5,
 }
 """Every family beats Inductor, the merged kernels their parts."""
@@ -103,7 +104,7 @@ def resnet_stages() -> keras.Model:
     x = bottleneck(x, 16)
     x = bottleneck(x, 16)
     x = bottleneck(x, 32, stride=2, project=True)
-    return randomize(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
+    return randomize(keras.Model(inp, L.Dense(3, name="classifier")(L.GlobalAveragePooling2D()(x))))
 
 
 def mobile_net() -> keras.Model:
@@ -117,10 +118,27 @@ def mobile_net() -> keras.Model:
     x = L.BatchNormalization()(L.Conv2D(16, 1, name="project")(x))
     x = L.Conv2D(32, 1, activation="silu", name="silu_1x1")(x)
     x = L.Conv2D(48, 3, padding="same", activation="relu", name="head")(x)  # split-K takes it
-    return randomize(keras.Model(inp, L.Dense(4)(L.GlobalAveragePooling2D()(x))))
+    return randomize(keras.Model(inp, L.Dense(4, name="classifier")(L.GlobalAveragePooling2D()(x))))
 
 
-SAMPLES = {"resnet_stages": (resnet_stages, (2, 8, 8, 16)), "mobile_net": (mobile_net, (2, 12, 12, 3))}
+def mlp_block() -> keras.Model:
+    """A ConvNeXt-style block on tokens: Dense layers on a rank-3 tensor, an exact and a tanh
+    GELU, a residual add after the second Dense, a ReLU Dense on the pooled features."""
+    inp = keras.Input((6, 16), name="tokens")
+    x = L.LayerNormalization()(inp)
+    x = L.Dense(64, activation="gelu", name="expand")(x)
+    x = L.Dense(16, name="project")(x)
+    x = L.Add()([inp, x])
+    x = L.Dense(32, activation=keras.activations.gelu, name="erf_gelu")(x)
+    x = L.Dense(32, activation=lambda t: keras.activations.gelu(t, approximate=True), name="approx")(x)
+    return randomize(keras.Model(inp, L.Dense(4, activation="relu")(L.GlobalAveragePooling1D()(x))))
+
+
+SAMPLES = {
+    "resnet_stages": (resnet_stages, (2, 8, 8, 16)),
+    "mobile_net": (mobile_net, (2, 12, 12, 3)),
+    "mlp_block": (mlp_block, (2, 6, 16)),
+}
 
 
 def sample_graph(

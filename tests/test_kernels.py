@@ -55,6 +55,7 @@ def test_the_registry_finds_every_family_and_each_op_takes_its_config_last() -> 
         "cudnn_conv",
         "depthwise_conv",
         "dual_conv",
+        "linear_gemm",
         "pointwise_conv",
         "pointwise_pair",
         "splitk_conv",
@@ -114,7 +115,8 @@ def test_each_family_computes_the_ir_op_it_implements(name: str, cases) -> None:
             assert len(got) == len(expected) == len(node.outputs)
             for g, e in zip(got, expected):
                 assert g.shape == e.shape and g.dtype == e.dtype
-                assert g.is_contiguous(memory_format=torch.channels_last)
+                layout = torch.channels_last if g.dim() == 4 else torch.contiguous_format
+                assert g.is_contiguous(memory_format=layout)
                 torch.testing.assert_close(g, e, rtol=0, atol=2e-2 * float(e.abs().max()) + 1e-3)
 
 
@@ -254,7 +256,9 @@ def test_chosen_kernels_are_recorded_in_the_graph_emitted_by_the_engine_and_matc
         "depthwise": "depthwise_conv",
         "project": "pointwise_pair",  # chained into the SiLU 1x1 after it
         "head": "cudnn_conv",
+        "classifier": "linear_gemm",  # a Dense layer, timed against Inductor too
     }
+    assert chosen["classifier"].timings == {"inductor": (0, 1.5), "linear_gemm": (7, 0.9)}
     assert chosen["head"].timings == {"cudnn_conv": (0, 1.0), "splitk_conv": (3, 2.0)}
     assert graph.meta["kernels"]["environment"] == tuner.environment()
     # the engine calls each family's op with the recorded config, and nothing else of kerasrt's
@@ -276,8 +280,9 @@ def test_in_auto_mode_the_fastest_candidate_wins_and_cudnn_mode_never_takes_indu
     ]:
         tactics.strip(graph.nodes)
         tuner = TableTuner(ms, tag=f"{mode}{ms}")
-        tactics.choose(graph.nodes, view, mode, tuner, tuner.timing_cache())
-        last = [n for n in graph.nodes if n.op.startswith("conv")][-1]
+        convs = [n for n in graph.nodes if n.op.startswith("conv")]
+        tactics.choose(convs, view, mode, tuner, tuner.timing_cache())
+        last = convs[-1]
         assert Choice.of(last).kernel == winner
         assert (INDUCTOR in tuner.measured) == (mode == "auto")
 
@@ -292,7 +297,7 @@ def test_timings_are_cached_per_environment_and_only_missing_candidates_are_time
         tactics.strip(graph.nodes)
         tuner = TableTuner(FAST_KERNELS, tag)
         timings = tuner.timing_cache()  # read from the disk: a new build
-        tactics.choose(graph.nodes, view, mode, tuner, timings)
+        tactics.choose(convs, view, mode, tuner, timings)
         timings.persist()
         return tuner.measured
 
@@ -444,6 +449,7 @@ def test_inductor_compiles_engines_of_kerasrt_ops_registered_first(monkeypatch) 
     assert {kernel_family(n).name for n in program.kernel_nodes} == {
         "cudnn_conv",
         "dual_conv",
+        "linear_gemm",  # the classifier
         "pointwise_conv",
         "pointwise_pair",
         "stem_conv",  # the 3x3 convolutions over 16 channels: a window row of 48 elements

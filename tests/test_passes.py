@@ -18,6 +18,7 @@ from kerasrt.passes.layout import LAYOUT
 from kerasrt.passes.structural import CSE, STRUCTURAL
 
 CONV = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+LINEAR = {"has_bias": True, "has_residual": False, "activation": None, "activation_attrs": None}
 gen = torch.Generator().manual_seed(0)
 
 
@@ -195,6 +196,30 @@ def test_linear_bias_and_gelu() -> None:
     fired, ops = apply(g, VERTICAL)
     assert fired == Counter({"fuse_linear_bias": 1, "fuse_activation": 1})
     assert ops == Counter({"linear": 1}) and g.nodes[0].attrs["activation_attrs"] == {"approximate": "tanh"}
+
+
+def test_residual_add_after_a_dense_on_3d_input_joins_the_linear() -> None:
+    """ConvNeXt's and transformers' x + Dense(h): the add reads the Dense's closing reshape;
+    the residual is reshaped to the linear's rows and added in its epilogue."""
+    g, x = graph_with_input(2, 5, 8)
+    rows = g.add_node("reshape", [x], {"shape": [10, 8]}).outputs[0]
+    y = g.add_node("linear", [rows, g.add_constant("w", rand(8, 8)), g.add_constant("b", rand(8))], LINEAR)
+    y = g.add_node("reshape", [y.outputs[0]], {"shape": [2, 5, 8]}).outputs[0]
+    g.outputs = [g.add_node("add", [x, y]).outputs[0]]
+    fired, ops = apply(g, VERTICAL)
+    assert fired == Counter({"fuse_residual_add": 1})
+    (linear,) = [n for n in g.nodes if n.op == "linear"]
+    assert linear.attrs["has_residual"] and linear.inputs[3].producer.op == "reshape"
+    assert ops == Counter({"reshape": 3, "linear": 1})
+
+
+def test_a_linear_with_an_activation_keeps_the_add_apart() -> None:
+    g, x = graph_with_input(4, 8)
+    attrs = {**LINEAR, "activation": "relu"}
+    y = g.add_node("linear", [x, g.add_constant("w", rand(8, 8)), g.add_constant("b", rand(8))], attrs)
+    g.outputs = [g.add_node("add", [y.outputs[0], x]).outputs[0]]
+    fired, ops = apply(g, VERTICAL)
+    assert not fired and ops == Counter({"linear": 1, "add": 1})
 
 
 def test_zero_pad_folds_into_conv_only_when_symmetric() -> None:

@@ -167,7 +167,8 @@ def test_each_triton_family_inlines_into_a_package_that_computes_the_op(name: st
 
 
 @pytest.mark.parametrize(
-    "sample, conv_kernels", [("resnet_stages", "auto"), ("mobile_net", "auto"), ("resnet_stages", "cudnn")]
+    "sample, conv_kernels",
+    [("resnet_stages", "auto"), ("mobile_net", "auto"), ("resnet_stages", "cudnn"), ("mlp_block", "auto")],
 )
 def test_models_on_kernels_chosen_by_timing_match_keras(
     sample: str, conv_kernels: str, tmp_path, monkeypatch

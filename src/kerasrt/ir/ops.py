@@ -568,7 +568,7 @@ def conv_fused(
     return _epilogue(y, rest, has_bias, has_residual, activation, activation_attrs)
 
 
-@_register("linear", ("has_bias", "has_residual", "activation", "activation_attrs"), "matmul")
+@_register("linear", ("has_bias", "has_residual", "activation", "activation_attrs"), "matmul", kernels=True)
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,

@@ -18,9 +18,12 @@ import torch
 
 from kerasrt.kernels import op_library
 
-ACTIVATIONS = ("none", "relu", "clamp", "silu")
-"""Epilogue activations the kernels apply; "clamp" takes ``clip`` = [lo, hi] (ReLU6 is
-clamp [0, 6]). A Triton kernel takes the index into this tuple as its ``ACT``."""
+ACTIVATIONS = ("none", "relu", "clamp", "silu", "gelu", "gelu_tanh")
+"""Epilogue activations the Triton kernels apply; "clamp" takes ``clip`` = [lo, hi] (ReLU6
+is clamp [0, 6]); "gelu" is the exact (erf) GELU, "gelu_tanh" its tanh approximation. A
+Triton kernel takes the index into this tuple as its ``ACT``."""
+CONV_ACTIVATIONS = ACTIVATIONS[:4]
+"""The activations every convolution family fuses (cuDNN's graphs among them)."""
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 """Activation dtypes the kernels compute in (float32 accumulation)."""
 CONV_OPS = ("conv", "conv_fused")
@@ -54,9 +57,11 @@ def activation_of(node: Any, attr: str = "activation") -> tuple[str, list[float]
     naming it (a ``conv_pair`` has a second one, "activation2"), its bounds in ``attr_attrs``."""
     act = node.attrs.get(attr) or "none"
     clip: list[float] = []
+    bounds = node.attrs.get(attr + "_attrs") or {}
     if act == "clamp":
-        bounds = node.attrs.get(attr + "_attrs") or {}
         clip = [float(bounds["min"]), float(bounds["max"])]
+    if act == "gelu" and bounds.get("approximate", "none") == "tanh":
+        act = "gelu_tanh"
     return act, clip
 
 
@@ -68,7 +73,7 @@ def fusable(node: Any) -> bool:
         return False
     act = node.attrs.get("activation") or "none"
     bounds = node.attrs.get("activation_attrs") or {}
-    if act not in ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
+    if act not in CONV_ACTIVATIONS or (act == "clamp" and None in (bounds.get("min"), bounds.get("max"))):
         return False
     has_bias, _ = epilogue_inputs(node)
     constants = node.inputs[1].is_constant and (not has_bias or node.inputs[2].is_constant)
@@ -169,8 +174,11 @@ def reference(
 
 
 def activate(y: torch.Tensor, activation: str, clip: Sequence[float], inplace: bool = False) -> torch.Tensor:
-    """An epilogue activation ("none", "relu", "clamp" to ``clip``, "silu") in PyTorch ops;
+    """An epilogue activation (one of ``ACTIVATIONS``, "clamp" to ``clip``) in PyTorch ops;
     ``inplace``: applied to ``y`` itself (a kernel finishing its output in place)."""
+    if activation in ("gelu", "gelu_tanh"):
+        out = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return y.copy_(out) if inplace else out
     if activation == "relu":
         return y.relu_() if inplace else torch.relu(y)
     if activation == "silu":

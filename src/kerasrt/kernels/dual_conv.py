@@ -83,7 +83,7 @@ def eligible(node: Any, view: View | None = None) -> bool:
     of ``CHANNEL_MULTIPLE``."""
     act = node.attrs.get("activation") or "none"
     channels = (node.inputs[0].shape[1], node.inputs[2].shape[1])
-    return act in conv_spec.ACTIVATIONS and not any(c % CHANNEL_MULTIPLE for c in channels)
+    return act in conv_spec.CONV_ACTIVATIONS and not any(c % CHANNEL_MULTIPLE for c in channels)
 
 
 def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:

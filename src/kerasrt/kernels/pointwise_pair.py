@@ -149,7 +149,7 @@ def eligible(node: Any, view: View) -> bool:
     named = dict(zip(node.attrs["operands"], node.inputs))
     widest = max(named["x"].shape[1], named["shortcut"].shape[1] if "shortcut" in named else 0)
     return (
-        all(a in conv_spec.ACTIVATIONS for a in acts)
+        all(a in conv_spec.CONV_ACTIVATIONS for a in acts)
         and widest <= MAX_CHANNELS
         and view.private(named["x"], node)
     )

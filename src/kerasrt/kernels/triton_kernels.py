@@ -7,8 +7,9 @@ loading process compiles nothing. Inductor finds a kernel's helpers by name amon
 globals, which is why no kernel here is a closure.
 
 Importing this module needs Triton; ``op_library.triton_kernels()`` returns None without it.
-Activation codes are indices into ``cudnn_conv.ACTIVATIONS`` ("none", "relu", "clamp",
-"silu"), so a kernel and a cuDNN graph fuse the same set; ``LO``/``HI`` bound "clamp". They
+Activation codes are indices into ``conv_spec.ACTIVATIONS`` ("none", "relu", "clamp",
+"silu", "gelu", "gelu_tanh"; convolutions use the first four, which cuDNN's graphs fuse
+too); ``LO``/``HI`` bound "clamp". They
 are constexpr, not arguments: an AOTInductor compile types a Python float argument as
 float64, and float64 clamps made MobileNetV2's kernels 5-30% slower in a package.
 """
@@ -40,6 +41,10 @@ def bias_activation(
         acc = tl.minimum(tl.maximum(acc, LO), HI)
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
+    elif ACT == 4:  # GELU, exact: x * Phi(x)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 5:  # GELU, tanh approximation: x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3))
+        acc = acc / (1.0 + tl.exp(-1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)))
     return acc
 
 

@@ -37,13 +37,26 @@ def _fused_op(node: Node) -> str:
     return "linear" if node.op == "linear" else "conv_fused"
 
 
+def _through_reshape(y: Value, graph: Graph) -> tuple[Node | None, Node | None]:
+    """(producer of ``y``, the reshape between them or None): a Dense layer applied to a
+    rank-3+ tensor is a linear on its rows between two reshapes, and the add after it reads
+    the second reshape."""
+    prod = y.producer
+    if prod is not None and prod.op == "reshape" and prod.inputs[0].producer is not None:
+        inner = prod.inputs[0]
+        if inner.producer.op == "linear" and only_user(inner, graph) is not None:
+            return inner.producer, prod
+    return prod, None
+
+
 @rule("fuse_residual_add", "add")
 def fuse_residual(graph: Graph, node: Node) -> bool | str:
-    """conv(x) + b + r  ->  conv_fused(x, w, b, r): the residual add joins the conv epilogue."""
+    """conv(x) + b + r  ->  conv_fused(x, w, b, r): the residual add joins the conv epilogue;
+    the same for a linear (through the reshape a Dense layer on rank-3+ inputs ends with)."""
     for i in (0, 1):
         y, r = node.inputs[i], node.inputs[1 - i]
-        prod = y.producer
-        if prod is None or prod.op not in ("conv", "conv_fused") or only_user(y, graph) is None:
+        prod, reshape = _through_reshape(y, graph)
+        if prod is None or prod.op not in ("conv", "conv_fused", "linear") or only_user(y, graph) is None:
             continue
         inputs, attrs = _as_fused(prod)
         if attrs["has_residual"] or attrs["activation"] is not None:
@@ -51,8 +64,15 @@ def fuse_residual(graph: Graph, node: Node) -> bool | str:
         if r.is_constant or r.shape != y.shape or r.dtype != y.dtype:
             continue
         attrs["has_residual"] = True
-        return replace(graph, node, emit(graph, node, "conv_fused", [*inputs, r], from_node=prod, **attrs))
-    return "no conv output used only by this add with a same-shape tensor"
+        if reshape is not None:  # the residual takes the linear's row shape, the sum y's again
+            rows = prod.outputs[0].shape
+            r = emit(graph, node, "reshape", [r], from_node=prod, shape=list(rows))
+            fused = emit(graph, node, "linear", [*inputs, r], from_node=prod, **attrs)
+            return replace(
+                graph, node, emit(graph, node, "reshape", [fused], from_node=prod, shape=list(y.shape))
+            )
+        return replace(graph, node, emit(graph, node, _fused_op(prod), [*inputs, r], from_node=prod, **attrs))
+    return "no conv or linear output used only by this add with a same-shape tensor"
 
 
 @rule("fuse_activation", *EPILOGUE_ACTIVATIONS)

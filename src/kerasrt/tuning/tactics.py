@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 KERNEL_OPS = frozenset(op for f in registry.families() for op in f.ops)
 """IR ops some family runs."""
-CANDIDATES_VERSION = 5
+CANDIDATES_VERSION = 6
 """Bumped whenever a family's configs or arguments change (timings of another set are void)."""
 
 
@@ -193,8 +193,10 @@ class Tuner:
 
     def inductor_ms(self, node: Node, view: View, operands: ExampleOperands) -> float:
         """Inductor's way, estimated: the bare convolution (after a zero pad a kernel would have
-        folded, materialized) plus, when there is an epilogue, one elementwise pass with its
-        memory traffic."""
+        folded, materialized) or cuBLAS's product with its bias, plus, when there is an
+        epilogue Inductor runs apart, one elementwise pass with its memory traffic."""
+        if node.op == "linear":
+            return self._linear_inductor_ms(node, operands)
         x_value, w = node.inputs[0], operands(node.inputs[1])
         pad = x_value.producer if view.inside(x_value.producer) and x_value.producer.op == "pad" else None
         x = operands(pad.inputs[0] if pad is not None else x_value)
@@ -209,6 +211,20 @@ class Tuner:
             y = torch.convolution(xi, w, None, stride, padding, dilation, False, [0, 0], groups)
             if epilogue:
                 torch.add(y, residual if residual is not None else y[:1], out=torch.empty_like(y))
+
+        return self.time(run)
+
+    def _linear_inductor_ms(self, node: Node, operands: ExampleOperands) -> float:
+        x, w = operands(node.inputs[0]), operands(node.inputs[1])
+        bias, residual = (conv_spec.optional(operands, v) for v in conv_spec.epilogue_values(node))
+        x = x.reshape(-1, x.shape[-1])
+        epilogue = residual is not None or (node.attrs.get("activation") or "none") != "none"
+
+        def run() -> None:
+            y = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+            if epilogue:
+                other = residual.reshape(y.shape) if residual is not None else y[:1]
+                torch.add(y, other, out=torch.empty_like(y))
 
         return self.time(run)
 
@@ -274,11 +290,12 @@ def precompile(
     }
 
 
-def allowed(mode: str, kernels: Sequence[str]) -> list[str]:
-    """The kernels a choice may take in ``conv_kernels`` mode ``mode``: every candidate in
-    "auto"; in "cudnn", kerasrt's own kernels wherever one runs."""
+def allowed(mode: str, kernels: Sequence[str], op: str) -> list[str]:
+    """The kernels a choice of an ``op`` node may take in ``conv_kernels`` mode ``mode``: every
+    candidate in "auto"; in "cudnn", a convolution takes kerasrt's own kernels wherever one
+    runs (the mode is about convolutions: other ops always weigh Inductor's way too)."""
     own = [k for k in kernels if k != INDUCTOR]
-    return list(kernels) if mode == "auto" or not own else own
+    return list(kernels) if mode == "auto" or not own or op not in conv_spec.CONV_OPS else own
 
 
 def choose(
@@ -302,7 +319,7 @@ def choose(
         if not families:
             continue
         kernels = [f.name for f in families]
-        if node.op in conv_spec.CONV_OPS and mode == "auto":
+        if node.op not in conv_spec.CONV_OPS or mode == "auto":
             kernels.append(INDUCTOR)
         key = node_key(node, view)
         missing = [k for k in kernels if k not in timings.get(key)]
@@ -310,13 +327,13 @@ def choose(
     stale = {p.key: p for p in pending if p.missing}
     operands = tuner.operands()
     if stale:
-        say(f"compiling kernel candidates for {len(stale)} convolution shape(s)")
+        say(f"compiling kernel candidates for {len(stale)} layer shape(s)")
         prebuilt = tuner.prepare(list(stale.values()), view, operands)
         for number, p in enumerate(stale.values(), 1):
-            say(f"timing kernels for convolution shape {number} of {len(stale)}")
+            say(f"timing kernels for layer shape {number} of {len(stale)}")
             time_pending(p, view, tuner, operands, timings, prebuilt)
     for p in pending:
-        p.node.attrs[KERNEL] = Choice.fastest(timings.get(p.key), allowed(mode, p.kernels)).attr()
+        p.node.attrs[KERNEL] = Choice.fastest(timings.get(p.key), allowed(mode, p.kernels, p.node.op)).attr()
     return len(stale)
 
 
