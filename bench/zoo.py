@@ -299,7 +299,9 @@ def peer_module(spec: str, side: int) -> tuple[torch.nn.Module, str, str]:
     return transformers.GPT2Model(config), "tokens", "transformers GPT2Model"
 
 
-def torch_peer(spec: str, host: Sequence[np.ndarray], precision: str, warmup: int, iters: int) -> Result:
+def torch_peer(
+    spec: str, host: Sequence[np.ndarray], precision: str, warmup: int, iters: int, profile: bool = False
+) -> Result:
     """torch.compile(mode="reduce-overhead") with freezing of the PyTorch equivalent, in the
     run's 16-bit type, channels-last, fed inputs of the same shape as kerasrt's."""
     torch._inductor.config.freezing = True
@@ -346,6 +348,7 @@ def torch_peer(spec: str, host: Sequence[np.ndarray], precision: str, warmup: in
             iters=iters,
             memory=memory,
             note=description,
+            profile=profile,
         )
     result.extra["build_peak_memory_mb"] = build_peak
     return result
@@ -371,7 +374,14 @@ def measure_entry(entry: Entry, batch: int, args: argparse.Namespace, model: ker
     attempt(
         "kerasrt",
         lambda: bench_keras_model(
-            model, [batch], args.precision, systems, iters=args.iters, progress=progress, inputs=inputs
+            model,
+            [batch],
+            args.precision,
+            systems,
+            iters=args.iters,
+            progress=progress,
+            inputs=inputs,
+            profile=args.profile,
         ),
     )
     if "keras-eager" in args.systems.split(","):  # the floor: a few calls are enough
@@ -391,7 +401,8 @@ def measure_entry(entry: Entry, batch: int, args: argparse.Namespace, model: ker
     if entry.peer and not args.no_peers:
         log_step(entry.name, f"torch-compile, batch {batch}")
         attempt(
-            "torch-compile", lambda: [torch_peer(entry.peer, inputs(batch), args.precision, 10, args.iters)]
+            "torch-compile",
+            lambda: [torch_peer(entry.peer, inputs(batch), args.precision, 10, args.iters, args.profile)],
         )
     for r in rows:
         r.extra.update(model=entry.name, host=socket.gethostname(), pid=os.getpid(), batch_note=entry.note)
@@ -542,6 +553,15 @@ def markdown(results: list[Result], env: dict, command: str) -> str:
             f"| {r.extra.get('model')} | {r.batch} | {r.system} {r.note} | {r.latency_ms['p50']:.3f} | "
             f"{r.throughput:,.0f} | {_fmt(r.max_rel_err, '.1e')} | {_fmt(r.build_s, '.1f')} | {_fmt(r.peak_memory_mb, '.0f')} |"
         )
+    profiled = [r for r in results if r.extra.get("top_kernels")]
+    if profiled:
+        lines += ["", "Top kernels (own device time per call, share of the call's kernel time):", ""]
+        for r in profiled:
+            top = "; ".join(
+                f"{k['name'][:60]} {k['ms_per_call']:.3f} ms ({k['share']:.0%})"
+                for k in r.extra["top_kernels"][:6]
+            )
+            lines.append(f"- {r.extra.get('model')} b{r.batch} {r.system}: {top}")
     return "\n".join(lines)
 
 
@@ -600,6 +620,9 @@ def main(argv: Sequence[str] | None = None, default_models: Sequence[str] | None
     parser.add_argument("--report", metavar="RECORD", help="print the tables of a record, measure nothing")
     parser.add_argument("--plot", metavar="PNG", help="with --report: draw the speedups")
     parser.add_argument("--log", action="store_true", help="kerasrt's INFO log on stderr")
+    parser.add_argument(
+        "--profile", action="store_true", help="record kerasrt's and the torch.compile peer's top kernels"
+    )
     args = parser.parse_args(argv)
     table = zoo(args.quick)
     if args.list:

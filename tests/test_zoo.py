@@ -71,16 +71,19 @@ def test_comparison_is_against_the_fastest_peer_not_the_floor() -> None:
 def test_a_cpu_run_writes_a_record_that_resumes_and_reports(tmp_path, capsys) -> None:
     out = str(tmp_path / "zoo.json")
     args = ["--models", "MobileNetV3Small", "--batches", "1", "--precision", "FP32", "--no-peers"]
-    args += ["--systems", "kerasrt,keras-eager", "--iters", "2", "--out", out]
+    args += ["--systems", "kerasrt,keras-eager", "--iters", "2", "--out", out, "--profile"]
     zoo.main(args)
     record = json.loads(open(out).read())
     systems = {r["system"]: r for r in record["results"]}
     assert set(systems) == {"kerasrt", "keras-eager"} and record["device"] == "cpu"
     assert systems["kerasrt"]["max_rel_err"] < 1e-4  # FP32 against Keras FP32
     assert systems["keras-eager"]["max_rel_err"] == 0.0  # Keras FP32 is the reference itself
+    top = systems["kerasrt"]["extra"]["top_kernels"]  # on a CPU: operators by their own time
+    assert top and any("conv" in k["name"] for k in top) and 0 < sum(k["share"] for k in top) <= 1.001
     capsys.readouterr()
     zoo.main([*args, "--resume"])  # nothing left to measure: the record is kept as it was
     assert json.loads(open(out).read())["results"] == record["results"]
     zoo.main(["--report", out])
     text = capsys.readouterr().out
     assert "| MobileNetV3Small | 1 | kerasrt  |" in text and "keras-eager policy float32" in text
+    assert "- MobileNetV3Small b1 kerasrt: aten::" in text  # the profile

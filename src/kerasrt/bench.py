@@ -108,6 +108,33 @@ def sample_latencies(
     return samples
 
 
+def kernel_profile(fn: Callable[[], Any], device: torch.device, calls: int = 5, top: int = 12) -> list[dict]:
+    """Where a call's device time goes: the ``top`` kernels by their own device time over
+    ``calls`` calls (torch.profiler), each as {name, ms per call, share of the profiled
+    time}; on a CPU, the top operators by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {
+            "name": e.key[:120],
+            "ms_per_call": round(getattr(e, attr) / calls / 1e3, 4),
+            "share": round(getattr(e, attr) / total, 3),
+        }
+        for e in events[:top]
+    ]
+
+
 def latency_stats(samples: Sequence[float]) -> dict[str, float]:
     """mean, p50, p90, p95, p99, min and max of ``samples`` (ms), rounded to the microsecond."""
     array = np.asarray(samples, dtype=np.float64)
@@ -231,8 +258,10 @@ def measure(
     iters: int = 50,
     note: str = "",
     memory: MemoryWatch | None = None,
+    profile: bool = False,
 ) -> Result:
-    """Time ``call`` (inputs already on ``device``) and fill a Result."""
+    """Time ``call`` (inputs already on ``device``) and fill a Result; ``profile``: also
+    record its top kernels (``kernel_profile``) in ``extra["top_kernels"]``."""
     out = call()
     err = relative_error(_to_numpy(out), reference) if reference is not None else None
     samples = sample_latencies(call, device, warmup, iters)
@@ -242,6 +271,7 @@ def measure(
         h2d, d2h = transfer_times(
             host_inputs, [o for o in _as_list(out) if isinstance(o, torch.Tensor)], device
         )
+    peak = memory.peak_mb() if memory is not None else None
     return Result(
         system,
         batch,
@@ -252,9 +282,10 @@ def measure(
         build_s=None if build_s is None else round(build_s, 2),
         h2d_ms=h2d,
         d2h_ms=d2h,
-        peak_memory_mb=memory.peak_mb() if memory is not None else None,
+        peak_memory_mb=peak,
         max_rel_err=err,
         note=note,
+        extra={"top_kernels": kernel_profile(call, device)} if profile else {},
     )
 
 
@@ -298,6 +329,7 @@ def bench_keras_model(
     model_path: str | None = None,
     artifact: str | os.PathLike[str] | None = None,
     inputs: Callable[[int], Sequence[np.ndarray]] | None = None,
+    profile: bool = False,
 ) -> list[Result]:
     """Measure ``systems`` on ``keras_model`` (torch backend) at each batch size, same inputs,
     errors against Keras FP32. ``model_path`` (a .keras file) saves one for the JAX worker.
@@ -305,7 +337,8 @@ def bench_keras_model(
     engines where it has one of this precision for the batch's shapes, and its build time is
     then load + first call (like trtexec --loadEngine); other batches are converted.
     ``inputs(batch)`` gives the host inputs of a batch (default: random draws of the model's
-    input specs, normal floats and 0/1 integers, unknown sizes 8)."""
+    input specs, normal floats and 0/1 integers, unknown sizes 8). ``profile``: kerasrt's
+    rows also record their top kernels (``kernel_profile``)."""
     from kerasrt.frontend import keras_adapter as ka
     from kerasrt.validate import keras_outputs, random_inputs_for
 
@@ -361,6 +394,7 @@ def bench_keras_model(
                     iters,
                     note,
                     memory,
+                    profile=profile and system == "kerasrt",
                 )
             result.extra["build_peak_memory_mb"] = build_peak
             results.append(result)
