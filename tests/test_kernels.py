@@ -454,3 +454,15 @@ def test_inductor_compiles_engines_of_kerasrt_ops_registered_first(monkeypatch) 
         "pointwise_pair",
         "stem_conv",  # the 3x3 convolutions over 16 channels: a window row of 48 elements
     }
+
+
+def test_linear_gemm_compiles_and_times_only_row_tiles_that_fit_the_rows() -> None:
+    from kerasrt.kernels import linear_gemm
+
+    def tiles(*shape: int) -> set[int]:
+        x = torch.empty(shape, device="meta")
+        return {c[0] for c in linear_gemm.CONFIGS if linear_gemm.FAMILY.timed(c, (x,))}
+
+    assert tiles(1, 49, 768) == {64}  # ConvNeXt's last stage at batch 1: 49 rows
+    assert tiles(100, 768) == {64, 128}  # 100 rows: a 256-row tile would be 60% padding
+    assert tiles(4096, 768) == {c[0] for c in linear_gemm.CONFIGS}

@@ -93,4 +93,14 @@ def arguments(node: Any, read: Operands, view: View | None = None) -> tuple:
     )  # fmt: skip
 
 
-FAMILY = KernelFamily("linear_gemm", ("linear",), OP, eligible, arguments, KERNEL.available, configs=CONFIGS)
+def fits_rows(config: tuple, args: tuple) -> bool:
+    """Whether a config's row tile suits the product's rows: tiles more than twice the rows
+    (at least 64) only compute padding (a batch-1 layer's 49 or 197 rows), so they are not
+    compiled and timed."""
+    rows = args[0].numel() // args[0].shape[-1]
+    return config[0] <= max(64, 2 * rows)
+
+
+FAMILY = KernelFamily(
+    "linear_gemm", ("linear",), OP, eligible, arguments, KERNEL.available, configs=CONFIGS, timed=fits_rows
+)
