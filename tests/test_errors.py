@@ -137,6 +137,12 @@ def test_engine_cache_builds_and_evicts(small_model: keras.Model) -> None:
         ({"maximum_cached_engines": 0}, "maximum_cached_engines"),
         ({"input_shapes": [(2, 4, 4)]}, "does not fit the model's input"),
         ({"input_shapes": [(2, 4, 4, 2), (2, 3)]}, "1 inputs but 2 input shapes"),
+        (
+            {"input_shapes": [(2, "four", 4, 2)]},
+            "one shape \\(a tuple of positive integers\\) per model input",
+        ),
+        ({"input_shapes": 5}, "or a dict of them by input name; got 5"),
+        ({"input_shapes": {"pixels": (2, 4, 4, 2)}}, r"no input named \['pixels'\]; its inputs are \["),
     ],
 )
 def test_bad_settings(small_model: keras.Model, kwargs: dict, message: str) -> None:

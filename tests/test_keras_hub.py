@@ -114,3 +114,16 @@ def test_fp16_bert_stays_within_keras_mixed_precision_error() -> None:
         theirs = _outputs(mixed(x))[1].astype(np.float32)
         scale = np.abs(want).max()
         assert np.abs(ours - want).max() <= max(2 * np.abs(theirs - want).max(), 1e-3 * scale)
+
+
+def test_input_shapes_by_name_build_the_first_engine_at_convert() -> None:
+    make, inputs = BACKBONES["bert_encoder"]
+    model = randomize(make())
+    x = inputs[1]  # batch 3, sequence 17
+    shapes = {name: array.shape for name, array in x.items()}
+    optimized = kerasrt.Converter(model, input_shapes=shapes).convert()
+    assert optimized.engine_shapes == [tuple(x[name].shape for name in sorted(x))]  # inputs in model order
+    for g, w in zip(optimized(x), _outputs(model(x))):
+        assert_close(g, w, rtol=FP32_RTOL, atol=FP32_ATOL)
+    with pytest.raises(kerasrt.ConversionError, match=r"no shape for \['token_ids'\]; its inputs are"):
+        kerasrt.Converter(model, input_shapes={k: v for k, v in shapes.items() if k != "token_ids"})

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kerasrt.compile.pipeline import import_graph, select_outputs
 from kerasrt.errors import ConversionError
 from kerasrt.frontend import keras_adapter as ka
-from kerasrt.frontend.importer import model_inputs
+from kerasrt.frontend.importer import input_names, model_inputs
 from kerasrt.runtime.model import OptimizedModel
 from kerasrt.runtime.program import KerasSource, Progress, TensorSpec, with_batch
 from kerasrt.settings import ConversionSettings
@@ -34,7 +34,7 @@ class Converter:
         maximum_cached_engines: int = 1,
         allow_build_at_runtime: bool = True,
         *,
-        input_shapes: Sequence[Sequence[int]] | None = None,
+        input_shapes: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | None = None,
         batch_size: int = 1,
         keep_in_keras: Iterable[str] = (),
         optimization_level: int = 2,
@@ -55,14 +55,22 @@ class Converter:
         tuner: Tuner | None = None,
     ):
         """``tuner``: how kernel candidates are found and timed (default: on the device); the
-        settings' arguments follow TF-TRT's ``TrtGraphConverterV2``."""
+        settings' arguments follow TF-TRT's ``TrtGraphConverterV2``. ``input_shapes``: one
+        shape per model input, in order, or a dict of them by input name (keras_hub's
+        ``token_ids``, ``padding_mask``...)."""
+        if isinstance(model, (str, os.PathLike)):
+            self.keras = KerasSource(path=Path(model), custom_objects=custom_objects)
+        else:
+            self.keras = KerasSource(model=ka.load_model(model))
+        if isinstance(input_shapes, Mapping):
+            input_shapes = shapes_by_position(self.keras.get(), input_shapes)
         self.settings = settings or ConversionSettings(
             precision_mode=precision_mode,
             minimum_segment_size=minimum_segment_size,
             maximum_cached_engines=maximum_cached_engines,
             allow_build_at_runtime=allow_build_at_runtime,
             batch_size=batch_size,
-            input_shapes=tuple(tuple(s) for s in input_shapes) if input_shapes is not None else None,
+            input_shapes=input_shapes,
             keep_in_keras=tuple(keep_in_keras),
             optimization_level=optimization_level,
             outputs=tuple(str(o) for o in outputs) if outputs is not None else None,
@@ -79,10 +87,6 @@ class Converter:
         self.device = device
         self.progress = progress
         self.tuner = tuner
-        if isinstance(model, (str, os.PathLike)):
-            self.keras = KerasSource(path=Path(model), custom_objects=custom_objects)
-        else:
-            self.keras = KerasSource(model=ka.load_model(model))
         self._optimized: OptimizedModel | None = None
 
     def convert(self, calibration_input_fn: Callable[[], Iterable[Any]] | None = None) -> OptimizedModel:
@@ -159,3 +163,18 @@ class Converter:
         if compiled_engines and self.progress is not None and self.optimized._programs:
             self.progress("compiling engines ahead of time")
         return save(self.optimized, Path(output_dir), compiled_engines, keras_model)
+
+
+def shapes_by_position(model: Any, shapes: Mapping[str, Sequence[int]]) -> list[Sequence[int]]:
+    """``shapes`` given by input name, in the order of the model's inputs; a clear error for a
+    name the model lacks or an input left out."""
+    names = input_names(model)
+    unknown = sorted(set(shapes) - set(names))
+    missing = [n for n in names if n not in shapes]
+    if not names or unknown or missing:
+        problem = f"no input named {unknown}" if unknown else f"no shape for {missing}"
+        raise ConversionError(
+            f"input_shapes by name: the model has {problem}; its inputs are {names or 'not named'}"
+            + ("" if names else " (give input_shapes as a list, one shape per input)")
+        )
+    return [shapes[n] for n in names]

@@ -107,7 +107,13 @@ class ConversionSettings:
         if self.hot_shape_calls < 0:
             raise ConversionError("hot_shape_calls must be >= 0")
         if self.input_shapes is not None:
-            shapes = tuple(tuple(int(d) for d in s) for s in self.input_shapes)
+            try:
+                shapes = tuple(tuple(int(d) for d in s) for s in self.input_shapes)
+            except (TypeError, ValueError):
+                raise ConversionError(
+                    f"input_shapes must be one shape (a tuple of positive integers) per model input, "
+                    f"or a dict of them by input name; got {self.input_shapes!r}"
+                ) from None
             if any(d < 1 for s in shapes for d in s):
                 raise ConversionError(f"input_shapes must be positive integers, got {shapes}")
             object.__setattr__(self, "input_shapes", shapes)

@@ -133,7 +133,7 @@ def model_inputs(model: Any, input_shapes: Sequence[Sequence[int]] | None, batch
     length). Give two inputs different sizes in ``input_shapes`` to keep them apart.
     """
     declared = ka.input_specs(model)
-    names = [getattr(x, "name", f"input_{i}") for i, x in enumerate(_model_inputs(model))]
+    names = input_names(model)
     if input_shapes is None and not declared:
         raise ConversionError(
             f"model {model.name!r} declares no input shape and Keras recorded none (a subclassed "
@@ -191,6 +191,11 @@ def _model_inputs(model: Any) -> list[Any]:
         return list(model.inputs or [])
     except (AttributeError, ValueError):
         return []
+
+
+def input_names(model: Any) -> list[str]:
+    """The names of the model's declared inputs, in order ([] for a subclassed model)."""
+    return [getattr(x, "name", f"input_{i}") for i, x in enumerate(_model_inputs(model))]
 
 
 def example_tensor(
