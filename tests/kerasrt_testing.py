@@ -147,6 +147,42 @@ def application(name: str, size: int | None = None) -> Any:
         return ctor(**kwargs)
 
 
+@keras.saving.register_keras_serializable("kerasrt_testing")
+class DecodeStep(keras.layers.Layer):
+    """One generation step of a keras_hub causal LM with its KV cache: (token ids of shape
+    (batch, 1), cache, write position of shape (batch, 1)) -> (logits, updated cache), through
+    the LM's ``call_with_cache`` (every row at the first row's position, as keras_hub's
+    ``generate`` runs a batch)."""
+
+    def __init__(self, lm: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.lm = lm if isinstance(lm, keras.Model) else keras.saving.deserialize_keras_object(lm)
+
+    def call(self, token_ids: Any, cache: Any, index: Any) -> tuple[Any, Any]:
+        logits, _, cache = self.lm.call_with_cache(token_ids, cache, index[0, 0])
+        return logits, cache
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "lm": keras.saving.serialize_keras_object(self.lm)}
+
+
+def decode_step(backbone: Any, cache_length: int) -> Any:
+    """A functional model of one decode step of a keras_hub decoder ``backbone`` (GPT-2 and
+    its kin: ``num_layers``, ``num_heads``, ``hidden_dim``) with a cache of ``cache_length``
+    positions: inputs token_ids (batch, 1) int32, cache (batch, layers, 2, cache_length,
+    heads, head size), index (batch, 1) int32."""
+    import keras_hub
+
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    heads = backbone.num_heads
+    shape = (backbone.num_layers, 2, cache_length, heads, backbone.hidden_dim // heads)
+    token_ids = keras.Input((1,), dtype="int32", name="token_ids")
+    cache = keras.Input(shape, name="cache")
+    index = keras.Input((1,), dtype="int32", name="index")
+    logits, updated = DecodeStep(lm)(token_ids, cache, index)
+    return keras.Model([token_ids, cache, index], [logits, updated], name="decode_step")
+
+
 def calibrated_application(name: str) -> Any:
     """keras.applications' model ``name`` (224x224 images in, logits out) with random weights
     calibrated as a trained network's (``randomize_weights``): fresh weights give logits of

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kerasrt
-from kerasrt_testing import FP32_ATOL, FP32_RTOL, assert_close, randomize
+from kerasrt_testing import FP32_ATOL, FP32_RTOL, assert_close, decode_step, randomize
 
 
 def _text(batch: int, length: int, segments: bool = False) -> dict[str, np.ndarray]:
@@ -127,3 +127,34 @@ def test_input_shapes_by_name_build_the_first_engine_at_convert() -> None:
         assert_close(g, w, rtol=FP32_RTOL, atol=FP32_ATOL)
     with pytest.raises(kerasrt.ConversionError, match=r"no shape for \['token_ids'\]; its inputs are"):
         kerasrt.Converter(model, input_shapes={k: v for k, v in shapes.items() if k != "token_ids"})
+
+
+def test_a_decode_step_with_a_kv_cache_converts_whole_and_matches_at_every_position() -> None:
+    """GPT-2's one-token step: the position embedding is sliced and the cache written at a
+    position read from an input tensor (a gather and an index_put at run time), so one
+    conversion serves every position and batch."""
+    keras.utils.set_random_seed(0)
+    backbone = randomize(keras_hub.models.GPT2Backbone(**TEXT_CONFIG))
+    model = decode_step(backbone, cache_length=32)
+    rng = np.random.default_rng(0)
+
+    def step_inputs(batch: int, position: int) -> list[np.ndarray]:
+        return [
+            rng.integers(0, 100, (batch, 1)).astype("int32"),
+            rng.standard_normal((batch, 2, 2, 32, 2, 8)).astype("float32"),
+            np.full((batch, 1), position, "int32"),
+        ]
+
+    optimized = kerasrt.Converter(model, maximum_cached_engines=3).convert()
+    nodes = [n for s in optimized.sources for n in s.nodes]
+    assert [n.attrs["reason"] for n in nodes if n.op == "keras_layer"] == []
+    assert sum(n.op == "index_put" for n in nodes) == 4  # keys and values of two layers
+    for batch, position in [(2, 5), (2, 31), (3, 0)]:
+        x = step_inputs(batch, position)
+        want = _outputs(model(x))
+        got = optimized(*x)
+        for g, w in zip(got, want):
+            assert_close(g, w, rtol=FP32_RTOL, atol=FP32_ATOL)
+        written = got[1][:, :, :, position]  # the new keys and values, at that position only
+        assert not np.allclose(written, x[1][:, :, :, position])
+        np.testing.assert_array_equal(np.delete(got[1], position, axis=3), np.delete(x[1], position, axis=3))

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 import pytest
 
-from kerasrt_testing import convert_and_check, random_input, randomize
+from kerasrt_testing import assert_close, convert_and_check, keras_reference, random_input, randomize
 
 L = keras.layers
 
@@ -158,3 +159,51 @@ def test_multi_head_attention(causal: bool) -> None:
     out = mha(q, v, use_causal_mask=causal) if not causal else mha(q, q, use_causal_mask=True)
     model = randomize(keras.Model([q, v], out))
     convert_and_check(model, [random_input((2, 5, 8), seed=1), random_input((2, 6, 8), seed=2)])
+
+
+class _AtPosition(L.Layer):
+    """Reads rows of a table and writes an update into a buffer at a position taken from an
+    input tensor (what a KV-cache step does): Keras's ops.slice and ops.slice_update with a
+    tensor start."""
+
+    def build(self, shapes):
+        self.table = self.add_weight(shape=(16, 4), name="table")
+
+    def call(self, buffer, update, position):
+        start = position[0, 0]
+        rows = keras.ops.slice(self.table, [start, 0], [3, 4])  # three rows from `start`
+        written = keras.ops.slice_update(buffer, [0, start, 0], update)
+        return written + keras.ops.sum(rows), rows
+
+
+@pytest.mark.parametrize("position", [0, 5, 13])
+def test_slice_and_update_at_a_position_read_from_a_tensor(position: int) -> None:
+    buffer, update, where = keras.Input((16, 4)), keras.Input((3, 4)), keras.Input((1,), dtype="int32")
+    model = randomize(keras.Model([buffer, update, where], _AtPosition()(buffer, update, where)))
+    positions = [np.full((2, 1), p, "int32") for p in (position, (position + 7) % 14)]
+    optimized = convert_and_check(
+        model, [random_input((2, 16, 4), seed=1), random_input((2, 3, 4), seed=2), positions[0]]
+    )
+    ops = [n.op for n in optimized.primary_graph().nodes]
+    assert "index_put" in ops and "gather" in ops
+    x = [random_input((2, 16, 4), seed=3), random_input((2, 3, 4), seed=4), positions[1]]
+    for got, want in zip(optimized(*x), keras_reference(model, x)):  # another position: no rebuild
+        assert_close(got, want)
+    assert len(optimized.engine_shapes) == 1
+
+
+def test_a_slice_ending_at_a_position_read_from_a_tensor_falls_back_to_keras() -> None:
+    """Its output size depends on a tensor's value: the layer runs in Keras (the sizes of its
+    outputs still known), the model converts and matches."""
+
+    class Prefix(L.Layer):
+        def call(self, x, position):
+            return keras.ops.sum(x[:, : position[0, 0]], axis=1)
+
+    x, where = keras.Input((6, 3)), keras.Input((1,), dtype="int32")
+    model = keras.Model([x, where], Prefix()(x, where))
+    optimized = convert_and_check(
+        model, [random_input((2, 6, 3)), np.full((2, 1), 4, "int32")], allow_fallback=True
+    )
+    (node,) = [n for n in optimized.primary_graph().nodes if n.op == "keras_layer"]
+    assert node.attrs["reason"].startswith("could not be traced")

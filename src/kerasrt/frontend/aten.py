@@ -21,8 +21,10 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import sympy
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.fx.operator_schemas import normalize_function
@@ -43,6 +45,33 @@ class _Unavailable:
 
     def __init__(self, what: str):
         self.what = what
+
+
+@dataclass(frozen=True)
+class _ValueIndex:
+    """An integer the traced code read from a tensor of the graph (``Tensor.item()``; a KV
+    cache's write position): the start of a slice it cuts becomes a gather at run time."""
+
+    value: Value
+    """The one-element tensor it was read from."""
+    symbol: Any
+    """The tracer's (unbacked) symbol for it."""
+
+
+@dataclass(frozen=True)
+class _FromValues:
+    """A size or condition computed from integers read from tensors: only the end of a slice
+    whose start is a ``_ValueIndex`` may be one."""
+
+    expression: Any
+    """The tracer's sympy expression."""
+
+
+def _reads_values(val: Any) -> bool:
+    """Whether a traced SymInt/SymBool/SymFloat depends on tensor values (unbacked symbols)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)) and bool(free_unbacked_symbols(val))
 
 
 def _read(env: dict, node: torch.fx.Node) -> Any:
@@ -121,6 +150,8 @@ _SHAPE_ONLY = frozenset(
         aten.randn_like,
     )
 )
+# Ops that may take an integer read from a tensor (``_ValueIndex``): a slice from it.
+_VALUE_INDEXED = frozenset(overloads(aten.slice, aten.slice_copy))
 # Ops that fill a tensor shaped like their input, and their fill value (None: an argument).
 _FILLS: dict[OpOverload, float | None] = {
     **{op: 0.0 for op in overloads(aten.zeros_like, aten.empty_like)},
@@ -217,6 +248,9 @@ class AtenLowering:
         self._constant = constant
         self.dims = dims
         self.fx_node: torch.fx.Node | None = None
+        self.known: dict[Any, sympy.Integer] = {}
+        """Values of the tracer's unbacked symbols that the lowering knows: integers read from
+        constants, sizes of the slices cut at a ``_ValueIndex``."""
 
     # -- helpers used by the lowering table ------------------------------------------------
     def constant(self, tensor: torch.Tensor) -> Value:
@@ -250,7 +284,15 @@ class AtenLowering:
         raise UnsupportedOp(f"expected a tensor, got {type(arg).__name__}")
 
     def out_shape(self) -> tuple[Dim, ...]:
-        return tuple(self.dims(d) for d in self.fx_node.meta["val"].shape)
+        return tuple(self.dim(d) for d in self.fx_node.meta["val"].shape)
+
+    def dim(self, size: Any) -> Dim:
+        """``dims`` of a traced size, after putting in the unbacked symbols' known values."""
+        if isinstance(size, torch.SymInt) and self.known:
+            expr = size.node.expr.xreplace(self.known)
+            if expr.is_number:
+                return int(expr)
+        return self.dims(size)
 
     def reshape(self, x: Value, shape: tuple[Dim, ...]) -> Value:
         return x if x.shape == tuple(shape) else self.emit("reshape", [x], shape=list(shape))
@@ -272,8 +314,10 @@ class AtenLowering:
                 result = [_read(env, o) if isinstance(o, torch.fx.Node) else None for o in outs]
                 if any(not isinstance(v, Value) for v in result):
                     raise UnsupportedOp("the layer returns something other than tensors")
+            elif node.op == "call_function" and _reads_values(node.meta.get("val")):
+                env[node] = self._read_from_values(node, env)
             elif node.op == "call_function" and isinstance(node.meta.get("val"), torch.SymInt):
-                env[node] = self.dims(node.meta["val"])  # a size computed from input sizes
+                env[node] = self.dim(node.meta["val"])  # a size computed from input sizes
             elif node.op == "call_function" and isinstance(
                 node.meta.get("val"), (torch.SymBool, torch.SymFloat)
             ):
@@ -291,6 +335,29 @@ class AtenLowering:
                 raise UnsupportedOp(f"unexpected fx node kind {node.op}")
         return result
 
+    def _read_from_values(self, node: torch.fx.Node, env: dict) -> Any:
+        """An integer the traced code read from a tensor, or computed from such: the value
+        itself where it is known (read from a constant), else a ``_ValueIndex`` (read from a
+        graph tensor) or a ``_FromValues`` (computed)."""
+        expr = node.meta["val"].node.expr
+        if node.target is aten._local_scalar_dense.default:
+            source = _read(env, node.args[0])
+            if isinstance(source, Value) and source.is_constant:
+                self.known[expr] = sympy.Integer(int(source.data.reshape(-1)[0]))
+                return int(self.known[expr])
+            return _ValueIndex(source, expr)
+        expr = expr.xreplace(self.known)
+        return int(expr) if expr.is_number else _FromValues(expr)
+
+    def _learn_sizes(self, node: torch.fx.Node, result: Any) -> None:
+        """Where the traced output's size is an unbacked symbol (a slice cut at a position read
+        from a tensor) and the lowered value's is known, remember it for later nodes."""
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(result, Value):
+            for traced, size in zip(val.shape, result.shape):
+                if isinstance(traced, torch.SymInt) and traced.node.expr.is_Symbol and isinstance(size, int):
+                    self.known.setdefault(traced.node.expr, sympy.Integer(size))
+
     def _lower_call(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
         target = node.target
         if target is operator.getitem:
@@ -300,12 +367,16 @@ class AtenLowering:
             )
         if not isinstance(target, OpOverload):
             raise UnsupportedOp(f"call to {getattr(target, '__name__', target)} is not an ATen op")
-        values = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Value)]
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        read = [a for a in leaves if isinstance(a, (_ValueIndex, _FromValues))]
+        if read and target not in _VALUE_INDEXED:
+            raise UnsupportedOp(f"{target} takes an integer read from a tensor ({read[0]})")
+        values = [a for a in leaves if isinstance(a, Value)]
         if target in _FILLS and values and not symbolic.is_static(values[0].shape):
             return self._fill_like(target, args, kwargs, values[0])
-        sized = any(_is_size(a) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        sized = any(_is_size(a) for a in leaves)
         if target in _SHAPE_ONLY or (
-            not sized and ((values and all(v.is_constant for v in values)) or not values)
+            not sized and not read and ((values and all(v.is_constant for v in values)) or not values)
         ):
             return self._evaluate(target, args, kwargs)
         lower = LOWERINGS.get(target)
@@ -316,6 +387,7 @@ class AtenLowering:
         if "self" in a:
             a["input"] = a.pop("self")
         out = lower(self, a)
+        self._learn_sizes(node, out)
         self._check(out)
         return out
 
@@ -364,7 +436,7 @@ class AtenLowering:
         for value, expected in pairs:
             if value is None or not isinstance(expected, torch.Tensor):
                 continue
-            shape = tuple(self.dims(d) for d in expected.shape)
+            shape = tuple(self.dim(d) for d in expected.shape)
             if value.shape != shape or value.dtype != dtype_name(expected.dtype):
                 raise UnsupportedOp(
                     f"lowering of {self.fx_node.target} gave {value.type_str()}, "
@@ -514,7 +586,37 @@ def _from_end(index: Dim, size: Dim) -> Dim:
 
 @lowering(aten.slice, aten.slice_copy)
 def _slice_op(c: AtenLowering, a: dict) -> Value:
+    if isinstance(a["start"], _ValueIndex):
+        if a["step"] != 1:
+            raise UnsupportedOp("a strided slice from a position read from a tensor")
+        return _gather_from(c, a["input"], a["dim"], a["start"], a["end"])
+    if isinstance(a["end"], (_ValueIndex, _FromValues)):
+        raise UnsupportedOp("a slice whose end, not its start, is read from a tensor")
     return _slice(c, a["input"], a["dim"], a["start"], a["end"], a["step"])
+
+
+def _gather_from(c: AtenLowering, x: Value, dim: int, start: _ValueIndex, end: Any) -> Value:
+    """``x``'s slice along ``dim`` from a position known only at run time (Keras's
+    ``ops.slice`` with a tensor start: a position embedding at a KV cache's write position):
+    a gather of ``start + arange(length)``. The length is the traced output's, or ``end -
+    start`` where that is one number for every start (Keras's bounds handle a negative start
+    in a term that vanishes for starts >= 0). The start must lie in [0, size - length]: a
+    gather does not clamp as Python slicing does."""
+    dim %= len(x.shape)
+    traced = c.fx_node.meta["val"].shape[dim]
+    if isinstance(traced, int) or not _reads_values(traced):
+        length = c.dim(traced)
+    else:
+        end_expr = sympy.sympify(end.expression if isinstance(end, _FromValues) else end)
+        lengths = {end_expr.xreplace({**c.known, start.symbol: s}) - s for s in (0, 1, 7)}
+        if len(lengths) != 1 or not next(iter(lengths)).is_number:
+            raise UnsupportedOp("a slice of a length that depends on tensor values")
+        length = int(lengths.pop())
+    if not isinstance(length, int):
+        raise UnsupportedOp("a slice of symbolic length from a position read from a tensor")
+    first = c.emit("cast", [c.reshape(start.value, ())], dtype="int64")
+    positions = c.emit("add", [c.constant(torch.arange(length)), first])
+    return c.emit("gather", [x, positions], dim=dim)
 
 
 @lowering(aten.select, aten.select_copy)
@@ -983,6 +1085,20 @@ def _index_select(c: AtenLowering, a: dict) -> Value:
 def _take_along(c: AtenLowering, a: dict) -> Value:
     return c.emit(
         "take_along", [a["input"], a.get("index", a.get("indices"))], dim=a["dim"] % len(a["input"].shape)
+    )
+
+
+@lowering(aten.index_put, aten.index_put_)
+def _index_put(c: AtenLowering, a: dict) -> Value:
+    """``x[indices] = values`` with one index tensor per leading dimension (Keras's
+    ``ops.slice_update`` with a tensor start: a KV cache's update)."""
+    indices = a["indices"]
+    if any(i is None or not isinstance(i, Value) or i.dtype == "bool" for i in indices):
+        raise UnsupportedOp("index_put with skipped or boolean index tensors")
+    return c.emit(
+        "index_put",
+        [a["input"], c.tensor(a["values"], a["input"]), *indices],
+        accumulate=bool(a["accumulate"]),
     )
 
 

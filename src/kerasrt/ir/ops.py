@@ -401,6 +401,15 @@ def gather(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
     return flat.reshape(x.shape[:dim] + index.shape + x.shape[dim + 1 :])
 
 
+@_register("index_put", ("accumulate",), "gather")
+def index_put(
+    x: torch.Tensor, values: torch.Tensor, *indices: torch.Tensor, accumulate: bool
+) -> torch.Tensor:
+    """``x`` with ``x[indices] = values`` (or ``+=`` when ``accumulate``): one integer index
+    tensor per leading dimension, broadcast together."""
+    return torch.index_put(x, indices, values, accumulate)
+
+
 @_register("take_along", ("dim",), "gather")
 def take_along(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, index)
