@@ -46,7 +46,7 @@ import torch
 from kerasrt.bench import MemoryWatch, Result, bench_keras_model, environment, measure
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from kerasrt_testing import application, randomize  # calibrated random weights
+from kerasrt_testing import application, decode_step, randomize  # calibrated random weights
 
 PEER_DTYPES = {"FP16": torch.float16, "BF16": torch.bfloat16, "FP32": torch.float32}
 PEERS = ("keras-jax-jit", "torch-compile")
@@ -181,6 +181,25 @@ def _hub_text(kind: str, length: int) -> Callable[[], keras.Model]:
     return build
 
 
+DECODE_CACHE, DECODE_POSITION = 1024, 512
+
+
+def _gpt2_decode() -> keras.Model:
+    """GPT-2 base's one-token generation step with a KV cache of 1024 positions."""
+    return decode_step(_hub_text("gpt2", 1)(), DECODE_CACHE)
+
+
+def _decode_inputs(model: keras.Model, batch: int) -> list[np.ndarray]:
+    """A token, a cache of keys and values at an activation's scale, the write position."""
+    rng = np.random.default_rng(batch)
+    cache = rng.standard_normal((batch, *model.inputs[1].shape[1:])).astype("float32")
+    return [
+        rng.integers(0, 50257, (batch, 1)).astype("int32"),
+        cache,
+        np.full((batch, 1), DECODE_POSITION, "int32"),
+    ]
+
+
 def _hub_vit() -> keras.Model:
     import keras_hub
 
@@ -251,6 +270,14 @@ def hub_entries() -> list[Entry]:
             (1, 64),
             "transformers:gpt2-512",
             "batch 64: sequence 512",
+        ),
+        Entry(
+            "keras_hub GPT-2 decode step",
+            _gpt2_decode,
+            _decode_inputs,
+            (1, 64),
+            None,
+            f"KV cache of {DECODE_CACHE}, written at {DECODE_POSITION}; batch 64; no torch.compile peer",
         ),
         Entry("keras_hub ViT-B/16", _hub_vit, _vit_images, (1, 128), "transformers:vit"),
     ]

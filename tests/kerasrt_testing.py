@@ -162,6 +162,14 @@ class DecodeStep(keras.layers.Layer):
         logits, _, cache = self.lm.call_with_cache(token_ids, cache, index[0, 0])
         return logits, cache
 
+    def compute_output_spec(self, token_ids: Any, cache: Any, index: Any) -> tuple[Any, Any]:
+        """Declared, not traced: Keras's torch backend would run the step on CPU tensors with
+        the batch set to 83 (the cache's ``.item()`` fails on its meta device), gigabytes for
+        a real cache."""
+        vocabulary = self.lm.backbone.token_embedding.input_dim
+        logits = keras.KerasTensor((*token_ids.shape[:2], vocabulary), dtype=self.compute_dtype)
+        return logits, keras.KerasTensor(cache.shape, dtype=cache.dtype)
+
     def get_config(self) -> dict:
         return {**super().get_config(), "lm": keras.saving.serialize_keras_object(self.lm)}
 

@@ -523,6 +523,8 @@ def _bench_jax(
             **os.environ,
             "KERAS_BACKEND": "jax",
             "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            # the packages that define the model's layers import from where this process's do
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
         }
         proc = subprocess.run(
             [sys.executable, "-m", "kerasrt.bench_jax", json.dumps(request)],
