@@ -158,3 +158,18 @@ def test_a_decode_step_with_a_kv_cache_converts_whole_and_matches_at_every_posit
         written = got[1][:, :, :, position]  # the new keys and values, at that position only
         assert not np.allclose(written, x[1][:, :, :, position])
         np.testing.assert_array_equal(np.delete(got[1], position, axis=3), np.delete(x[1], position, axis=3))
+
+
+@pytest.mark.parametrize("name", ["bert_encoder", "gpt2_decoder"])
+def test_attention_runs_as_one_op_and_a_fully_padded_sequence_matches_keras(name: str) -> None:
+    make, _ = BACKBONES[name]
+    keras.utils.set_random_seed(0)
+    model = randomize(make())
+    x = _text(3, 11, segments=name == "bert_encoder")
+    x["padding_mask"][2] = 0  # a sequence of padding only: its queries attend to no key
+    optimized = kerasrt.Converter(model).convert()
+    got = optimized(x)
+    for g, w in zip(got if isinstance(got, list) else [got], _outputs(model(x)), strict=True):
+        assert_close(g, w, rtol=FP32_RTOL, atol=FP32_ATOL)
+    ops = [n.op for n in optimized.primary_graph().nodes]
+    assert ops.count("attention") == TEXT_CONFIG["num_layers"] and "softmax" not in ops

@@ -375,3 +375,52 @@ def test_reshape_does_not_sink_when_the_constant_spans_other_dims() -> None:
     g.outputs = [g.add_node("add", [y, g.add_constant("c", rand(2, 1))]).outputs[0]]
     fired, ops = apply(g, LAYOUT)
     assert fired["sink_reshape_elementwise"] == 0 and ops == Counter({"reshape": 1, "add": 1})
+
+
+def _keras_attention(masked: bool, probs_fill: float = 0.0) -> tuple[Graph, list[torch.Tensor]]:
+    """Keras's MultiHeadAttention as its einsums trace: scores = q @ k^T (heads folded into the
+    batch), where(mask, scores, -1e9), softmax, where(mask, probs, fill), probs @ v."""
+    b, h, sq, sk, d = 2, 3, 4, 5, 8
+    g = Graph()
+    q, kt, v = (
+        g.add_input(n, s, "float32")
+        for n, s in (("q", (b * h, sq, d)), ("kt", (b * h, d, sk)), ("v", (b * h, sk, d)))
+    )
+    s = g.add_node("reshape", [g.add_node("matmul", [q, kt]).outputs[0]], {"shape": [b, h, sq, sk]}).outputs[
+        0
+    ]
+    inputs = [torch.randn(v.shape, generator=gen) for v in (q, kt, v)]
+    if masked:
+        mask = g.add_input("mask", (b, 1, 1, sk), "bool")
+        s = g.add_node("where", [mask, s, g.add_constant("neg", torch.tensor(-1e9))]).outputs[0]
+        inputs.append(torch.tensor([[True, True, False, True, False], [False] * 5]).reshape(b, 1, 1, sk))
+    p = g.add_node("softmax", [s], {"dim": 3}).outputs[0]
+    if masked:
+        p = g.add_node("where", [mask, p, g.add_constant("fill", torch.tensor(probs_fill))]).outputs[0]
+    p = g.add_node("reshape", [p], {"shape": [b * h, sq, sk]}).outputs[0]
+    g.outputs = [g.add_node("matmul", [p, v]).outputs[0]]
+    return g, inputs
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_keras_attention_products_become_one_attention_op(masked: bool) -> None:
+    from kerasrt.passes.attention import ATTENTION
+
+    g, inputs = _keras_attention(masked)
+    (before,) = run(g, inputs)
+    result = PassManager((ATTENTION, STRUCTURAL), check=True).run(g)
+    verify(g)
+    assert result.counts["fuse_attention"] == 1
+    ops = Counter(n.op for n in g.nodes)
+    assert ops["attention"] == 1 and ops["matmul"] == 0 and ops["softmax"] == 0
+    (after,) = run(g, inputs)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    if masked:  # the second batch attends to no key: zeros, as Keras's masked softmax gives
+        assert torch.count_nonzero(after[3:]) == 0
+
+
+def test_a_masked_softmax_that_keeps_masked_probabilities_is_left_alone() -> None:
+    from kerasrt.passes.attention import ATTENTION
+
+    g, _ = _keras_attention(True, probs_fill=0.5)
+    assert PassManager((ATTENTION,), check=True).run(g).counts["fuse_attention"] == 0

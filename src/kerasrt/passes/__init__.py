@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kerasrt.ir.graph import Graph
 from kerasrt.passes.algebra import ALGEBRA
+from kerasrt.passes.attention import ATTENTION
 from kerasrt.passes.base import Budget, Pass, PassManager, PassResult
 from kerasrt.passes.fusion import HORIZONTAL, VERTICAL
 from kerasrt.passes.layout import LAYOUT
@@ -12,7 +13,7 @@ from kerasrt.passes.structural import CSE, STRUCTURAL
 LEVELS: dict[int, tuple[Pass, ...]] = {
     0: (),
     1: (STRUCTURAL, CSE, LAYOUT),
-    2: (STRUCTURAL, CSE, LAYOUT, ALGEBRA, VERTICAL, HORIZONTAL),
+    2: (STRUCTURAL, CSE, LAYOUT, ALGEBRA, VERTICAL, HORIZONTAL, ATTENTION),
 }
 """0: none; 1: exact structural clean-ups; 2: everything (the default)."""
 
