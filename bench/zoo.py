@@ -13,7 +13,8 @@ Run on the GPU machine:
 ``--resume`` keeps the rows already in ``--out`` (same card and torch) and measures only the
 models and batches it lacks: a zoo split over calls with a time limit ends in one record.
 ``--report zoo.json [--plot zoo.png]`` prints the tables (and draws the plot) of a record
-without measuring anything (CPU side).
+without measuring anything (CPU side). ``bench/records/zoo-h100.json`` is the H100 record so
+far: copy it to ``--out`` and ``--resume`` to measure the models it lacks.
 
 Inputs are images the way each architecture expects them (pixels 127.5 +- 50 through its own
 ``preprocess_input``) or token ids below the vocabulary with a full padding mask. Weights are
@@ -598,6 +599,7 @@ def plot(results: list[Result], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     table = [c for c in comparisons(results) if c["speedup"]]
     panels = [
@@ -612,15 +614,19 @@ def plot(results: list[Result], path: str, title: str) -> None:
     )
     for ax, (label, rows) in zip(np.atleast_1d(axes), panels):
         rows = sorted(rows, key=lambda c: c["speedup"])
+        speedups = [c["speedup"] for c in rows]
         ax.barh(
             [c["model"] for c in rows],
-            [c["speedup"] for c in rows],
-            color=["tab:red" if c["speedup"] < 1 else "tab:green" for c in rows],
+            [s - 1.0 for s in speedups],  # bars from 1.0x: right is faster than the peer
+            left=1.0,
+            color=["tab:red" if s < 1 else "tab:green" for s in speedups],
         )
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(0.5, min(speedups) / 1.2), max(2.0, max(speedups) * 1.2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xlabel("speedup over the fastest peer (peer p50 / kerasrt p50)")
-        ax.set_title(f"{label}: geometric mean {geometric_mean([c['speedup'] for c in rows]):.2f}x")
+        ax.set_title(f"{label}: geometric mean {geometric_mean(speedups):.2f}x")
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -87,3 +87,13 @@ def test_a_cpu_run_writes_a_record_that_resumes_and_reports(tmp_path, capsys) ->
     text = capsys.readouterr().out
     assert "| MobileNetV3Small | 1 | kerasrt  |" in text and "keras-eager policy float32" in text
     assert "- MobileNetV3Small b1 kerasrt: aten::" in text  # the profile
+
+
+def test_the_stored_gpu_record_reports(capsys) -> None:
+    """bench/records holds the zoo's record so far, for --resume on the GPU machine: it must
+    stay readable by this code."""
+    record = os.path.join(os.path.dirname(__file__), "..", "bench", "records", "zoo-h100.json")
+    zoo.main(["--report", record])
+    text = capsys.readouterr().out
+    assert text.startswith("Card: NVIDIA H100") and "| ConvNeXtTiny | 128 |" in text
+    assert "geometric-mean speedup over the fastest peer" in text
