@@ -410,6 +410,7 @@ def measure_entry(entry: Entry, batch: int, args: argparse.Namespace, model: ker
             progress=progress,
             inputs=inputs,
             profile=args.profile,
+            converter_kwargs={"exclude_kernels": [k for k in args.exclude_kernels.split(",") if k]},
         ),
     )
     if "keras-eager" in args.systems.split(","):  # the floor: a few calls are enough
@@ -655,6 +656,9 @@ def main(argv: Sequence[str] | None = None, default_models: Sequence[str] | None
     parser.add_argument("--log", action="store_true", help="kerasrt's INFO log on stderr")
     parser.add_argument(
         "--profile", action="store_true", help="record kerasrt's and the torch.compile peer's top kernels"
+    )
+    parser.add_argument(
+        "--exclude-kernels", default="", metavar="NAMES", help="kernel families kerasrt's tactics may not use"
     )
     args = parser.parse_args(argv)
     table = zoo(args.quick)

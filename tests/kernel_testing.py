@@ -35,7 +35,7 @@ class TableTuner(tactics.Tuner):
         return {"device": "a table of timings", "tag": self.tag}
 
     def available(self, family: KernelFamily) -> bool:
-        return True
+        return family.name not in self.exclude
 
     def measure(self, family: KernelFamily, args: tuple, prebuilt: dict) -> tuple[int, float] | None:
         self.measured.append(family.name)

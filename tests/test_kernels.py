@@ -466,3 +466,25 @@ def test_linear_gemm_compiles_and_times_only_row_tiles_that_fit_the_rows() -> No
     assert tiles(1, 49, 768) == {64}  # ConvNeXt's last stage at batch 1: 49 rows
     assert tiles(100, 768) == {64, 128}  # 100 rows: a 256-row tile would be 60% padding
     assert tiles(4096, 768) == {c[0] for c in linear_gemm.CONFIGS}
+
+
+def test_excluded_families_are_never_timed_or_chosen() -> None:
+    model, shape = SAMPLES["mobile_net"][0](), SAMPLES["mobile_net"][1]
+    tuner = TableTuner(FAST_KERNELS, tag="exclusions")
+    tuner.exclude = frozenset({"linear_gemm", "pointwise_pair"})
+    conv = own_kernels_converter(model, tuner, batch=shape[0])
+    optimized = conv.convert()
+    chosen = {n.layer: Choice.of(n).kernel for n in optimized.primary_graph().nodes if KERNEL in n.attrs}
+    assert "classifier" not in chosen  # no family left for it: Inductor's, as for any op
+    assert chosen["project"] == "pointwise_conv"  # not chained into a pair
+    assert not {"linear_gemm", "pointwise_pair"} & set(tuner.measured)
+    x = random_input(shape)
+    (expected,) = keras_reference(model, [x])
+    np.testing.assert_allclose(optimized(x), expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+
+
+def test_settings_name_the_excluded_families_and_refuse_unknown_ones() -> None:
+    settings = kerasrt.ConversionSettings(exclude_kernels=["linear_gemm"])
+    assert settings.exclude_kernels == ("linear_gemm",)
+    with pytest.raises(ConversionError, match=r"exclude_kernels names no kernel family: \['tensorrt'\]"):
+        kerasrt.ConversionSettings(exclude_kernels=["tensorrt"])

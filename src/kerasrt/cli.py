@@ -84,6 +84,7 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graphs": not args.no_cuda_graphs,
         "autotune": args.autotune,
         "conv_kernels": args.conv_kernels,
+        "exclude_kernels": [k for k in args.exclude_kernels.split(",") if k],
         "use_dynamic_shape": args.dynamic_shape,
         "hot_shape_calls": args.hot_shape_calls,
         "custom_objects": _custom_objects(args.custom_objects),
@@ -438,6 +439,12 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         help="FP16/BF16 convolutions on CUDA: auto (default: time the kernel registry's families (cuDNN, "
         "cuBLAS, Triton) against Inductor's code per layer shape, keep the fastest), cudnn "
         "(kerasrt's kernels wherever they run), inductor",
+    )
+    p.add_argument(
+        "--exclude-kernels",
+        default="",
+        metavar="NAMES",
+        help="comma-separated kernel families the tactics never consider (e.g. linear_gemm,splitk_conv)",
     )
     p.add_argument(
         "--batch-size",

@@ -46,6 +46,7 @@ class Converter:
         cuda_graphs: bool = True,
         autotune: bool = False,
         conv_kernels: str = "auto",
+        exclude_kernels: Iterable[str] = (),
         use_dynamic_shape: bool = False,
         hot_shape_calls: int = 0,
         custom_objects: dict[str, Any] | None = None,
@@ -81,6 +82,7 @@ class Converter:
             cuda_graphs=cuda_graphs,
             autotune=autotune,
             conv_kernels=conv_kernels,
+            exclude_kernels=tuple(exclude_kernels),
             use_dynamic_shape=use_dynamic_shape,
             hot_shape_calls=hot_shape_calls,
         )

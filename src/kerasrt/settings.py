@@ -57,7 +57,9 @@ class ConversionSettings:
     padding folded in) against Inductor's convolution + epilogue and keeps the fastest
     (choices cached on disk, see ``kerasrt.backend.tactics``), in
     programs replayed as CUDA graphs (the kernels are launched from Python); "cudnn" takes
-    kerasrt's kernels wherever they run; "inductor" never does.
+    kerasrt's kernels wherever they run; "inductor" never does. ``exclude_kernels``: kernel
+    families (``kerasrt.kernels.registry`` names, e.g. "linear_gemm") the tactics never
+    consider.
 
     ``use_dynamic_shape`` (TF-TRT's name): one engine set for every input shape the source
     graph serves, optimized and compiled once with symbolic sizes (Inductor's dynamic
@@ -85,6 +87,7 @@ class ConversionSettings:
     cuda_graphs: bool = True
     autotune: bool = False
     conv_kernels: str = "auto"
+    exclude_kernels: tuple[str, ...] = field(default_factory=tuple)
     use_dynamic_shape: bool = False
     hot_shape_calls: int = 0
 
@@ -142,6 +145,16 @@ class ConversionSettings:
             raise ConversionError(
                 f"conv_kernels must be one of {', '.join(CONV_KERNELS)}, got {self.conv_kernels!r}"
             )
+        object.__setattr__(self, "exclude_kernels", tuple(self.exclude_kernels))
+        if self.exclude_kernels:
+            from kerasrt.kernels import registry
+
+            names = [f.name for f in registry.families()]
+            unknown = sorted(set(self.exclude_kernels) - set(names))
+            if unknown:
+                raise ConversionError(
+                    f"exclude_kernels names no kernel family: {unknown}; kerasrt has {names}"
+                )
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
 

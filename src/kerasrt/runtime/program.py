@@ -160,7 +160,8 @@ class Program:
             if self.dynamic:  # kerasrt's kernels are chosen per exact shape
                 mode = "inductor"
             engines = [s for s in self.segments if s.kind == "engine"]
-            if choose_kernels(graph, engines, mode, tuner or tactics.Tuner(device), progress):
+            tuner = tuner or tactics.Tuner(device, settings.exclude_kernels)
+            if choose_kernels(graph, engines, mode, tuner, progress):
                 self.segments = self._partition()
         else:
             cudnn_conv.install_saved_plans(compiled.cudnn_plans, device)

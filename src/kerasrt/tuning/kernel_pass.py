@@ -3,7 +3,7 @@
 For each engine segment it records the fastest kernel of every node a family runs
 (``tactics.choose``), then rewrites neighbouring convolutions into merged IR ops where one
 kernel beats their parts (``merges.merge``). ``graph.meta["kernels"]`` says for which
-environment and ``conv_kernels`` mode the choices were made: a graph that carries them for
+environment, ``conv_kernels`` mode and excluded families the choices were made: a graph that carries them for
 this environment is left as it is (a loaded artifact times nothing); choices made for
 another are dropped and made again.
 """
@@ -32,7 +32,13 @@ def choose_kernels(
         return False
     environment = tuner.environment()
     made = graph.meta.get("kernels")
-    if made is not None and made.get("environment") == environment and made.get("mode") == mode:
+    excluded = sorted(tuner.exclude)
+    if (
+        made is not None
+        and made.get("environment") == environment
+        and made.get("mode") == mode
+        and made.get("excluded", []) == excluded
+    ):
         return False
     tactics.strip(graph.nodes)
     timings = tuner.timing_cache()
@@ -45,5 +51,5 @@ def choose_kernels(
     finally:
         tuner.release()
     timings.persist()
-    graph.meta["kernels"] = {"environment": environment, "mode": mode, "merged": merged}
+    graph.meta["kernels"] = {"environment": environment, "mode": mode, "excluded": excluded, "merged": merged}
     return bool(merged)

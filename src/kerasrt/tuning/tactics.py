@@ -125,8 +125,11 @@ class Pending:
 class Tuner:
     """Finds and times the candidate kernels of nodes on ``device``."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, exclude: Sequence[str] = ()):
+        """``exclude``: kernel families never to consider (TensorRT's tactic sources, the other
+        way round: what a user rules out, or a measurement turns off to compare)."""
         self.device = device
+        self.exclude = frozenset(exclude)
         self._stream: torch.cuda.Stream | None = None
 
     def environment(self) -> dict[str, str]:
@@ -143,8 +146,8 @@ class Tuner:
         return TimingCache(self.environment())
 
     def available(self, family: KernelFamily) -> bool:
-        """Whether ``family`` runs here."""
-        return family.available(self.device)
+        """Whether ``family`` runs here and is not excluded."""
+        return family.name not in self.exclude and family.available(self.device)
 
     def candidates(self, node: Node, view: View) -> list[KernelFamily]:
         """The families that can run ``node`` here."""
