@@ -87,6 +87,8 @@ def _converter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "exclude_kernels": [k for k in args.exclude_kernels.split(",") if k],
         "use_dynamic_shape": args.dynamic_shape,
         "hot_shape_calls": args.hot_shape_calls,
+        "calibrator": args.calibrator,
+        "max_accuracy_drop": args.max_accuracy_drop,
         "custom_objects": _custom_objects(args.custom_objects),
         "device": args.device,
     }
@@ -97,13 +99,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with status(f"converting {args.model}") as progress:
         conv = Converter(args.model, progress=progress, **_converter_kwargs(args))
-        conv.convert()
+        conv.convert(calibration_input_fn=_calibration_data(args, conv))
     conv.summary(print_fn=_plain)
     with status(f"saving {args.output}"):
         keep = True if args.keras_model else False if args.no_keras_model else None
         path = conv.save(args.output, not args.no_compiled_engines, keep)
     err.print(f"[green]saved[/] {path}")
     return 0
+
+
+def _calibration_data(args: argparse.Namespace, conv: Any) -> Any:
+    """The batches ``--calibration-data`` names (INT8/FP8), or None."""
+    if args.calibration_data is None:
+        if conv.settings.quantized:
+            raise ConversionError(
+                f"--precision {conv.settings.precision_mode} needs --calibration-data "
+                "(an .npz of input samples, or a generator 'module:function')"
+            )
+        return None
+    from kerasrt.frontend.importer import input_names
+    from kerasrt.quantization.data import calibration_input_fn
+
+    names = input_names(conv.keras.get()) or ["input"]
+    return calibration_input_fn(args.calibration_data, names, args.calibration_batch_size)
 
 
 def _plain(text: str) -> None:
@@ -400,6 +418,31 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
         choices=PRECISION_MODES,
         help=f"engine precision (default {d.precision_mode}); FP16/BF16 keep softmax, norms and "
         "reductions in FP32",
+    )
+    p.add_argument(
+        "--calibration-data",
+        metavar="DATA",
+        help="INT8/FP8: samples to calibrate on: an .npz (one array per model input, by input name) "
+        "or .npy, or a generator function yielding batches ('module:function', 'file.py:function')",
+    )
+    p.add_argument(
+        "--calibration-batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="batch size the .npz/.npy samples are calibrated in (default 32)",
+    )
+    p.add_argument(
+        "--calibrator",
+        choices=("max", "percentile", "entropy", "mse"),
+        help="INT8/FP8: how activation ranges are chosen (default: entropy for INT8, max for FP8)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="DROP",
+        help="INT8/FP8: keep the most sensitive layers in FP16 until top-1 agreement with FP32 on the "
+        "calibration data drops by at most DROP (e.g. 0.005)",
     )
     p.add_argument(
         "--fp32-ops",

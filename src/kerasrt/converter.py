@@ -47,6 +47,8 @@ class Converter:
         autotune: bool = False,
         conv_kernels: str = "auto",
         exclude_kernels: Iterable[str] = (),
+        calibrator: str | None = None,
+        max_accuracy_drop: float | None = None,
         use_dynamic_shape: bool = False,
         hot_shape_calls: int = 0,
         custom_objects: dict[str, Any] | None = None,
@@ -83,6 +85,8 @@ class Converter:
             autotune=autotune,
             conv_kernels=conv_kernels,
             exclude_kernels=tuple(exclude_kernels),
+            calibrator=calibrator,
+            max_accuracy_drop=max_accuracy_drop,
             use_dynamic_shape=use_dynamic_shape,
             hot_shape_calls=hot_shape_calls,
         )
@@ -91,12 +95,30 @@ class Converter:
         self.tuner = tuner
         self._optimized: OptimizedModel | None = None
 
-    def convert(self, calibration_input_fn: Callable[[], Iterable[Any]] | None = None) -> OptimizedModel:
+    def convert(
+        self,
+        calibration_input_fn: Callable[[], Iterable[Any]] | None = None,
+        eval_fn: Callable[[OptimizedModel], float] | None = None,
+    ) -> OptimizedModel:
         """Import the model (once, with symbolic sizes) and build the engine for its input
         shapes where they are all known; else engines are built lazily, at the first call or
-        by ``build(input_fn)``, as TF-TRT's dynamic mode does."""
-        if calibration_input_fn is not None:
-            raise ConversionError("calibration_input_fn is for INT8, which this version does not build")
+        by ``build(input_fn)``, as TF-TRT's dynamic mode does.
+
+        INT8/FP8 (``precision_mode``): ``calibration_input_fn`` yields batches of the model's
+        inputs (as TF-TRT's), on which every quantized layer's input range is calibrated; with
+        ``max_accuracy_drop``, ``eval_fn(model) -> float`` (higher is better, e.g. top-1 accuracy
+        on validation data) judges the accuracy search, else agreement with FP32 on the
+        calibration data does (``kerasrt.quantization``)."""
+        mode = self.settings.precision_mode
+        if calibration_input_fn is not None and not self.settings.quantized:
+            raise ConversionError(f"calibration_input_fn is for precision_mode INT8 or FP8, not {mode}")
+        if self.settings.quantized and calibration_input_fn is None:
+            raise ConversionError(
+                f"precision_mode {mode} needs calibration data: convert(calibration_input_fn=fn), "
+                "fn yielding batches of the model's inputs (a few hundred samples of real data)"
+            )
+        if eval_fn is not None and self.settings.max_accuracy_drop is None:
+            raise ConversionError("eval_fn judges the accuracy search: give max_accuracy_drop too")
         model = self.keras.get()
         profile = self.settings.batch_profile
         shapes = self.settings.input_shapes
@@ -126,6 +148,10 @@ class Converter:
             progress=self.progress,
             tuner=self.tuner,
         )
+        if calibration_input_fn is not None:
+            from kerasrt.quantization.calibrate import calibrate_model
+
+            calibrate_model(self._optimized, source, calibration_input_fn, eval_fn)
         if inputs.example is not None:
             self._optimized.program(inputs.example, build=True)
             if profile is not None:  # and the profile's max engine

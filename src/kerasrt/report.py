@@ -7,6 +7,7 @@ from typing import Any
 
 from kerasrt.ir.cost import node_flops
 from kerasrt.ir.ops import KERNEL
+from kerasrt.passes.quantize import CALIBRATION, QUANTIZATION
 from kerasrt.runtime.model import OptimizedModel
 from kerasrt.tuning.choices import Choice
 
@@ -40,6 +41,14 @@ def make_report(model: OptimizedModel) -> dict[str, Any]:
             ],
         }
     )
+    quantization = program.graph.meta.get(QUANTIZATION)
+    if quantization is not None:
+        calibration = next((s.meta[CALIBRATION] for s in model.sources if CALIBRATION in s.meta), {})
+        report["quantization"] = {
+            **quantization,
+            "calibration_data": calibration.get("data"),
+            "search": calibration.get("search"),
+        }
     return report
 
 
@@ -160,6 +169,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"hot input shapes {choice['input_shapes']}: {choice['chosen']} engine "
             f"(static {choice['static_ms']:.3f} ms, dynamic {choice['dynamic_ms']:.3f} ms)"
         )
+    lines.extend(_quantization_lines(report.get("quantization")))
     lines.append("")
     for seg in report["segments"]:
         ops = ", ".join(f"{op} x{n}" for op, n in seg["ops"].items())
@@ -181,6 +191,31 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("Layers that run in Keras:")
         lines.extend(f"  {f['layer']}: {f['reason']}" for f in report["fallbacks"])
     return "\n".join(lines)
+
+
+def _quantization_lines(quantization: dict[str, Any] | None) -> list[str]:
+    """The quantization summary: calibration, the accuracy search, and every site's decision."""
+    if not quantization:
+        return []
+    sites = quantization["sites"]
+    done = [s for s in sites if s["quantized"]]
+    data = quantization.get("calibration_data") or {}
+    lines = [
+        f"quantization {quantization['mode']} ({quantization['dtype']}): {len(done)} of {len(sites)} "
+        f"convolution/dense layers quantized; calibrator {quantization['calibrator']} on "
+        f"{data.get('samples', '?')} samples in {data.get('batches', '?')} batches"
+    ]
+    search = quantization.get("search")
+    if search:
+        lines.append(
+            f"accuracy search ({search['metric']}): reference {search['reference']:.4g}, all quantized "
+            f"{search['all_quantized']:.4g}, final {search['final']:.4g} (drop {search['drop']:.4g}, "
+            f"budget {search['budget']:g}; {search['evaluations']} evaluations)"
+        )
+    for site in sites:
+        what = "quantized" if site["quantized"] else f"kept: {site['reason']}"
+        lines.append(f"  {site['layer'] or '(model)'} [{site['op']}]: {what}")
+    return lines
 
 
 def tactics_rows(model: OptimizedModel) -> list[dict[str, Any]]:

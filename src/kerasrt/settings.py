@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 
 from kerasrt.errors import ConversionError
 
-PRECISION_MODES = ("FP32", "TF32", "FP16", "BF16")
+PRECISION_MODES = ("FP32", "TF32", "FP16", "BF16", "INT8", "FP8")
 """Engine precisions: IEEE float32; float32 with TF32 tensor-core matmuls and convolutions
-(CUDA); float16 or bfloat16 with numerically sensitive ops kept in float32."""
+(CUDA); float16 or bfloat16 with numerically sensitive ops kept in float32; INT8 or FP8
+(E4M3) convolutions and dense layers with calibrated scales, the rest in float16."""
 
 
-PRECISION_RTOL = {"FP32": 1e-4, "TF32": 5e-3, "FP16": 1e-2, "BF16": 5e-2}
+PRECISION_RTOL = {"FP32": 1e-4, "TF32": 5e-3, "FP16": 1e-2, "BF16": 5e-2, "INT8": 0.15, "FP8": 0.15}
 """Default tolerance of each precision against Keras FP32: max |error| <= rtol * max |output|.
 Measured errors are well inside (H100, keras.applications CNNs and a BERT-base encoder at
-FP16: 5e-4 to 3e-3 of the output scale); deep models accumulate more than one rounding."""
+FP16: 5e-4 to 3e-3 of the output scale); deep models accumulate more than one rounding.
+Quantized engines are judged by accuracy (``max_accuracy_drop``), their bound is loose."""
 
 COMPILERS = ("auto", "inductor", "eager")
 CONV_KERNELS = ("auto", "inductor", "cudnn")
@@ -69,6 +71,12 @@ class ConversionSettings:
     ``hot_shape_calls`` (with ``use_dynamic_shape``): once one shape has been called this many
     times, a static engine is built for it too and both are timed on its inputs; the faster
     serves that shape from then on (0: never).
+
+    ``calibrator`` (INT8/FP8): how each activation's range is chosen from calibration data:
+    "entropy" (INT8's default, TensorRT's), "percentile", "mse" or "max" (FP8's default); see
+    ``kerasrt.quantization.calibrators``. ``max_accuracy_drop``: keep the layers whose
+    quantization costs most in FP16 until the accuracy lost is at most this
+    (``kerasrt.quantization.accuracy``); None quantizes every layer the placement rules allow.
     """
 
     precision_mode: str = "FP32"
@@ -90,6 +98,8 @@ class ConversionSettings:
     exclude_kernels: tuple[str, ...] = field(default_factory=tuple)
     use_dynamic_shape: bool = False
     hot_shape_calls: int = 0
+    calibrator: str | None = None
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
         mode = self.precision_mode.upper()
@@ -155,8 +165,38 @@ class ConversionSettings:
                 raise ConversionError(
                     f"exclude_kernels names no kernel family: {unknown}; kerasrt has {names}"
                 )
+        self._check_quantization()
         if self.compiler not in COMPILERS:
             raise ConversionError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
+
+    def _check_quantization(self) -> None:
+        from kerasrt.quantization.calibrators import CALIBRATORS, DEFAULT_CALIBRATOR
+
+        quantized = self.precision_mode in DEFAULT_CALIBRATOR
+        if not quantized:
+            if self.calibrator is not None or self.max_accuracy_drop is not None:
+                raise ConversionError(
+                    "calibrator and max_accuracy_drop are for precision_mode INT8 or FP8, "
+                    f"not {self.precision_mode}"
+                )
+            return
+        if self.calibrator is None:
+            object.__setattr__(self, "calibrator", DEFAULT_CALIBRATOR[self.precision_mode])
+        if self.calibrator not in CALIBRATORS:
+            raise ConversionError(
+                f"calibrator must be one of {', '.join(CALIBRATORS)}, got {self.calibrator!r}"
+            )
+        if self.calibrator == "entropy" and self.precision_mode == "FP8":
+            raise ConversionError(
+                "the entropy calibrator is INT8's (128 levels); for FP8 use max, percentile or mse"
+            )
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 1:
+            raise ConversionError(f"max_accuracy_drop must be in [0, 1), got {self.max_accuracy_drop}")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether this precision quantizes (INT8, FP8): conversion needs calibration data."""
+        return self.precision_mode in ("INT8", "FP8")
 
     def in_profile(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Whether input ``shapes`` lie between the shape profile's min and max."""

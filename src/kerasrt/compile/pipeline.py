@@ -26,6 +26,7 @@ from kerasrt.ir.ops import OPS
 from kerasrt.ir.specialize import bind, broken_guard, specialize
 from kerasrt.passes import optimize
 from kerasrt.passes.precision import LOW_PRECISION, lower_precision
+from kerasrt.passes.quantize import CALIBRATION, QUANTIZATION, quantize_graph
 from kerasrt.runtime.program import KerasSource, Progress
 from kerasrt.settings import ConversionSettings
 
@@ -136,9 +137,19 @@ def _optimize(graph: Graph, settings: ConversionSettings, progress: Progress | N
         "nodes_after": result.nodes_after,
         "rules": dict(sorted(result.counts.items())),
     }
-    if settings.precision_mode in LOW_PRECISION:
-        lowered = lower_precision(graph, settings.precision_mode, settings.fp32_ops)
+    base = "FP16" if settings.quantized else settings.precision_mode  # what quantization leaves
+    if base in LOW_PRECISION:
+        lowered = lower_precision(graph, base, settings.fp32_ops)
         graph.meta["precision"]["changes"] = dict(sorted(lowered.items()))
+    if settings.quantized:
+        calibration = graph.meta.get(CALIBRATION)
+        if calibration is None or calibration["mode"] != settings.precision_mode:
+            raise ConversionError(
+                f"precision_mode {settings.precision_mode} needs the model calibrated for it "
+                "(Converter.convert(calibration_input_fn=...))"
+            )
+        quantized = quantize_graph(graph, calibration)
+        graph.meta[QUANTIZATION]["changes"] = dict(sorted(quantized.items()))
     verify_graph(graph)
     return graph
 

@@ -30,10 +30,18 @@ _DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16,
     "int8": torch.int8,
     "uint8": torch.uint8,
+    "float8_e4m3fn": torch.float8_e4m3fn,
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "bool": "b1"}
+_SHORT = {
+    "float32": "f32",
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "float64": "f64",
+    "float8_e4m3fn": "f8e4m3",
+    "bool": "b1",
+}
 
 
 def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:

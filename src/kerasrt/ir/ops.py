@@ -415,6 +415,45 @@ def take_along(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tenso
     return torch.gather(x, dim, index)
 
 
+QUANTIZED_RANGE = {"int8": 127.0, "float8_e4m3fn": 448.0}
+"""The largest magnitude of each quantized dtype that a scale maps an amax onto (symmetric
+quantization: INT8's -128 is never produced from a calibrated range, as in TensorRT)."""
+
+
+def _along(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``scale`` shaped to broadcast against ``x``: a scalar, or one value per index of ``axis``."""
+    if axis is None:
+        return scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+@_register("quantize", ("axis", "dtype"), "quantize")
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, *, axis: int | None = None, dtype: str = "int8"
+) -> torch.Tensor:
+    """TensorRT's QuantizeLinear, symmetric: ``x / scale`` rounded to nearest (ties to even)
+    and saturated to ``dtype`` (int8: [-128, 127]; float8_e4m3fn: +-448, rounded by the cast).
+    ``scale`` is float32, one value or one per index of ``axis`` (per-channel weights)."""
+    y = x.to(torch.float32) / _along(scale, x, axis)
+    if dtype == "int8":
+        return torch.clamp(torch.round(y), -128.0, 127.0).to(torch.int8)
+    if dtype == "float8_e4m3fn":
+        return torch.clamp(y, -448.0, 448.0).to(torch.float8_e4m3fn)
+    raise IRError(f"quantize: no quantized dtype {dtype!r} (int8, float8_e4m3fn)")
+
+
+@_register("dequantize", ("axis", "dtype"), "quantize")
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, *, axis: int | None = None, dtype: str = "float32"
+) -> torch.Tensor:
+    """TensorRT's DequantizeLinear: ``q * scale`` (in float32), as ``dtype``."""
+    from kerasrt.ir.graph import torch_dtype
+
+    return (q.to(torch.float32) * _along(scale, q, axis)).to(torch_dtype(dtype))
+
+
 @_register("resize", ("size", "mode", "align_corners"), "resize", dim_attrs=("size",))
 def resize(x: torch.Tensor, *, size: list[int], mode: str, align_corners: bool | None = None) -> torch.Tensor:
     """Resize the trailing spatial dims (channels-first) to ``size``."""

@@ -267,6 +267,11 @@ class OptimizedModel:
             tensor = tensor.to(want)
         return tensor.to(self.device)
 
+    def as_inputs(self, *args: Any) -> list[torch.Tensor]:
+        """The input tensors a call with ``args`` runs on: checked against the model's inputs
+        (count, rank, sizes, dtype; InputSignatureError names what is wrong), on its device."""
+        return self._prepare(args)[0]
+
     def profile_batch(self, batch: int) -> int:
         """The engine batch size that serves ``batch`` under ``settings.batch_profile``."""
         low, opt, high = self.settings.batch_profile
