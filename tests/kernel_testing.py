@@ -14,7 +14,7 @@ from kerasrt.ir.graph import Graph, Node
 from kerasrt.ir.ops import KERNEL, OPS
 from kerasrt.kernels.registry import KernelFamily, View
 from kerasrt.tuning import tactics
-from kerasrt_testing import randomize
+from kerasrt_testing import random_input, randomize
 
 L = keras.layers
 
@@ -58,6 +58,7 @@ FAST_KERNELS = {
     "dual_conv": 0.5,
     "pointwise_pair": 0.3,
     "linear_gemm": 0.9,
+    "quantized_linear": 0.4,
     "inductor": 1.5,
 }
 """Every family beats Inductor, the merged kernels their parts."""
@@ -134,19 +135,30 @@ def mlp_block() -> keras.Model:
     return randomize(keras.Model(inp, L.Dense(4, activation="relu")(L.GlobalAveragePooling1D()(x))))
 
 
+def dense_tokens() -> keras.Model:
+    """Dense layers on 32 tokens with sizes that quantized GEMMs take (multiples of 16): a GELU
+    expansion, a projection with a residual add, a ReLU head."""
+    inp = keras.Input((8, 32), name="tokens")
+    x = L.Dense(64, activation="gelu", name="expand")(inp)
+    x = L.Add()([inp, L.Dense(32, name="project")(x)])
+    return randomize(keras.Model(inp, L.Dense(16, activation="relu", name="head")(x)))
+
+
 SAMPLES = {
     "resnet_stages": (resnet_stages, (2, 8, 8, 16)),
     "mobile_net": (mobile_net, (2, 12, 12, 3)),
     "mlp_block": (mlp_block, (2, 6, 16)),
+    "dense_tokens": (dense_tokens, (4, 8, 32)),
 }
 
 
 def sample_graph(
     name: str, tuner: TableTuner | None = None, precision: str = "FP16", device: str = "cpu"
 ) -> tuple[Graph, kerasrt.OptimizedModel]:
-    """The graph of sample ``name`` at ``precision``, with kernels chosen (and merged) by
-    ``tuner``."""
+    """The graph of sample ``name`` at ``precision`` (INT8/FP8: calibrated on a random batch),
+    with kernels chosen (and merged) by ``tuner``."""
     make, shape = SAMPLES[name]
+    calibration = [random_input(shape, seed=11)] if precision in ("INT8", "FP8") else None
     optimized = kerasrt.Converter(
         make(),
         batch_size=shape[0],
@@ -154,7 +166,7 @@ def sample_graph(
         device=device,
         conv_kernels="cudnn",
         tuner=tuner or TableTuner(FAST_KERNELS),
-    ).convert()
+    ).convert(calibration_input_fn=calibration)
     return optimized.primary_graph(), optimized
 
 

@@ -58,6 +58,7 @@ def test_the_registry_finds_every_family_and_each_op_takes_its_config_last() -> 
         "linear_gemm",
         "pointwise_conv",
         "pointwise_pair",
+        "quantized_linear",
         "splitk_conv",
         "stem_conv",
     ]
@@ -70,17 +71,27 @@ def test_the_registry_finds_every_family_and_each_op_takes_its_config_last() -> 
         registry.family("tensorrt")
 
 
-def family_cases() -> list[tuple[str, str, int]]:
-    """(family, sample, node index) of every node of the samples (kernels chosen and merged by
-    ``FAST_KERNELS``) that a family runs."""
+PRECISIONS = sorted({f.precisions[0] for f in registry.families()})
+"""The first precision of each family (FP16; INT8 for quantized operands): the GPU tests
+cover the others."""
+
+
+def family_cases() -> list[tuple[str, tuple[str, str], int]]:
+    """(family, (sample, precision), node index) of every node of the samples, at each
+    precision a family runs (kernels chosen and merged by ``FAST_KERNELS``), that it runs."""
     cases = []
     for sample in SAMPLES:
-        graph, _ = sample_graph(sample)
-        view = View(graph.nodes, graph.outputs)
-        for index, node in enumerate(graph.nodes):
-            for family in registry.families():
-                if node.op in family.ops and family.eligible(node, view):
-                    cases.append((family.name, sample, index))
+        for precision in PRECISIONS:
+            graph, _ = sample_graph(sample, precision=precision)
+            view = View(graph.nodes, graph.outputs)
+            for index, node in enumerate(graph.nodes):
+                for family in registry.families():
+                    if (
+                        precision in family.precisions
+                        and node.op in family.ops
+                        and family.eligible(node, view)
+                    ):
+                        cases.append((family.name, (sample, precision), index))
     return cases
 
 
@@ -102,7 +113,7 @@ def test_each_family_computes_the_ir_op_it_implements(name: str, cases) -> None:
     math here) on the arguments the engine emits equals the IR op on the node's inputs."""
     family = registry.family(name)
     mine = [(s, i) for f, s, i in cases if f == name]
-    graphs = {s: sample_graph(s)[0] for s in {s for s, _ in mine}}
+    graphs = {s: sample_graph(s[0], precision=s[1])[0] for s in {s for s, _ in mine}}
     for sample, index in mine:
         graph = graphs[sample]
         node = graph.nodes[index]
@@ -123,8 +134,8 @@ def test_each_family_computes_the_ir_op_it_implements(name: str, cases) -> None:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_op_s_schema_fake_kernel_and_dispatch_agree(name: str, cases) -> None:
     family = registry.family(name)
-    sample, index = next((s, i) for f, s, i in cases if f == name)
-    graph = sample_graph(sample)[0]
+    (sample, precision), index = next((s, i) for f, s, i in cases if f == name)
+    graph = sample_graph(sample, precision=precision)[0]
     args = family.arguments(graph.nodes[index], GraphValues(graph), View(graph.nodes, graph.outputs))
     torch.library.opcheck(family.op, (*args, 0), test_utils=("test_schema", "test_faketensor"))
 

@@ -19,10 +19,11 @@ from keras import layers as L
 import kerasrt
 from kerasrt.demo import DATA_PATH, MODEL_PATH
 from kerasrt.errors import ConversionError
-from kerasrt.ir.ops import dequantize, quantize
+from kerasrt.ir.ops import KERNEL, dequantize, quantize
 from kerasrt.quantization.calibrate import CalibrationError
 from kerasrt.quantization.calibrators import CALIBRATORS, RangeObserver, calibrate_amax, weight_scales
 from kerasrt_testing import random_input, randomize
+from kernel_testing import TableTuner
 
 
 def batches_of(x: np.ndarray, size: int = 16):
@@ -346,3 +347,48 @@ def test_cli_converts_int8_with_npz_calibration_data(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2 and "needs --calibration-data" in missing.stderr
     assert not (tmp_path / "o2").exists()
+
+
+# -- the quantized GEMM kernel family --------------------------------------------------------
+@pytest.mark.parametrize("mode", ["INT8", "FP8"])
+def test_quantized_linear_family_folds_the_dequantizes_and_matches_the_qdq_graph(
+    mode: str, tmp_path, monkeypatch
+) -> None:
+    """Chosen by the tactics (a table of timings here), the family runs each dense layer on
+    its quantized operands (the op's CPU reference: torch._int_mm / torch._scaled_mm) and
+    gives the Q/DQ graph's values up to FP16 rounding (one layer: a second would quantize an
+    input that the two ways rounded differently, a step apart at some boundary)."""
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
+    inp = keras.Input((48,))
+    model = randomize(keras.Model(inp, L.Dense(32, activation="gelu", name="first")(inp)))
+    data = random_input((64, 48), seed=7)
+    calibration = batches_of(data, 32)
+    plain = kerasrt.Converter(model, precision_mode=mode, batch_size=32, conv_kernels="inductor").convert(
+        calibration
+    )
+    tuner = TableTuner({"quantized_linear": 0.5, "linear_gemm": 0.9, "inductor": 1.0})
+    folded = kerasrt.Converter(model, precision_mode=mode, batch_size=32, conv_kernels="cudnn", tuner=tuner)
+    folded = folded.convert(calibration)
+    graph = folded.primary_graph()
+    chosen = {n.layer: n.attrs[KERNEL]["kernel"] for n in graph.nodes if KERNEL in n.attrs}
+    assert chosen == {"first": "quantized_linear"}
+    expected = plain(data[:32])
+    got = folded(data[:32])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+    assert np.abs(got - expected).max() > 0  # the folded product, not the Q/DQ graph's
+
+
+def test_quantized_linear_is_not_eligible_where_cublaslt_refuses_the_sizes() -> None:
+    from kerasrt.kernels import quantized_linear
+
+    inp = keras.Input((40,))  # K = 40: not a multiple of 16
+    model = randomize(keras.Model(inp, L.Dense(32)(inp)))
+    data = random_input((32, 40), seed=8)
+    optimized = kerasrt.Converter(model, precision_mode="INT8", batch_size=32).convert(batches_of(data, 32))
+    linear = next(n for n in optimized.primary_graph().nodes if n.op == "linear")
+    assert not quantized_linear.FAMILY.eligible(linear, None)
+    small = kerasrt.Converter(dense_chain(), precision_mode="INT8", batch_size=8)
+    graph = small.convert(batches_of(random_input((16, 16)), 8)).primary_graph()
+    assert not any(
+        quantized_linear.FAMILY.eligible(n, None) for n in graph.nodes if n.op == "linear"
+    )  # 8 rows

@@ -23,8 +23,8 @@ from kerasrt_testing import keras_reference, random_input
 from kernel_testing import FAST_KERNELS, SAMPLES, GraphValues, TableTuner, ir_result, sample_graph
 
 FAMILIES = [f.name for f in registry.families()]
-PRECISIONS = ["FP16", "BF16"]
-TOLERANCE = {"FP16": 2e-2, "BF16": 6e-2}
+PRECISIONS = sorted({p for f in registry.families() for p in f.precisions})
+TOLERANCE = {"FP16": 2e-2, "BF16": 6e-2, "INT8": 2e-2, "FP8": 2e-2}
 """Largest error allowed, relative to the largest magnitude of the IR op's result."""
 
 
@@ -81,8 +81,8 @@ def configs_of(family: registry.KernelFamily, args: tuple, precision: str) -> li
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_family_matches_its_ir_op_directly_and_in_a_cuda_graph(name: str, graphs) -> None:
     family = registry.family(name)
-    cases = nodes_of(name, graphs)
-    assert {p for _, _, p in cases} == set(PRECISIONS), f"{name} runs no sample node in some precision"
+    cases = [c for c in nodes_of(name, graphs) if c[2] in family.precisions]
+    assert {p for _, _, p in cases} == set(family.precisions), f"{name} runs no sample node in some precision"
     for graph, node, precision in cases:
         view = View(graph.nodes, graph.outputs)
         base = GraphValues(graph, device="cuda")
@@ -192,3 +192,27 @@ def test_models_on_kernels_chosen_by_timing_match_keras(
     assert [kernel_family(n) for n in loaded.program(loaded.engine_shapes[0]).kernel_nodes] == [
         kernel_family(n) for n in program.kernel_nodes
     ]
+
+
+@pytest.mark.parametrize("precision", ["INT8", "FP8"])
+def test_quantized_models_on_kernels_chosen_by_timing_match_the_cpu_reference(
+    precision: str, tmp_path, monkeypatch
+) -> None:
+    """Dense layers calibrated once, built on the GPU with kernels chosen by real timing
+    (quantized_linear against Inductor's Q/DQ + FP16 GEMM), replayed as a CUDA graph, saved
+    and loaded: the values of the same quantized model computed op by op on the CPU."""
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path))
+    make, shape = SAMPLES["dense_tokens"]
+    model = make()
+    x = random_input((64, *shape[1:]))
+    calibration = [random_input((64, *shape[1:]), seed=11)]
+    cpu = kerasrt.Converter(model, batch_size=64, precision_mode=precision, device="cpu").convert(calibration)
+    conv = kerasrt.Converter(model, batch_size=64, precision_mode=precision, device="cuda")
+    optimized = conv.convert(calibration)
+    expected = cpu(x)
+    got = optimized(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
+    program = optimized.program(optimized.engine_shapes[0])
+    assert program.captured
+    loaded = kerasrt.load(conv.save(tmp_path / "art"))
+    np.testing.assert_allclose(loaded(x), got, rtol=0, atol=2e-3 * np.abs(expected).max())

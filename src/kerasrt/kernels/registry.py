@@ -90,6 +90,8 @@ class KernelFamily:
       ``compile_requests(args, device)``: compile-worker requests whose results reach
       ``tune`` as ``prebuilt``; ``triton``: its configs compile Triton kernels, which the
       tactics compile in worker processes before timing.
+    - ``precisions``: the engine precisions (``precision_mode``) whose graphs hold the nodes
+      it runs: FP16/BF16 activations, or INT8/FP8 quantized operands.
     """
 
     name: str
@@ -104,6 +106,7 @@ class KernelFamily:
     tune: Callable[[tuple, dict[int, Any], Callable[[Callable[[], Any]], float]], Any] | None = None
     compile_requests: Callable[[tuple, torch.device], list[Any]] | None = None
     triton: bool = True
+    precisions: tuple[str, ...] = ("FP16", "BF16")
 
     def call(self, args: tuple, config: int) -> Any:
         return self.op(*args, config)
