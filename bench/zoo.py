@@ -49,7 +49,14 @@ from kerasrt.bench import MemoryWatch, Result, bench_keras_model, environment, m
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kerasrt_testing import application, decode_step, randomize  # calibrated random weights
 
-PEER_DTYPES = {"FP16": torch.float16, "BF16": torch.bfloat16, "FP32": torch.float32}
+PEER_DTYPES = {
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "FP32": torch.float32,
+    "INT8": torch.float16,
+    "FP8": torch.float16,
+}
+"""The dtype each peer runs at for a kerasrt precision (INT8/FP8 kerasrt against FP16 peers)."""
 PEERS = ("keras-jax-jit", "torch-compile")
 """The systems kerasrt must beat; Keras eager is the floor, not a peer."""
 

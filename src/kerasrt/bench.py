@@ -35,10 +35,18 @@ SYSTEMS = ("kerasrt", "keras-eager", "keras-torch-compile", "keras-jax-jit")
 """What ``--compare`` measures: kerasrt; Keras eager, torch backend; Keras under torch.compile
 (``jit_compile=True`` on the torch backend); Keras on JAX under ``jax.jit`` (XLA)."""
 
-KERAS_POLICY = {"FP32": "float32", "TF32": "float32", "FP16": "mixed_float16", "BF16": "mixed_bfloat16"}
-"""The Keras dtype policy a compared Keras system runs at for each kerasrt precision."""
+KERAS_POLICY = {
+    "FP32": "float32",
+    "TF32": "float32",
+    "FP16": "mixed_float16",
+    "BF16": "mixed_bfloat16",
+    "INT8": "mixed_float16",
+    "FP8": "mixed_float16",
+}
+"""The Keras dtype policy a compared Keras system runs at for each kerasrt precision (Keras
+has no INT8/FP8 inference of its own: quantized kerasrt is compared with FP16 peers)."""
 
-JAX_POLICY = {**KERAS_POLICY, "FP16": "mixed_bfloat16"}
+JAX_POLICY = {**KERAS_POLICY, "FP16": "mixed_bfloat16", "INT8": "mixed_bfloat16", "FP8": "mixed_bfloat16"}
 """On JAX, 16-bit runs use bfloat16: XLA's fast path on NVIDIA GPUs and what Keras users on
 JAX deploy (the issue's baseline is Keras on JAX in bfloat16)."""
 
@@ -444,7 +452,10 @@ def _prepare_system(
             device=str(device),
             progress=progress,
             **(converter_kwargs or {}),
-        ).convert()
+        )
+        # INT8/FP8: calibrated on the timed inputs (ranges for speed, not for accuracy)
+        calibration = [list(tensors)] if optimized.settings.quantized else None
+        optimized = optimized.convert(calibration_input_fn=calibration)
         optimized(*tensors)  # compile, autotune, capture
         _sync(device)
         return (lambda: optimized(*tensors)), time.perf_counter() - begin, ""
