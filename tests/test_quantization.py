@@ -314,16 +314,23 @@ def test_a_model_with_nothing_to_quantize_is_refused() -> None:
 
 
 # -- a trained model on real data ------------------------------------------------------------
-def test_digits_cnn_int8_loses_at_most_half_a_point_of_accuracy() -> None:
-    """The embedded digits CNN (trained on scikit-learn's digits), calibrated with the default
-    calibrator on 120 held-out images and tested on the other 240."""
+RESNET_PATH = Path(__file__).parent / "data" / "digits_resnet.keras"
+
+
+@pytest.mark.parametrize("path", [MODEL_PATH, RESNET_PATH], ids=["digits_cnn", "digits_resnet"])
+def test_trained_models_lose_at_most_half_a_point_of_accuracy(path: Path) -> None:
+    """Models trained on scikit-learn's digits (the embedded CNN; a ResNet with residual
+    blocks and projection shortcuts on them upscaled to 32x32, ``tools/train_digits_resnet.py``),
+    calibrated with each precision's default calibrator on 120 held-out images and tested on
+    the other 240 (``bench/quantization.py`` prints every calibrator's row)."""
     data = np.load(DATA_PATH)
     x, y = data["x"].astype("float32"), data["y"]
-    keras_model = keras.saving.load_model(MODEL_PATH)
+    keras_model = keras.saving.load_model(path)
     test_x, test_y = x[120:], y[120:]
     fp32 = (np.asarray(keras_model.predict(test_x, verbose=0)).argmax(-1) == test_y).mean()
+    assert fp32 >= 0.98  # a trained model
     for mode in ("INT8", "FP8"):
-        optimized = kerasrt.Converter(MODEL_PATH, precision_mode=mode, batch_size=40).convert(
+        optimized = kerasrt.Converter(path, precision_mode=mode, batch_size=40).convert(
             calibration_input_fn=batches_of(x[:120], 40)
         )
         quantized = (optimized.predict(test_x, batch_size=40).argmax(-1) == test_y).mean()
