@@ -58,7 +58,7 @@ FAST_KERNELS = {
     "dual_conv": 0.5,
     "pointwise_pair": 0.3,
     "linear_gemm": 0.9,
-    "quantized_linear": 0.4,
+    "quantized_gemm": 0.4,
     "inductor": 1.5,
 }
 """Every family beats Inductor, the merged kernels their parts."""

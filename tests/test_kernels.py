@@ -58,7 +58,7 @@ def test_the_registry_finds_every_family_and_each_op_takes_its_config_last() -> 
         "linear_gemm",
         "pointwise_conv",
         "pointwise_pair",
-        "quantized_linear",
+        "quantized_gemm",
         "splitk_conv",
         "stem_conv",
     ]

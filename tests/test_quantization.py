@@ -358,7 +358,7 @@ def test_cli_converts_int8_with_npz_calibration_data(tmp_path: Path) -> None:
 
 # -- the quantized GEMM kernel family --------------------------------------------------------
 @pytest.mark.parametrize("mode", ["INT8", "FP8"])
-def test_quantized_linear_family_folds_the_dequantizes_and_matches_the_qdq_graph(
+def test_quantized_gemm_family_folds_the_dequantizes_and_matches_the_qdq_graph(
     mode: str, tmp_path, monkeypatch
 ) -> None:
     """Chosen by the tactics (a table of timings here), the family runs each dense layer on
@@ -373,29 +373,52 @@ def test_quantized_linear_family_folds_the_dequantizes_and_matches_the_qdq_graph
     plain = kerasrt.Converter(model, precision_mode=mode, batch_size=32, conv_kernels="inductor").convert(
         calibration
     )
-    tuner = TableTuner({"quantized_linear": 0.5, "linear_gemm": 0.9, "inductor": 1.0})
+    tuner = TableTuner({"quantized_gemm": 0.5, "linear_gemm": 0.9, "inductor": 1.0})
     folded = kerasrt.Converter(model, precision_mode=mode, batch_size=32, conv_kernels="cudnn", tuner=tuner)
     folded = folded.convert(calibration)
     graph = folded.primary_graph()
     chosen = {n.layer: n.attrs[KERNEL]["kernel"] for n in graph.nodes if KERNEL in n.attrs}
-    assert chosen == {"first": "quantized_linear"}
+    assert chosen == {"first": "quantized_gemm"}
     expected = plain(data[:32])
     got = folded(data[:32])
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
     assert np.abs(got - expected).max() > 0  # the folded product, not the Q/DQ graph's
 
 
-def test_quantized_linear_is_not_eligible_where_cublaslt_refuses_the_sizes() -> None:
-    from kerasrt.kernels import quantized_linear
+def test_quantized_gemm_is_not_eligible_where_cublaslt_refuses_the_sizes() -> None:
+    from kerasrt.kernels import quantized_gemm
 
     inp = keras.Input((40,))  # K = 40: not a multiple of 16
     model = randomize(keras.Model(inp, L.Dense(32)(inp)))
     data = random_input((32, 40), seed=8)
     optimized = kerasrt.Converter(model, precision_mode="INT8", batch_size=32).convert(batches_of(data, 32))
     linear = next(n for n in optimized.primary_graph().nodes if n.op == "linear")
-    assert not quantized_linear.FAMILY.eligible(linear, None)
+    assert not quantized_gemm.FAMILY.eligible(linear, None)
     small = kerasrt.Converter(dense_chain(), precision_mode="INT8", batch_size=8)
     graph = small.convert(batches_of(random_input((16, 16)), 8)).primary_graph()
     assert not any(
-        quantized_linear.FAMILY.eligible(n, None) for n in graph.nodes if n.op == "linear"
+        quantized_gemm.FAMILY.eligible(n, None) for n in graph.nodes if n.op == "linear"
     )  # 8 rows
+
+
+def test_quantized_gemm_runs_1x1_convolutions_on_channels_last_images(tmp_path, monkeypatch) -> None:
+    """A ResNet bottleneck's 1x1 convolutions (with BN folded, ReLU and the residual add
+    fused) on the quantized GEMM: the Q/DQ graph's values; the 3x3 convolution is no GEMM."""
+    monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path / "cache"))
+    inp = keras.Input((6, 6, 32))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 1, name="reduce")(inp)))
+    x = L.Conv2D(16, 3, padding="same", activation="relu", name="spatial")(x)
+    x = L.ReLU()(L.Add()([inp, L.BatchNormalization()(L.Conv2D(32, 1, name="expand")(x))]))
+    model = randomize(keras.Model(inp, x))
+    data = random_input((4, 6, 6, 32), seed=9)
+    plain = kerasrt.Converter(model, precision_mode="INT8", batch_size=4, conv_kernels="inductor")
+    plain = plain.convert(lambda: [data])
+    tuner = TableTuner({"quantized_gemm": 0.5, "inductor": 1.0})
+    folded = kerasrt.Converter(model, precision_mode="INT8", batch_size=4, conv_kernels="cudnn", tuner=tuner)
+    folded = folded.convert(lambda: [data])
+    graph = folded.primary_graph()
+    chosen = {n.layer: n.attrs[KERNEL]["kernel"] for n in graph.nodes if KERNEL in n.attrs}
+    assert chosen["reduce"] == chosen["expand"] == "quantized_gemm"
+    assert chosen.get("spatial") != "quantized_gemm"
+    expected = plain(data)
+    np.testing.assert_allclose(folded(data), expected, rtol=0, atol=2e-2 * np.abs(expected).max())

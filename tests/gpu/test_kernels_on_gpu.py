@@ -199,7 +199,7 @@ def test_quantized_models_on_kernels_chosen_by_timing_match_the_cpu_reference(
     precision: str, tmp_path, monkeypatch
 ) -> None:
     """Dense layers calibrated once, built on the GPU with kernels chosen by real timing
-    (quantized_linear against Inductor's Q/DQ + FP16 GEMM), replayed as a CUDA graph, saved
+    (quantized_gemm against Inductor's Q/DQ + FP16 GEMM), replayed as a CUDA graph, saved
     and loaded: the values of the same quantized model computed op by op on the CPU."""
     monkeypatch.setenv("KERASRT_CACHE_DIR", str(tmp_path))
     make, shape = SAMPLES["dense_tokens"]

@@ -1,6 +1,8 @@
-"""Dense layers on quantized operands: INT8 x INT8 products on cuBLASLt's integer tensor cores
-(``torch._int_mm``), FP8 E4M3 ones on Hopper's FP8 tensor cores (``torch._scaled_mm``), scaled
-back by the input's scale times each output channel's, with bias, residual and activation.
+"""Dense layers and 1x1 convolutions on quantized operands: INT8 x INT8 products on cuBLASLt's
+integer tensor cores (``torch._int_mm``), FP8 E4M3 ones on Hopper's FP8 tensor cores
+(``torch._scaled_mm``), scaled back by the input's scale times each output channel's, with
+bias, residual and activation. A 1x1, stride-1 convolution over channels-last activations is
+the product (pixels x C) @ (C x K), the same GEMM.
 
 The placement pass (``kerasrt.passes.quantize``) leaves a quantized dense layer as
 ``linear(dequantize(quantize(x, s_x), s_x), dequantize(w_q, s_w))``, which Inductor runs as a
@@ -13,6 +15,7 @@ Inductor's way per layer shape.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,7 +30,8 @@ SCHEMA = (
 )
 """act((xq @ wq) * scale + bias + residual) as ``dtype``, for xq (..., K) and wq (K, N) both
 int8 or both float8_e4m3fn (wq column-major, as the tensor-core GEMMs read it) and one float32
-scale per output column."""
+scale per output column; a 4-D xq is an NCHW image (channels-last in memory, as engines lay
+images out), its output NCHW channels-last too."""
 QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -41,19 +45,30 @@ def product(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return xq.to(torch.float32) @ wq.to(torch.float32)  # no FP8 tensor cores: the same values
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """An NCHW image as NHWC (a view of channels-last memory), other tensors as they are."""
+    return t.permute(0, 2, 3, 1) if t.dim() == 4 else t
+
+
 def reference(xq, wq, scale, bias, residual, activation, clip, dtype) -> torch.Tensor:
     """The product, scales, bias, residual and activation in PyTorch ops."""
-    rows = xq.reshape(-1, xq.shape[-1])
-    y = product(rows, wq) * scale
+    x = _channels_last(xq)
+    y = product(x.reshape(-1, x.shape[-1]), wq) * scale
     if bias is not None:
         y = y + bias.to(torch.float32)
-    y = y.reshape(*xq.shape[:-1], wq.shape[1])
+    y = y.reshape(*x.shape[:-1], wq.shape[1])
     if residual is not None:
-        y = y + residual.to(torch.float32)
-    return conv_spec.activate(y, activation, clip).to(dtype)
+        y = y + _channels_last(residual).to(torch.float32)
+    y = conv_spec.activate(y, activation, clip).to(dtype)
+    return y.permute(0, 3, 1, 2) if xq.dim() == 4 else y
 
 
 def _output(xq, wq, scale, bias, residual, activation, clip, dtype) -> torch.Tensor:
+    if xq.dim() == 4:
+        n, _, h, w = xq.shape
+        return torch.empty(
+            (n, wq.shape[1], h, w), dtype=dtype, device=xq.device, memory_format=torch.channels_last
+        )
     return torch.empty((*xq.shape[:-1], wq.shape[1]), dtype=dtype, device=xq.device)
 
 
@@ -65,12 +80,15 @@ def _runs(*args: Any) -> bool:
     return True
 
 
-OP = op_library.define_kernel("quantized_linear", SCHEMA, _output, reference, launch, _runs, inlinable=False)
+OP = op_library.define_kernel("quantized_gemm", SCHEMA, _output, reference, launch, _runs, inlinable=False)
 
 
 def column_major(w: torch.Tensor) -> torch.Tensor:
-    """The (K, N) quantized weight stored column-major, as cuBLASLt's integer and FP8 GEMMs
-    take their second operand."""
+    """The quantized weight as the (K, N) operand of the GEMM, stored column-major as
+    cuBLASLt's integer and FP8 GEMMs take it: a dense layer's (in, out) weight, or a 1x1
+    convolution's (out, in, 1, 1) one, which is that layout already."""
+    if w.dim() == 4:
+        return w.reshape(w.shape[0], -1).t()
     return w.t().contiguous().t()
 
 
@@ -85,25 +103,46 @@ def _dequantized(value: Any) -> Any:
     return node if node is not None and node.op == "dequantize" else None
 
 
+def _gemm_weight(node: Any) -> bool:
+    """Whether the node's weight makes it a GEMM: a dense layer's 2-D weight (per output
+    column: axis 1), or a 1x1 convolution's with stride 1, no padding, one group (per output
+    channel: axis 0)."""
+    w_dq = node.inputs[1].producer
+    shape = w_dq.inputs[0].shape
+    if node.op == "linear":
+        return len(shape) == 2 and w_dq.attrs.get("axis") == 1
+    attrs = node.attrs
+    return (
+        len(shape) == 4
+        and tuple(shape[2:]) == (1, 1)
+        and w_dq.attrs.get("axis") == 0
+        and attrs.get("groups", 1) == 1
+        and all(s == 1 for s in attrs["stride"])
+        and all(p == 0 for p in attrs["padding"])
+    )
+
+
 def eligible(node: Any, view: View | None = None) -> bool:
-    """A linear whose input is a per-tensor dequantize and whose weight is a per-column
-    dequantize of a stored 2-D quantized constant of the same dtype; static sizes the
-    tensor-core GEMMs take (more than 16 rows, K and N multiples of 16); an epilogue the family
-    applies."""
+    """A dense layer or 1x1 convolution whose input is a per-tensor dequantize and whose
+    weight is a per-channel dequantize of a stored quantized constant of the same dtype;
+    static sizes the tensor-core GEMMs take (more than 16 rows, both channel counts multiples
+    of 16); an epilogue the family applies."""
     x_dq, w_dq = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
-    if x_dq is None or w_dq is None or x_dq.attrs.get("axis") is not None or w_dq.attrs.get("axis") != 1:
+    if x_dq is None or w_dq is None or x_dq.attrs.get("axis") is not None:
         return False
     xq, wq = x_dq.inputs[0], w_dq.inputs[0]
     if xq.dtype not in ("int8", "float8_e4m3fn") or wq.dtype != xq.dtype or not wq.is_constant:
         return False
-    if not (x_dq.inputs[1].is_constant and w_dq.inputs[1].is_constant) or len(wq.shape) != 2:
+    if not (x_dq.inputs[1].is_constant and w_dq.inputs[1].is_constant) or not _gemm_weight(node):
         return False
     if not all(isinstance(d, int) for d in xq.shape) or node.outputs[0].dtype not in ("float16", "bfloat16"):
         return False
-    rows = 1
-    for d in xq.shape[:-1]:
-        rows *= d
-    k, n = wq.shape
+    image = node.op != "linear"
+    if image and len(xq.shape) != 4:
+        return False
+    channel = 1 if image else len(xq.shape) - 1
+    rows = math.prod(d for i, d in enumerate(xq.shape) if i != channel)
+    k, n = xq.shape[channel], node.outputs[0].shape[channel]
     if rows <= 16 or k % 16 or n % 16:
         return False
     if conv_spec.activation_of(node)[0] not in conv_spec.ACTIVATIONS:
@@ -132,8 +171,8 @@ def available(device: torch.device) -> bool:
 
 
 FAMILY = KernelFamily(
-    "quantized_linear",
-    ("linear",),
+    "quantized_gemm",
+    ("linear", *conv_spec.CONV_OPS),
     OP,
     eligible,
     arguments,
