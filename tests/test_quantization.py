@@ -396,9 +396,7 @@ def test_quantized_gemm_is_not_eligible_where_cublaslt_refuses_the_sizes() -> No
     assert not quantized_gemm.FAMILY.eligible(linear, None)
     small = kerasrt.Converter(dense_chain(), precision_mode="INT8", batch_size=8)
     graph = small.convert(batches_of(random_input((16, 16)), 8)).primary_graph()
-    assert not any(
-        quantized_gemm.FAMILY.eligible(n, None) for n in graph.nodes if n.op == "linear"
-    )  # 8 rows
+    assert not any(quantized_gemm.FAMILY.eligible(n, None) for n in graph.nodes if n.op == "linear")  # 8 rows
 
 
 def test_quantized_gemm_runs_1x1_convolutions_on_channels_last_images(tmp_path, monkeypatch) -> None:

@@ -71,7 +71,9 @@ def main() -> None:
         metrics=["accuracy"],
     )
     begin = time.perf_counter()
-    model.fit(x_train.astype("float32"), y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=True, verbose=2)
+    model.fit(
+        x_train.astype("float32"), y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=True, verbose=2
+    )
     seconds = time.perf_counter() - begin
     logits = model.predict(x_test.astype("float32"), verbose=0)
     accuracy = float(np.mean(np.argmax(logits, axis=-1) == y_test))
