@@ -117,7 +117,7 @@ def test_bench_reports_each_system_and_kerasrt_s_build_steps(model_file: Path) -
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--batch", "0"], "batch sizes must be positive"), (["--precision", "int8"], "invalid choice")],
+    [(["--batch", "0"], "batch sizes must be positive"), (["--precision", "int4"], "invalid choice")],
 )
 def test_bench_bad_arguments_exit_2(model_file: Path, extra: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
