@@ -337,6 +337,34 @@ def _print_timings(timings: Sequence[Any], batch: int, device: str) -> None:
         )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from kerasrt.serve.server import ServeOptions, serve
+    except ImportError as exc:
+        raise KerasRTError(
+            f"kerasrt serve needs the serving extra ({exc.name} is missing): pip install 'kerasrt[serve]'"
+        ) from None
+    from kerasrt.serve.batcher import BatchingConfig
+
+    try:
+        batching = BatchingConfig(
+            args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size, args.request_timeout_s
+        )
+    except ValueError as exc:
+        raise KerasRTError(str(exc)) from None
+    options = ServeOptions(
+        http_port=args.port,
+        grpc_port=args.grpc_port,
+        batching=batching,
+        device=args.device,
+        grace_period_s=args.grace_period_s,
+        ray_replicas=args.replicas if args.ray else None,
+        ray_autoscale=args.autoscale,
+    )
+    serve(args.artifact, options)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -649,6 +677,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
     p.set_defaults(func=cmd_debug_reduce)
+
+    p = sub.add_parser(
+        "serve", help="serve artifacts over the Open Inference Protocol (REST and gRPC), dynamically batched"
+    )
+    p.add_argument("artifact", help="a kerasrt artifact directory, or a directory of them (one model each)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows per engine call at most (default 32)")
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=2.0,
+        help="how long the first request of a batch waits for others (default 2)",
+    )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=256,
+        help="requests waiting per model; more are refused with 503 / RESOURCE_EXHAUSTED (default 256)",
+    )
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="per request (default 30)")
+    p.add_argument(
+        "--grace-period-s", type=int, default=30, help="on SIGTERM, time to finish requests in flight"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ray", action="store_true", help="run each model as a Ray Serve deployment")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model (one GPU each)")
+    p.add_argument(
+        "--autoscale", action="store_true", help="with --ray: scale between 1 and --replicas on ongoing requests"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="convert, validate and time the embedded digits model")
     p.add_argument("--batch-size", type=int, default=32)
