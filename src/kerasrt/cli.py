@@ -346,6 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     from kerasrt.serve.batcher import BatchingConfig
 
+    logging.getLogger("kerasrt.serve").setLevel(logging.INFO)  # one JSON line per batch, load, failure
     try:
         batching = BatchingConfig(
             args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size, args.request_timeout_s
@@ -705,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run each model as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model (one GPU each)")
     p.add_argument(
-        "--autoscale", action="store_true", help="with --ray: scale between 1 and --replicas on ongoing requests"
+        "--autoscale",
+        action="store_true",
+        help="with --ray: scale between 1 and --replicas on ongoing requests",
     )
     p.set_defaults(func=cmd_serve)
 

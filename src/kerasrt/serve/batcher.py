@@ -88,7 +88,9 @@ class DynamicBatcher:
     """Batches the requests of one model; ``run`` computes a batch (list of input arrays, rows
     first) and returns its outputs (rows first)."""
 
-    def __init__(self, run: Run, config: BatchingConfig, metrics: ServingMetrics | None = None, name: str = "model"):
+    def __init__(
+        self, run: Run, config: BatchingConfig, metrics: ServingMetrics | None = None, name: str = "model"
+    ):
         self.run = run
         self.config = config
         self.metrics = metrics
@@ -190,7 +192,9 @@ class DynamicBatcher:
         try:
             outputs = await loop.run_in_executor(self._executor, self.run, inputs)
         except Exception as exc:  # this batch's requests fail; the model keeps serving
-            log.error(json.dumps({"event": "batch_failed", "model": self.name, "rows": rows, "error": str(exc)}))
+            log.error(
+                json.dumps({"event": "batch_failed", "model": self.name, "rows": rows, "error": str(exc)})
+            )
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)

@@ -40,7 +40,9 @@ class ServingMetrics:
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
-        self.gpu_memory = Gauge("kerasrt_gpu_memory_bytes", "GPU memory allocated by PyTorch", registry=registry)
+        self.gpu_memory = Gauge(
+            "kerasrt_gpu_memory_bytes", "GPU memory allocated by PyTorch", registry=registry
+        )
         self.gpu_memory.set_function(_gpu_memory)
 
     def requests(self, model: str, outcome: str, n: int = 1) -> None:

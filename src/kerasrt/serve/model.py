@@ -89,13 +89,13 @@ class ArtifactModel(Model):
         self,
         name: str,
         path: str | Path,
-        batching: BatchingConfig = BatchingConfig(),
+        batching: BatchingConfig | None = None,
         metrics: ServingMetrics | None = None,
         device: str = "auto",
     ):
         super().__init__(name)
         self.path = Path(path)
-        self.batching = batching
+        self.batching = batching or BatchingConfig()
         self.metrics = metrics
         self.device = device
         self.model: OptimizedModel | None = None
@@ -131,7 +131,11 @@ class ArtifactModel(Model):
     # -- metadata --------------------------------------------------------------------------
     def get_input_types(self) -> list[dict[str, Any]]:
         return [
-            {"name": s.name, "datatype": V2_DATATYPES[s.dtype], "shape": [-1 if d is None else d for d in s.shape]}
+            {
+                "name": s.name,
+                "datatype": V2_DATATYPES[s.dtype],
+                "shape": [-1 if d is None else d for d in s.shape],
+            }
             for s in self.model.inputs
         ]
 
@@ -172,7 +176,11 @@ class ArtifactModel(Model):
             output.set_data_from_numpy(array, binary_data=binary)
             infer_outputs.append(output)
         return InferResponse(
-            payload.id or str(uuid.uuid4()), self.name, infer_outputs, from_grpc=payload.from_grpc, use_binary_outputs=binary
+            payload.id or str(uuid.uuid4()),
+            self.name,
+            infer_outputs,
+            from_grpc=payload.from_grpc,
+            use_binary_outputs=binary,
         )
 
     def _inputs(self, payload: InferRequest) -> list[np.ndarray]:
@@ -199,7 +207,9 @@ class ArtifactModel(Model):
             except Exception as exc:  # data that does not match its declared shape or type
                 raise InvalidInput(f"input {spec.name!r}: {exc}") from None
             shape = tuple(array.shape)
-            if len(shape) != len(spec.shape) or any(d is not None and d != n for d, n in zip(spec.shape, shape)):
+            if len(shape) != len(spec.shape) or any(
+                d is not None and d != n for d, n in zip(spec.shape, shape)
+            ):
                 want = [-1 if d is None else d for d in spec.shape]
                 raise InvalidInput(f"input {spec.name!r} must have shape {want}, got {list(shape)}")
             if not shape or shape[0] < 1:
@@ -214,7 +224,9 @@ class ArtifactRepository(ModelRepository):
     """A directory of kerasrt artifacts, one per model (the directory's name is the model's):
     the protocol's repository endpoints load and unload them by name."""
 
-    def __init__(self, models_dir: str | Path, batching: BatchingConfig, metrics: ServingMetrics | None, device: str):
+    def __init__(
+        self, models_dir: str | Path, batching: BatchingConfig, metrics: ServingMetrics | None, device: str
+    ):
         super().__init__(str(models_dir))
         self.batching = batching
         self.metrics = metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class ServeOptions:
 
     http_port: int = 8000
     grpc_port: int = 8001
-    batching: BatchingConfig = BatchingConfig()
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     device: str = "auto"
     grace_period_s: int = 30
     ray_replicas: int | None = None
@@ -49,7 +49,7 @@ def served_artifacts(target: str | Path) -> list[tuple[str, Path]]:
     raise KerasRTError(f"{target} is neither a kerasrt artifact nor a directory of them (no manifest.json)")
 
 
-def serve(target: str | Path, options: ServeOptions = ServeOptions()) -> None:
+def serve(target: str | Path, options: ServeOptions | None = None) -> None:
     """Serve the artifacts of ``target`` until the process is told to stop (SIGTERM/SIGINT:
     requests in flight are answered first)."""
     import kserve
@@ -58,10 +58,12 @@ def serve(target: str | Path, options: ServeOptions = ServeOptions()) -> None:
     from kerasrt.serve.metrics import ServingMetrics
     from kerasrt.serve.model import ArtifactRepository, add_rest_handlers
 
+    options = options or ServeOptions()
     artifacts = served_artifacts(target)
     add_rest_handlers(model_server.app)
     metrics = ServingMetrics()
-    root = Path(target) if len(artifacts) > 1 or not (Path(target) / "manifest.json").is_file() else Path(target).parent
+    single = (Path(target) / "manifest.json").is_file()
+    root = Path(target).parent if single else Path(target)
     repository = ArtifactRepository(root, options.batching, metrics, options.device)
     if options.ray_replicas:
         models = ray_models(artifacts, options)
@@ -79,8 +81,29 @@ def serve(target: str | Path, options: ServeOptions = ServeOptions()) -> None:
         grace_period=options.grace_period_s,
         enable_latency_logging=False,
     )
-    log.info("serving %s on http :%d, grpc :%d", [n for n, _ in artifacts], options.http_port, options.grpc_port)
+    server.model_repository_extension = repository_extension(repository)
+    log.info(
+        "serving %s on http :%d, grpc :%d", [n for n, _ in artifacts], options.http_port, options.grpc_port
+    )
     server.start(models)
+
+
+def repository_extension(repository: Any) -> Any:
+    """KServe's model repository extension, whose load and unload return what its gRPC servicer
+    reads (KServe 0.15's return None, and its RepositoryModelLoad/Unload then fail with an
+    internal error; its REST endpoints ignore the result)."""
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+
+    class Extension(ModelRepositoryExtension):
+        async def load(self, model_name: str) -> dict[str, Any]:
+            await super().load(model_name)
+            return {"name": model_name, "load": True}
+
+        async def unload(self, model_name: str) -> dict[str, Any]:
+            await super().unload(model_name)
+            return {"name": model_name, "unload": True}
+
+    return Extension(repository)
 
 
 def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> list[Any]:
@@ -97,7 +120,13 @@ def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> 
     models = []
     for name, path in artifacts:
         scaling: dict[str, Any] = (
-            {"autoscaling_config": {"min_replicas": 1, "max_replicas": options.ray_replicas, "target_ongoing_requests": 2 * options.batching.max_batch_size}}
+            {
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": options.ray_replicas,
+                    "target_ongoing_requests": 2 * options.batching.max_batch_size,
+                }
+            }
             if options.ray_autoscale
             else {"num_replicas": options.ray_replicas}
         )
@@ -105,7 +134,9 @@ def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> 
             ReplicaModel, name=name, ray_actor_options={"num_gpus": gpus, "num_cpus": 1}, **scaling
         )
         handle = ray_serve.run(
-            deployment.bind(name, str(path.resolve()), options.batching, options.device), name=name, route_prefix=None
+            deployment.bind(name, str(path.resolve()), options.batching, options.device),
+            name=name,
+            route_prefix=None,
         )
         model = RayModel(name, handle)
         model.load()
