@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc_interceptor import exceptions as grpc_status
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelRepository
@@ -78,8 +79,17 @@ def add_rest_handlers(app: Any) -> None:
     async def handler(_: Any, exc: grpc_status.GrpcException) -> JSONResponse:
         return JSONResponse(status_code=REST_STATUS[type(exc)], content={"error": exc.details})
 
+    async def invalid_body(_: Any, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the body back, and a body holding Infinity or NaN (which
+        # JSON does not allow, but some clients send) then fails to encode: a 500
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content={"error": errors})
+
     for kind in REST_STATUS:
         app.add_exception_handler(kind, handler)
+    app.add_exception_handler(RequestValidationError, invalid_body)
 
 
 class ArtifactModel(Model):
