@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -98,13 +100,13 @@ def body(name: str, x: np.ndarray, request_id: str, binary: bool) -> tuple[bytes
     return header + raw, headers
 
 
-def outputs_of(response: httpx.Response, binary: bool) -> tuple[str, np.ndarray]:
+def outputs_of(content: bytes, headers: Mapping[str, str], binary: bool) -> tuple[str, np.ndarray]:
     if not binary:
-        data = response.json()
+        data = json.loads(content)
         return data["id"], np.asarray(data["outputs"][0]["data"], "float32")
-    length = int(response.headers["inference-header-content-length"])
-    header = json.loads(response.content[:length])
-    return header["id"], np.frombuffer(response.content[length:], dtype="float32")
+    length = int(headers["inference-header-content-length"])
+    header = json.loads(content[:length])
+    return header["id"], np.frombuffer(content[length:], dtype="float32")
 
 
 async def load(
@@ -115,24 +117,28 @@ async def load(
     duplicates = failures = 0
     counter = iter(range(total))
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: aiohttp.ClientSession) -> None:
         nonlocal duplicates, failures
         for i in counter:
             request_id = f"r{i}"
             content, headers = body(name, samples[i % len(samples)][None], request_id, binary)
             began = time.perf_counter()
-            response = await http.post(f"{url}/v2/models/{model}/infer", content=content, headers=headers)
+            async with http.post(f"{url}/v2/models/{model}/infer", data=content, headers=headers) as response:
+                answer = await response.read()
+                status, answer_headers = response.status, response.headers
             latencies.append(time.perf_counter() - began)
-            if response.status_code != 200:
+            if status != 200:
                 failures += 1
                 continue
-            got_id, out = outputs_of(response, binary)
+            got_id, out = outputs_of(answer, answer_headers, binary)
             if got_id in answers:
                 duplicates += 1
             answers[got_id] = out
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+    # aiohttp: httpx's connection pool spends O(connections) per request finding a free one,
+    # which at 32 connections made the load generator, not the server, the bottleneck
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
         began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - began

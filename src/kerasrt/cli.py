@@ -347,6 +347,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kerasrt.serve.batcher import BatchingConfig
 
     logging.getLogger("kerasrt.serve").setLevel(logging.INFO)  # one JSON line per batch, load, failure
+    if not args.verbose:  # a line per request (access log, KServe's timings) costs more than the engine
+        for name in ("uvicorn.access", "kserve.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         batching = BatchingConfig(
             args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size, args.request_timeout_s

@@ -131,7 +131,13 @@ def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> 
             else {"num_replicas": options.ray_replicas}
         )
         deployment = ray_serve.deployment(
-            ReplicaModel, name=name, ray_actor_options={"num_gpus": gpus, "num_cpus": 1}, **scaling
+            ReplicaModel,
+            name=name,
+            ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+            # enough requests in each replica at once for its batcher to fill a batch (Ray's
+            # default, 5, would cap every engine call at 5 rows)
+            max_ongoing_requests=2 * options.batching.max_batch_size,
+            **scaling,
         )
         handle = ray_serve.run(
             deployment.bind(name, str(path.resolve()), options.batching, options.device),
