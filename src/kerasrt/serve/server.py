@@ -90,7 +90,7 @@ def serve(target: str | Path, options: ServeOptions | None = None) -> None:
 
 def repository_extension(repository: Any) -> Any:
     """KServe's model repository extension, whose load and unload return what its gRPC servicer
-    reads (KServe 0.15's return None, and its RepositoryModelLoad/Unload then fail with an
+    reads (KServe's, up to 0.21 at least, return None, and its RepositoryModelLoad/Unload fail with an
     internal error; its REST endpoints ignore the result)."""
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
