@@ -337,6 +337,24 @@ def _print_timings(timings: Sequence[Any], batch: int, device: str) -> None:
         )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kerasrt.export.onnx import check_with_onnxruntime, export_onnx
+    from kerasrt.runtime.artifact import load
+
+    model = load(args.artifact, device="cpu")
+    shapes = args.input_shape or (model.engine_shapes[-1] if model.engine_shapes else None)
+    if shapes is None:
+        raise KerasRTError("the artifact holds no engine shapes: pass --input-shape (once per input)")
+    with status(f"exporting {args.onnx}"):
+        path = export_onnx(model, args.onnx, shapes)
+    err.print(f"[green]wrote[/] {path} (ONNX opset 19, input shapes {[list(s) for s in shapes]})")
+    if not args.no_check:
+        with status("checking it with onnxruntime"):
+            error = check_with_onnxruntime(path, model)
+        out.print(f"onnxruntime vs kerasrt: max |error| / output scale = {error:.2e}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from kerasrt.serve.server import ServeOptions, serve
@@ -681,6 +699,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--custom-objects", metavar="MODULE_OR_FILE")
     p.set_defaults(func=cmd_debug_reduce)
+
+    p = sub.add_parser(
+        "export", help="write an artifact's optimized graph as ONNX (for trtexec, ONNX Runtime)"
+    )
+    p.add_argument("artifact", help="a kerasrt artifact directory")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        help="input shape to export at (default: the artifact's)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="do not run the file in onnxruntime against kerasrt"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "serve", help="serve artifacts over the Open Inference Protocol (REST and gRPC), dynamically batched"

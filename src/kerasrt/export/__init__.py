@@ -1,0 +1,1 @@
+"""Writing converted models out in other formats (ONNX)."""
