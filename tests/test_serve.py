@@ -425,6 +425,7 @@ def test_sigterm_finishes_requests_in_flight(repository: Path, tmp_path: Path) -
         "1500",
         "--max-batch-size",
         "64",
+        "--warmup",
         log=tmp_path / "serve.log",
     )
     expected = direct(repository, "digits", DIGITS[:4])
@@ -450,6 +451,8 @@ def test_sigterm_finishes_requests_in_flight(repository: Path, tmp_path: Path) -
     assert slow.stop() is not None
     log = slow.log.read_text()
     assert '"event": "batch"' in log  # structured batch logs
+    built = [json.loads(line.split(": ", 1)[1])["batch"] for line in log.splitlines() if '"engine_built"' in line]
+    assert built == [1, 2, 4, 8, 16, 32, 64]  # --warmup: every batch the batcher forms
 
 
 @pytest.mark.slow

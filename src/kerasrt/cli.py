@@ -382,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_period_s=args.grace_period_s,
         ray_replicas=args.replicas if args.ray else None,
         ray_autoscale=args.autoscale,
+        warmup=args.warmup,
     )
     serve(args.artifact, options)
     return 0
@@ -740,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period-s", type=int, default=30, help="on SIGTERM, time to finish requests in flight"
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--warmup",
+        action="store_true",
+        help="build every batch size's engine (powers of two up to --max-batch-size) before serving",
+    )
     p.add_argument("--ray", action="store_true", help="run each model as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model (one GPU each)")
     p.add_argument(

@@ -102,12 +102,16 @@ class ArtifactModel(Model):
         batching: BatchingConfig | None = None,
         metrics: ServingMetrics | None = None,
         device: str = "auto",
+        warmup: bool = False,
     ):
+        """``warmup``: build the engine of every batch size the batcher forms (powers of two up
+        to ``max_batch_size``) when the model loads, so no request waits for a build."""
         super().__init__(name)
         self.path = Path(path)
         self.batching = batching or BatchingConfig()
         self.metrics = metrics
         self.device = device
+        self.warmup = warmup
         self.model: OptimizedModel | None = None
         self.batcher: DynamicBatcher | None = None
 
@@ -119,10 +123,26 @@ class ArtifactModel(Model):
         engines = max(model.settings.maximum_cached_engines, int(math.log2(self.batching.max_batch_size)) + 2)
         model.settings = dataclasses.replace(model.settings, maximum_cached_engines=engines)
         self.model = model
+        if self.warmup:
+            self._build_every_bucket()
         self.batcher = DynamicBatcher(self._run, self.batching, self.metrics, self.name)
         self.ready = True
         log.info(json.dumps({"event": "loaded", "model": self.name, "path": str(self.path)}))
         return True
+
+    def _build_every_bucket(self) -> None:
+        specs = self.model.inputs
+        if any(d is None for s in specs for d in s.shape[1:]):
+            log.warning(
+                json.dumps({"event": "no_warmup", "model": self.name, "why": "unknown non-batch sizes"})
+            )
+            return
+        rows = 1
+        while rows <= self.batching.max_batch_size:
+            key = tuple((rows, *s.shape[1:]) for s in specs)
+            self.model.program(key, build=True)
+            log.info(json.dumps({"event": "engine_built", "model": self.name, "batch": rows}))
+            rows *= 2
 
     def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         out = self.model(*inputs)
@@ -235,12 +255,18 @@ class ArtifactRepository(ModelRepository):
     the protocol's repository endpoints load and unload them by name."""
 
     def __init__(
-        self, models_dir: str | Path, batching: BatchingConfig, metrics: ServingMetrics | None, device: str
+        self,
+        models_dir: str | Path,
+        batching: BatchingConfig,
+        metrics: ServingMetrics | None,
+        device: str,
+        warmup: bool = False,
     ):
         super().__init__(str(models_dir))
         self.batching = batching
         self.metrics = metrics
         self.device = device
+        self.warmup = warmup
 
     def load(self, name: str) -> bool:
         return self.load_model(name)
@@ -249,7 +275,7 @@ class ArtifactRepository(ModelRepository):
         path = Path(self.models_dir) / name
         if not (path / "manifest.json").is_file():
             raise KerasRTError(f"no kerasrt artifact named {name!r} in {self.models_dir}")
-        model = ArtifactModel(name, path, self.batching, self.metrics, self.device)
+        model = ArtifactModel(name, path, self.batching, self.metrics, self.device, self.warmup)
         model.load()
         self.update(model)
         return model.ready

@@ -34,6 +34,7 @@ class ServeOptions:
     grace_period_s: int = 30
     ray_replicas: int | None = None
     ray_autoscale: bool = False
+    warmup: bool = False
 
 
 def served_artifacts(target: str | Path) -> list[tuple[str, Path]]:
@@ -64,7 +65,7 @@ def serve(target: str | Path, options: ServeOptions | None = None) -> None:
     metrics = ServingMetrics()
     single = (Path(target) / "manifest.json").is_file()
     root = Path(target).parent if single else Path(target)
-    repository = ArtifactRepository(root, options.batching, metrics, options.device)
+    repository = ArtifactRepository(root, options.batching, metrics, options.device, options.warmup)
     if options.ray_replicas:
         models = ray_models(artifacts, options)
         for model in models:
@@ -140,7 +141,7 @@ def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> 
             **scaling,
         )
         handle = ray_serve.run(
-            deployment.bind(name, str(path.resolve()), options.batching, options.device),
+            deployment.bind(name, str(path.resolve()), options.batching, options.device, options.warmup),
             name=name,
             route_prefix=None,
         )
@@ -154,10 +155,10 @@ class ReplicaModel:
     """One Ray Serve replica: an ``ArtifactModel`` loaded in the replica's process, called by
     KServe's ingress through the deployment handle."""
 
-    def __init__(self, name: str, path: str, batching: BatchingConfig, device: str):
+    def __init__(self, name: str, path: str, batching: BatchingConfig, device: str, warmup: bool = False):
         from kerasrt.serve.model import ArtifactModel
 
-        self.model = ArtifactModel(name, path, batching, None, device)
+        self.model = ArtifactModel(name, path, batching, None, device, warmup)
         self.model.load()
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None) -> Any:
