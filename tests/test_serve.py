@@ -451,7 +451,9 @@ def test_sigterm_finishes_requests_in_flight(repository: Path, tmp_path: Path) -
     assert slow.stop() is not None
     log = slow.log.read_text()
     assert '"event": "batch"' in log  # structured batch logs
-    built = [json.loads(line.split(": ", 1)[1])["batch"] for line in log.splitlines() if '"engine_built"' in line]
+    built = [
+        json.loads(line.split(": ", 1)[1])["batch"] for line in log.splitlines() if '"engine_built"' in line
+    ]
     assert built == [1, 2, 4, 8, 16, 32, 64]  # --warmup: every batch the batcher forms
 
 
