@@ -117,10 +117,9 @@ def _calibration_data(args: argparse.Namespace, conv: Any) -> Any:
                 "(an .npz of input samples, or a generator 'module:function')"
             )
         return None
-    from kerasrt.frontend.importer import input_names
     from kerasrt.quantization.data import calibration_input_fn
 
-    names = input_names(conv.keras.get()) or ["input"]
+    names = conv.input_names or ["input"]
     return calibration_input_fn(args.calibration_data, names, args.calibration_batch_size)
 
 

@@ -61,7 +61,11 @@ class Converter:
         settings' arguments follow TF-TRT's ``TrtGraphConverterV2``. ``input_shapes``: one
         shape per model input, in order, or a dict of them by input name (keras_hub's
         ``token_ids``, ``padding_mask``...)."""
-        if isinstance(model, (str, os.PathLike)):
+        self.onnx_path: Path | None = None
+        if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
+            self.onnx_path = Path(model)  # imported at convert(); nothing runs in Keras
+            self.keras = KerasSource()
+        elif isinstance(model, (str, os.PathLike)):
             self.keras = KerasSource(path=Path(model), custom_objects=custom_objects)
         else:
             self.keras = KerasSource(model=ka.load_model(model))
@@ -119,6 +123,48 @@ class Converter:
             )
         if eval_fn is not None and self.settings.max_accuracy_drop is None:
             raise ConversionError("eval_fn judges the accuracy search: give max_accuracy_drop too")
+        profile = self.settings.batch_profile
+        if self.onnx_path is not None:
+            source, specs, names, example, name = self._import_onnx()
+        else:
+            source, specs, names, example, name = self._import_keras()
+        self._optimized = OptimizedModel(
+            {},
+            self.settings,
+            specs,
+            names,
+            self.keras,
+            sources=[source],
+            device=self.device,
+            name=name,
+            progress=self.progress,
+            tuner=self.tuner,
+        )
+        if calibration_input_fn is not None:
+            from kerasrt.quantization.calibrate import calibrate_model
+
+            calibrate_model(self._optimized, source, calibration_input_fn, eval_fn)
+        if example is not None:
+            self._optimized.program(example, build=True)
+            if profile is not None:  # and the profile's max engine
+                self._optimized.program(with_batch(example, profile[2]), build=True)
+        elif self.progress is not None:
+            self.progress("input sizes unknown: engines are built at the first call (or by build(input_fn))")
+        return self._optimized
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's input names, in order (before conversion too)."""
+        if self.onnx_path is not None:
+            import onnx
+
+            graph = onnx.load(str(self.onnx_path), load_external_data=False).graph
+            weights = {i.name for i in graph.initializer}
+            return [i.name for i in graph.input if i.name not in weights]
+        return input_names(self.keras.get())
+
+    def _import_keras(self) -> tuple[Any, list[TensorSpec], list[str], Any, str]:
+        """(source graph, input specs, output names, first engine's shapes or None, name)."""
         model = self.keras.get()
         profile = self.settings.batch_profile
         shapes = self.settings.input_shapes
@@ -131,34 +177,39 @@ class Converter:
         inputs = model_inputs(model, shapes, profile[1] if profile else self.settings.batch_size)
         source = import_graph(self.keras, inputs, self.settings, self.progress)
         names = ka.output_names(model)
-        self._optimized = OptimizedModel(
-            {},
-            self.settings,
-            [
-                TensorSpec(s.name, tuple(d if isinstance(d, int) else None for d in s.shape), s.dtype)
-                for s in inputs.specs
-            ],
-            [names[i] for i in select_outputs(names, self.settings.outputs)]
-            if self.settings.outputs is not None
-            else names,
-            self.keras,
-            sources=[source],
-            device=self.device,
-            name=model.name,
-            progress=self.progress,
-            tuner=self.tuner,
-        )
-        if calibration_input_fn is not None:
-            from kerasrt.quantization.calibrate import calibrate_model
+        if self.settings.outputs is not None:
+            names = [names[i] for i in select_outputs(names, self.settings.outputs)]
+        specs = [
+            TensorSpec(s.name, tuple(d if isinstance(d, int) else None for d in s.shape), s.dtype)
+            for s in inputs.specs
+        ]
+        return source, specs, names, inputs.example, model.name
 
-            calibrate_model(self._optimized, source, calibration_input_fn, eval_fn)
-        if inputs.example is not None:
-            self._optimized.program(inputs.example, build=True)
-            if profile is not None:  # and the profile's max engine
-                self._optimized.program(with_batch(inputs.example, profile[2]), build=True)
-        elif self.progress is not None:
-            self.progress("input sizes unknown: engines are built at the first call (or by build(input_fn))")
-        return self._optimized
+    def _import_onnx(self) -> tuple[Any, list[TensorSpec], list[str], Any, str]:
+        """The ONNX model imported at its input shapes (``input_shapes``/``batch_size`` fill
+        symbolic ones): a static source graph, whose engines serve those shapes."""
+        from kerasrt.frontend.onnx_import import import_onnx
+        from kerasrt.ir.graph import verify
+
+        if self.settings.batch_profile is not None or self.settings.shape_profile is not None:
+            raise ConversionError(
+                "an ONNX model is imported at one shape: batch and shape profiles need a Keras model"
+            )
+        source, names = import_onnx(self.onnx_path, self.settings.input_shapes, self.settings.batch_size)
+        verify(source)
+        if self.settings.outputs is not None:
+            keep = select_outputs(names, self.settings.outputs)
+            source.outputs = [source.outputs[i] for i in keep]
+            names = [names[i] for i in keep]
+            source.remove_unused()
+        specs = [TensorSpec(v.name, tuple(int(d) for d in v.shape), v.dtype) for v in source.inputs]
+        return (
+            source,
+            specs,
+            names,
+            tuple(tuple(int(d) for d in v.shape) for v in source.inputs),
+            self.onnx_path.stem,
+        )
 
     @property
     def optimized(self) -> OptimizedModel:

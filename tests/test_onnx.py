@@ -1,6 +1,8 @@
-"""ONNX export: the optimized graph written with the onnx library, run in onnxruntime and
-compared with kerasrt's own output (FP32 to float rounding; FP16 to its rounding; INT8 Q/DQ
-graphs to one quantization step), and refusals that name what cannot be exported."""
+"""ONNX out and in. Export: the optimized graph written with the onnx library, run in
+onnxruntime and compared with kerasrt's own output (FP32 to float rounding; FP16 to its
+rounding; INT8 Q/DQ graphs to one quantization step), and refusals that name what cannot be
+exported. Import: kerasrt's own exports and a ``torch.onnx.export`` model converted and
+compared with onnxruntime, at FP32 and INT8, through an artifact."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from kerasrt.export.onnx import ExportError, check_with_onnxruntime, export_onnx
 from kerasrt_testing import application, randomize
 
 DIGITS = np.load(DATA_PATH)["x"].astype("float32")
+RESNET = Path(__file__).parent / "data" / "digits_resnet.keras"
 
 
 def op_types(path: Path) -> set[str]:
@@ -103,3 +106,78 @@ def test_cli_exports_and_checks_an_artifact(tmp_path: Path) -> None:
         env=env,
     )
     assert bad.returncode == 2 and "error" in bad.stderr and not (tmp_path / "x.onnx").exists()
+
+
+# -- ONNX in ---------------------------------------------------------------------------------
+def test_an_exported_model_imports_back_and_matches_onnxruntime(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    original = kerasrt.Converter(RESNET, batch_size=8, device="cpu").convert()
+    path = export_onnx(original, tmp_path / "resnet.onnx")
+    imported = kerasrt.Converter(path, device="cpu").convert()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: DIGITS[:8]})[0]
+    np.testing.assert_allclose(imported(DIGITS[:8]), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert {n.op for n in imported.primary_graph().nodes} >= {"conv_fused"}  # optimized again
+
+
+def test_a_torch_onnx_export_converts_to_int8_and_serves_from_an_artifact(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import torch
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.Hardswish(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(
+        net, (x,), str(path), dynamo=False, input_names=["image"], dynamic_axes={"image": {0: "batch"}}
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": x.numpy()})[0]
+    converter = kerasrt.Converter(path, batch_size=4, device="cpu")
+    np.testing.assert_allclose(
+        converter.convert()(x.numpy()), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
+    quantized = kerasrt.Converter(path, batch_size=4, precision_mode="INT8", device="cpu")
+    quantized.convert(calibration_input_fn=lambda: [torch.randn(4, 3, 16, 16).numpy() for _ in range(4)])
+    loaded = kerasrt.load(quantized.save(tmp_path / "int8"))
+    got = loaded(x.numpy())
+    assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()  # INT8's error
+    assert (
+        set(loaded.sources[0].meta["calibration"]["amax"])
+        and not (tmp_path / "int8" / "keras_model.keras").exists()
+    )
+
+
+def test_bad_onnx_input_gets_a_clear_error(tmp_path: Path) -> None:
+    from kerasrt.errors import ConversionError, ModelLoadError
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        kerasrt.Converter(corrupt).convert()
+    node = onnx.helper.make_node("Det", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )  # fmt: skip
+    unsupported = tmp_path / "det.onnx"
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(unsupported)
+    )
+    with pytest.raises(ConversionError, match=r"cannot import: \['Det'\]"):
+        kerasrt.Converter(unsupported).convert()
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kerasrt", "convert", str(corrupt), "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert (
+        done.returncode == 2 and "not a valid ONNX model" in done.stderr and not (tmp_path / "out").exists()
+    )
