@@ -176,3 +176,11 @@ def test_conv_kernels_option(tmp_path: Path, model_file: Path, capsys) -> None:
     args = ["convert", str(model_file), "-o", str(bad), "--precision", "fp16", "--conv-kernels", "cudnn"]
     assert main([*args, "--device", "cpu"]) != 0
     assert "nvidia-cudnn-frontend" in capsys.readouterr().err and not bad.exists()
+
+
+def test_error_messages_keep_their_brackets(tmp_path: Path, capsys) -> None:
+    """An error naming "[abc]" (a path, an extra such as kerasrt[serve]) is printed as it is,
+    not read as rich markup and dropped."""
+    missing = tmp_path / "model[abc].keras"
+    assert main(["convert", str(missing), "-o", str(tmp_path / "out")]) == 2
+    assert "model[abc].keras" in capsys.readouterr().err.replace("\n", "")

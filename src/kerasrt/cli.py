@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from kerasrt.errors import ConversionError, KerasRTError
 from kerasrt.settings import COMPILERS, CONV_KERNELS, PRECISION_MODES, PRECISION_RTOL, ConversionSettings
@@ -770,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KerasRTError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")  # (a message's "[serve]" is no markup)
         return 2
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
