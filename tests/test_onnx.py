@@ -109,16 +109,24 @@ def test_cli_exports_and_checks_an_artifact(tmp_path: Path) -> None:
 
 
 # -- ONNX in ---------------------------------------------------------------------------------
-def test_an_exported_model_imports_back_and_matches_onnxruntime(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["digits_resnet", "everything"])
+def test_an_exported_model_imports_back_and_matches_onnxruntime(which: str, tmp_path: Path) -> None:
+    """Every op kerasrt's export writes (attention, layer norm, resize, pads, Q/DQ-free FP32)
+    imports back."""
     import onnxruntime as ort
 
-    original = kerasrt.Converter(RESNET, batch_size=8, device="cpu").convert()
-    path = export_onnx(original, tmp_path / "resnet.onnx")
+    if which == "everything":
+        original = kerasrt.Converter(everything_model(), input_shapes=[(2, 8, 8, 3)], device="cpu").convert()
+        x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    else:
+        original = kerasrt.Converter(RESNET, batch_size=8, device="cpu").convert()
+        x = DIGITS[:8]
+    path = export_onnx(original, tmp_path / "model.onnx")
     imported = kerasrt.Converter(path, device="cpu").convert()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    expected = session.run(None, {session.get_inputs()[0].name: DIGITS[:8]})[0]
-    np.testing.assert_allclose(imported(DIGITS[:8]), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    assert {n.op for n in imported.primary_graph().nodes} >= {"conv_fused"}  # optimized again
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(imported(x), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert "conv_fused" in {n.op for n in imported.primary_graph().nodes}  # optimized again
 
 
 def test_a_torch_onnx_export_converts_to_int8_and_serves_from_an_artifact(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ without an importer is refused with its name (there is no framework to fall back
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,42 @@ def _pad(im: OnnxImport, node: Any) -> list[Value]:
             value=float(value) if value is not None else 0.0,
         )
     ]
+
+
+@imports("Resize")
+def _resize(im: OnnxImport, node: Any) -> list[Value]:
+    attrs = _attrs(node)
+    x = im.value(node.input[0])
+    text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    mode, transform = text.get("mode", "nearest"), text.get("coordinate_transformation_mode", "half_pixel")
+    if len(node.input) > 3 and node.input[3]:
+        sizes = im.ints(node.input[3])
+    else:
+        scales = im.constant_of(node.input[2]).tolist()
+        sizes = [math.floor(d * s) for d, s in zip(x.shape, scales)]
+    if list(sizes[:2]) != list(x.shape[:2]):
+        raise ConversionError(f"Resize {node.name!r}: only spatial dimensions can be resized")
+    if (
+        mode == "nearest"
+        and transform == "asymmetric"
+        and text.get("nearest_mode", "round_prefer_floor") == "floor"
+    ):
+        return [im.add("resize", [x], _layer(node), size=sizes[2:], mode="nearest", align_corners=None)]
+    if mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        kind = {3: "linear", 4: "bilinear", 5: "trilinear"}[len(x.shape)]
+        return [
+            im.add(
+                "resize",
+                [x],
+                _layer(node),
+                size=sizes[2:],
+                mode=kind,
+                align_corners=transform == "align_corners",
+            )
+        ]
+    raise ConversionError(
+        f"Resize {node.name!r}: mode {mode!r} with {transform!r} coordinates is not supported"
+    )
 
 
 @imports("Where")
