@@ -174,6 +174,7 @@ def test_placement_quantizes_convolutions_and_dense_layers_and_says_why_not_the_
 
 
 def dense_chain(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)  # the kernels too: the same model in every process
     inp = keras.Input((16,))
     x = L.Dense(32, activation="relu", name="first")(inp)
     x = L.Dense(32, activation="relu", name="second")(x)
@@ -225,13 +226,15 @@ def test_accuracy_search_keeps_the_layer_made_sensitive() -> None:
         precision_mode="INT8",
         calibrator="max",
         batch_size=32,
-        max_accuracy_drop=0.01,
+        max_accuracy_drop=0.05,
         progress=messages.append,
     ).convert(calibration_input_fn=batches_of(x, 32))
     sites = sites_of(searched)
     assert not sites["second#0"]["quantized"] and "accuracy search" in sites["second#0"]["reason"]
     assert sites["first#0"]["quantized"] and sites["last#0"]["quantized"]
-    assert (searched.predict(x, batch_size=32).argmax(-1) == reference).mean() >= 0.99 - 1e-9
+    assert (searched.predict(x, batch_size=32).argmax(-1) == reference).mean() >= 0.95 - 1e-9
+    ranking = searched.sources[0].meta["calibration"]["search"]["ranking"]
+    assert ranking[0]["site"] == "second#0" and ranking[0]["recovered"] > 0.5
     assert any(m.startswith("accuracy search: ranking layer") for m in messages)
     assert any(m.startswith("calibrating: batch 4/4") for m in messages)
 
