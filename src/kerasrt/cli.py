@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -55,15 +53,9 @@ def _custom_objects(spec: str | None) -> dict[str, Any] | None:
     """Keras classes defined in a module (import name or .py file) given by the user."""
     if spec is None:
         return None
-    if spec.endswith(".py"):
-        path = Path(spec)
-        if not path.exists():
-            raise KerasRTError(f"custom objects file {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(spec)
+    from kerasrt.user_modules import load_module
+
+    module = load_module(spec, "custom objects")
     objects = getattr(module, "custom_objects", None)
     if isinstance(objects, dict):
         return objects

@@ -508,36 +508,31 @@ def _resize(e: Emitter, node: Node, ins: list[str], out: str) -> None:
     e.op("Resize", [ins[0], "", "", e.ints(sizes, "sizes")], out, **extra)
 
 
-def _zero_point(e: Emitter, dtype: str) -> str:
-    return e.constant(torch.zeros((), dtype=torch_dtype(dtype)), "zero_point")
+def _zero_point(e: Emitter, dtype: str, scale: Value) -> str:
+    """Zeros of the quantized ``dtype`` shaped like ``scale`` (ONNX wants one per channel
+    where the scale is per channel): kerasrt's quantization is symmetric."""
+    return e.constant(torch.zeros(scale.shape, dtype=torch_dtype(dtype)), "zero_point")
+
+
+def _axis(node: Node) -> dict[str, int]:
+    return {"axis": int(node.attrs["axis"])} if node.attrs.get("axis") is not None else {}
 
 
 @lowers("quantize")
 def _quantize(e: Emitter, node: Node, ins: list[str], out: str) -> None:
-    x = (
-        ins[0] if node.inputs[0].dtype == "float32" else e.cast(ins[0], "float32")
-    )  # kerasrt divides in float32
-    scale = node.inputs[1]
-    zero = _zero_point(e, node.attrs["dtype"])
-    if scale.data.dim():  # ONNX wants a zero point per channel too
-        zero = e.constant(torch.zeros(scale.shape[0], dtype=torch_dtype(node.attrs["dtype"])), "zero_point")
-    attrs = {"axis": int(node.attrs["axis"])} if node.attrs.get("axis") is not None else {}
-    e.op("QuantizeLinear", [x, ins[1], zero], out, **attrs)
+    # kerasrt divides in float32
+    x = ins[0] if node.inputs[0].dtype == "float32" else e.cast(ins[0], "float32")
+    zero = _zero_point(e, node.attrs["dtype"], node.inputs[1])
+    e.op("QuantizeLinear", [x, ins[1], zero], out, **_axis(node))
 
 
 @lowers("dequantize")
 def _dequantize(e: Emitter, node: Node, ins: list[str], out: str) -> None:
-    scale = node.inputs[1]
-    qtype = node.inputs[0].dtype
-    zero = (
-        e.constant(torch.zeros(scale.shape[0], dtype=torch_dtype(qtype)), "zero_point")
-        if scale.data.dim()
-        else _zero_point(e, qtype)
-    )
-    attrs = {"axis": int(node.attrs["axis"])} if node.attrs.get("axis") is not None else {}
-    y = e.op("DequantizeLinear", [ins[0], ins[1], zero], **attrs)
-    e.op("Identity" if node.attrs.get("dtype", "float32") == "float32" else "Cast", [y], out,
-         **({} if node.attrs.get("dtype", "float32") == "float32" else {"to": elem_type(node.attrs["dtype"])}))  # fmt: skip
+    zero = _zero_point(e, node.inputs[0].dtype, node.inputs[1])
+    dtype = node.attrs.get("dtype", "float32")
+    y = e.op("DequantizeLinear", [ins[0], ins[1], zero], out if dtype == "float32" else None, **_axis(node))
+    if dtype != "float32":
+        e.op("Cast", [y], out, to=elem_type(dtype))
 
 
 def to_onnx(graph: Graph, name: str = "kerasrt") -> Any:

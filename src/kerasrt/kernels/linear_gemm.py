@@ -38,26 +38,19 @@ def _output(x, wt, *rest) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], wt.shape[0]))
 
 
-KERNEL = conv_spec.TritonKernel("pointwise")
+KERNEL = pointwise_conv.KERNEL
 
 
 def launch(config: int, out, x, wt, bias, residual, activation, clip) -> None:
     """Run config ``config`` writing ``out`` (all operands row-major)."""
-    block_m, block_n, block_k, warps, stages = conv_spec.pick(CONFIGS, config, "linear_gemm")
+    tiles = conv_spec.pick(CONFIGS, config, "linear_gemm")
     k = x.shape[-1]
     x = x.reshape(-1, k).contiguous()
     if residual is not None:
         residual = residual.contiguous()
-    rows, columns = x.shape[0], wt.shape[0]
-    block_k = min(block_k, op_library.dot_block(k))
-    grid = (((rows + block_m - 1) // block_m) * ((columns + block_n - 1) // block_n),)
-    KERNEL[grid](
-        x, wt, bias if bias is not None else wt, residual if residual is not None else x, out,
-        rows, columns, k,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **conv_spec.epilogue_constants(activation, clip),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    pointwise_conv.launch_rows(
+        tiles, out, x, wt, bias, residual, x.shape[0], wt.shape[0], k, activation, clip
+    )
 
 
 OP = op_library.define_kernel("linear_gemm", SCHEMA, _output, reference, launch, KERNEL.runs)

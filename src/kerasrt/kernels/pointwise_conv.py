@@ -49,18 +49,28 @@ KERNEL = conv_spec.TritonKernel("pointwise")
 
 def launch(config: int, out, x, w, bias, residual, activation, clip) -> None:
     """Run config ``config`` writing ``out`` (x, residual and out channels-last)."""
-    block_m, block_n, block_k, warps, stages = conv_spec.pick(CONFIGS, config, "pointwise_conv")
+    tiles = conv_spec.pick(CONFIGS, config, "pointwise_conv")
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
     w = w.reshape(w.shape[0], -1).contiguous()
     n, c, h, wd = x.shape
-    pixels, channels_out = n * h * wd, w.shape[0]
-    block_k = min(block_k, op_library.dot_block(c))
-    grid = (((pixels + block_m - 1) // block_m) * ((channels_out + block_n - 1) // block_n),)
+    launch_rows(tiles, out, x, w, bias, residual, n * h * wd, w.shape[0], c, activation, clip)
+
+
+def launch_rows(
+    tiles: tuple, out, x, w, bias, residual, rows: int, columns: int, k: int, activation, clip
+) -> None:
+    """The pointwise kernel on (rows x k) @ (columns x k)^T, with residual, bias and activation,
+    writing ``out``'s (rows x columns) row-major memory; ``tiles`` is one of ``CONFIGS``. The
+    one launch of a 1x1 convolution (pixels x C over channels-last memory) and of a dense
+    layer (``linear_gemm``: tokens x features)."""
+    block_m, block_n, block_k, warps, stages = tiles
+    block_k = min(block_k, op_library.dot_block(k))
+    grid = (((rows + block_m - 1) // block_m) * ((columns + block_n - 1) // block_n),)
     KERNEL[grid](
         x, w, bias if bias is not None else w, residual if residual is not None else x, out,
-        pixels, channels_out, c,
+        rows, columns, k,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **conv_spec.epilogue_constants(activation, clip),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=warps, num_stages=stages,

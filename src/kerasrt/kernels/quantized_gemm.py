@@ -32,7 +32,6 @@ SCHEMA = (
 int8 or both float8_e4m3fn (wq column-major, as the tensor-core GEMMs read it) and one float32
 scale per output column; a 4-D xq is an NCHW image (channels-last in memory, as engines lay
 images out), its output NCHW channels-last too."""
-QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 
 
 def product(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

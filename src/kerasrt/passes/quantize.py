@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kerasrt.ir.graph import Graph, Node, Value
+from kerasrt.ir.graph import Graph, Node, Value, torch_dtype
 from kerasrt.ir.ops import QUANTIZED_RANGE, quantize
 
 QUANTIZED_DTYPES = {"INT8": "int8", "FP8": "float8_e4m3fn"}
@@ -74,7 +74,7 @@ def _rule(node: Node) -> tuple[int, int | None, str | None] | None:
     """(weight input index, weight channel axis, reason it is excluded or None) for a node of
     ``SITE_OPS``; None where the node is no site at all (no float data)."""
     x = node.inputs[0]
-    if not torch.is_floating_point(torch.empty((), dtype=_dtype(x))):
+    if not torch_dtype(x.dtype).is_floating_point:
         return None
     if node.op in ("conv", "conv_fused"):
         groups = node.attrs.get("groups", 1)
@@ -103,12 +103,6 @@ def _rule(node: Node) -> tuple[int, int | None, str | None] | None:
     if b.is_constant:
         return 1, None, "batched product with a constant: no quantized kernel"
     return 1, None, "product of two activations: no calibrated weight"
-
-
-def _dtype(value: Value) -> torch.dtype:
-    from kerasrt.ir.graph import torch_dtype
-
-    return torch_dtype(value.dtype)
 
 
 def quantize_graph(graph: Graph, calibration: dict[str, Any]) -> Counter[str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kerasrt.ir.ops import QUANTIZED_RANGE
+from kerasrt.ir.ops import QUANTIZED_RANGE, dequantize, quantize
 
 BINS = 2048
 PERCENTILE = 99.99
@@ -100,8 +100,6 @@ def _mse(observer: RangeObserver, dtype: str) -> float:
     candidates = np.unique(np.linspace(max(used // 16, 1), used, 256).astype(int))
     amaxes = torch.from_numpy(candidates * observer.width).to(torch.float32)
     scales = amaxes[:, None] / QUANTIZED_RANGE[dtype]
-    from kerasrt.ir.ops import dequantize, quantize
-
     rounded = dequantize(quantize(centres[None, :], scales, axis=0, dtype=dtype), scales, axis=0)
     errors = ((rounded - centres[None, :]).double() ** 2 * counts[None, :]).sum(dim=1)
     return float(amaxes[int(torch.argmin(errors))])

@@ -4,8 +4,6 @@ batches of the model's inputs, as ``calibration_input_fn`` does in the Python AP
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from kerasrt.quantization.calibrate import CalibrationError
+from kerasrt.user_modules import load_module
 
 
 def calibration_input_fn(
@@ -74,18 +73,7 @@ def _arrays(path: Path, input_names: Sequence[str]) -> list[np.ndarray]:
 
 def _generator(spec: str) -> Callable[[], Iterator[Any]]:
     where, _, name = spec.rpartition(":")
-    try:
-        if where.endswith(".py"):
-            file = Path(where)
-            if not file.exists():
-                raise CalibrationError(f"calibration generator file {file} does not exist")
-            module_spec = importlib.util.spec_from_file_location(file.stem, file)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except ImportError as exc:
-        raise CalibrationError(f"cannot import calibration generator module {where!r}: {exc}") from None
+    module = load_module(where, "calibration generator", CalibrationError)
     fn = getattr(module, name, None)
     if not callable(fn):
         raise CalibrationError(f"{where} has no function {name!r} to yield calibration batches")
