@@ -144,29 +144,39 @@ class Server:
     """``kerasrt serve`` in a child process; ``stop()`` sends SIGTERM and waits."""
 
     def __init__(self, target: Path, *args: str, log: Path):
+        self.log = log
+        for _ in range(3):  # a port found free may be taken before the server binds it (Ray's)
+            if self._start(target, args):
+                return
+        raise RuntimeError(f"kerasrt serve could not bind its ports:\n{log.read_text()[-3000:]}")
+
+    def _start(self, target: Path, args: tuple[str, ...]) -> bool:
+        """Start on two free ports; False where one was taken meanwhile."""
         self.http, self.grpc = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         env = {**os.environ, "KERAS_BACKEND": "torch"}
         command = [sys.executable, "-m", "kerasrt", "serve", str(target), "--port", str(self.http)]
-        self.log = log
         self.process = subprocess.Popen(
             [*command, "--grpc-port", str(self.grpc), "--device", "cpu", *args],
             env=env,
-            stdout=log.open("w"),
+            stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"kerasrt serve exited:\n{log.read_text()[-3000:]}")
+                text = self.log.read_text()
+                if "Failed to bind" in text or "address already in use" in text:
+                    return False
+                raise RuntimeError(f"kerasrt serve exited:\n{text[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         self.process.kill()
-        raise RuntimeError(f"kerasrt serve did not become ready:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"kerasrt serve did not become ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:

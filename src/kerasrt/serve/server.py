@@ -117,6 +117,9 @@ def ray_models(artifacts: Sequence[tuple[str, Path]], options: ServeOptions) -> 
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
+    # KServe's server is the ingress: Ray Serve's own HTTP proxy (port 8000 by default, the
+    # port kerasrt serve takes too) must not start
+    ray_serve.start(proxy_location="Disabled")
     gpus = 1 if torch.cuda.is_available() else 0
     models = []
     for name, path in artifacts:
